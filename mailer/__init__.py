@@ -1,0 +1,160 @@
+"""Queue outgoing email in the database; ``manage.py send_mail`` sends it later.
+
+The functions here have the signatures of ``django.core.mail``'s (and of
+django-mailer 2.x) but only put messages on the queue.
+"""
+
+import warnings
+from collections.abc import Iterable, Sequence
+
+__version__ = "3.0.0.dev0"
+
+__all__ = [
+    "get_priority",
+    "send_mail",
+    "send_html_mail",
+    "send_mass_mail",
+    "mail_admins",
+    "mail_managers",
+]
+
+
+def get_priority(priority: int | str | None) -> int:
+    """Return the ``PRIORITY_*`` value for ``priority``; None means medium.
+
+    The labels "high", "medium", "low" and "deferred" are still accepted, with
+    a DeprecationWarning; anything else is a ValueError.
+    """
+    from mailer.models import PRIORITY_MAPPING, PRIORITY_MEDIUM
+
+    if priority is None:
+        return PRIORITY_MEDIUM
+    if isinstance(priority, str) and priority in PRIORITY_MAPPING:
+        warnings.warn(
+            f"Please pass one of the PRIORITY_* constants to 'send_mail' and 'send_html_mail', not '{priority}'.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return PRIORITY_MAPPING[priority]
+    if isinstance(priority, bool) or priority not in PRIORITY_MAPPING.values():
+        raise ValueError(f"Invalid priority {priority!r}")
+    return priority
+
+
+def send_mail(
+    subject: str,
+    message: str,
+    from_email: str | None,
+    recipient_list: Sequence[str],
+    priority: int | None = None,
+    fail_silently: bool = False,
+    auth_user: str | None = None,
+    auth_password: str | None = None,
+) -> int:
+    """Queue a plain text email; return 1.
+
+    ``fail_silently``, ``auth_user`` and ``auth_password`` are accepted for
+    compatibility with ``django.core.mail.send_mail`` and have no effect:
+    delivery happens later, with the delivering backend's own settings.
+    """
+    from django.utils.encoding import force_str
+
+    from mailer.models import make_message
+
+    make_message(
+        subject=force_str(subject),
+        body=force_str(message),
+        from_email=from_email,
+        to=recipient_list,
+        priority=priority,
+    ).save()
+    return 1
+
+
+def send_html_mail(
+    subject: str,
+    message: str,
+    message_html: str,
+    from_email: str | None,
+    recipient_list: Sequence[str],
+    priority: int | None = None,
+    fail_silently: bool = False,
+    auth_user: str | None = None,
+    auth_password: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> int:
+    """Queue an email with a plain text body and an HTML alternative; return 1."""
+    from django.core.mail import EmailMultiAlternatives
+    from django.utils.encoding import force_str
+
+    from mailer.models import Message
+
+    email = EmailMultiAlternatives(
+        force_str(subject), force_str(message), from_email, list(recipient_list), headers=headers
+    )
+    email.attach_alternative(force_str(message_html), "text/html")
+    Message.for_email(email, priority=priority).save()
+    return 1
+
+
+def send_mass_mail(
+    datatuple: Iterable[tuple[str, str, str | None, Sequence[str]]],
+    fail_silently: bool = False,
+    auth_user: str | None = None,
+    auth_password: str | None = None,
+    connection: object = None,
+) -> int:
+    """Queue one email per ``(subject, message, from_email, recipient_list)``; return how many."""
+    return sum(send_mail(subject, message, sender, recipients) for subject, message, sender, recipients in datatuple)
+
+
+def mail_admins(
+    subject: str,
+    message: str,
+    fail_silently: bool = False,
+    connection: object = None,
+    priority: int | None = None,
+) -> int:
+    """Queue an email to the ``ADMINS``; return how many were queued (0 when there are none)."""
+    return _mail_site_staff("ADMINS", subject, message, priority)
+
+
+def mail_managers(
+    subject: str,
+    message: str,
+    fail_silently: bool = False,
+    connection: object = None,
+    priority: int | None = None,
+) -> int:
+    """Queue an email to the ``MANAGERS``; return how many were queued (0 when there are none)."""
+    return _mail_site_staff("MANAGERS", subject, message, priority)
+
+
+def _mail_site_staff(setting_name: str, subject: str, message: str, priority: int | None) -> int:
+    from django.conf import settings
+    from django.core.exceptions import ImproperlyConfigured
+    from django.utils.encoding import force_str
+
+    entries = getattr(settings, setting_name)
+    if not entries:
+        return 0
+    if not isinstance(entries, (list, tuple)):
+        raise ImproperlyConfigured(f"The {setting_name} setting must be a list of email addresses.")
+    recipients = []
+    for entry in entries:
+        # Django 6 writes ["a@example.com"]; earlier versions [("Name", "a@example.com")].
+        if isinstance(entry, (list, tuple)) and len(entry) == 2:
+            recipients.append(entry[1])
+        elif isinstance(entry, str):
+            recipients.append(entry)
+        else:
+            raise ImproperlyConfigured(
+                f"The {setting_name} setting must list email addresses or (name, address) pairs, not {entry!r}."
+            )
+    return send_mail(
+        settings.EMAIL_SUBJECT_PREFIX + force_str(subject),
+        message,
+        settings.SERVER_EMAIL,
+        recipients,
+        priority=priority,
+    )

@@ -1,0 +1,54 @@
+from django.contrib import admin, messages
+from django.utils.translation import gettext_lazy as _
+
+from mailer import engine
+from mailer.models import DontSendEntry, Message, MessageLog
+
+UNAVAILABLE = "<Message data unavailable>"
+
+
+@admin.display(description=_("To"))
+def show_to(message: Message | MessageLog) -> str:
+    email = message.email
+    return ", ".join(email.to) if email is not None else UNAVAILABLE
+
+
+@admin.display(description=_("Subject"))
+def show_subject(message: Message | MessageLog) -> str:
+    email = message.email
+    return email.subject if email is not None else UNAVAILABLE
+
+
+class MessageAdminMixin:
+    @admin.display(description=_("plain text body"))
+    def plain_text_body(self, instance: Message | MessageLog) -> str:
+        email = instance.email
+        return email.body if hasattr(email, "body") else "<Can't decode>"
+
+
+@admin.register(Message)
+class MessageAdmin(MessageAdminMixin, admin.ModelAdmin):
+    list_display = ["id", show_to, show_subject, "when_added", "priority", "retry_count"]
+    readonly_fields = ["plain_text_body"]
+    date_hierarchy = "when_added"
+    actions = ["send_messages"]
+
+    @admin.action(description=_("Send selected messages"))
+    def send_messages(self, request, queryset):
+        engine.send_all(queryset)
+        self.message_user(request, _("Message(s) sent."), messages.INFO)
+
+
+@admin.register(DontSendEntry)
+class DontSendEntryAdmin(admin.ModelAdmin):
+    list_display = ["to_address", "when_added"]
+    search_fields = ["to_address"]
+
+
+@admin.register(MessageLog)
+class MessageLogAdmin(MessageAdminMixin, admin.ModelAdmin):
+    list_display = ["id", show_to, show_subject, "message_id", "when_attempted", "result"]
+    list_filter = ["result"]
+    date_hierarchy = "when_attempted"
+    readonly_fields = ["plain_text_body", "message_id"]
+    search_fields = ["message_id"]

@@ -1,0 +1,295 @@
+"""Drain the queue: claim a message, send it, record the outcome.
+
+A pass (``send_all``) runs under the lock file and walks the queue in
+priority order. Each message is
+
+1. claimed in its own short UPDATE, marked with the pass's token and an
+   expiry, so no other worker on any host takes it and a crashed worker's
+   claim lapses by itself;
+2. sent outside any transaction, over one connection that the pass opens
+   once and reuses (a new one after a failure), so no database lock is held
+   while the mail server is talking;
+3. recorded in its own short transaction: a log row and the deletion, or a
+   deferral.
+
+Code written for django-mailer 2.x patches ``send_all``, ``prioritize``,
+``acquire_lock``, ``release_lock``, ``logger``, ``lockfile.FileLock`` and
+``time.sleep``; they are all looked up when called.
+"""
+
+import datetime
+import logging
+import smtplib
+import socket
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import lockfile
+from django.core.mail.backends.base import BaseEmailBackend
+from django.db import transaction
+from django.utils.module_loading import import_string
+
+from mailer import conf
+from mailer.delivery import check_delivery_route, get_delivery_connection
+from mailer.models import (
+    RESULT_DONT_SEND,
+    RESULT_FAILURE,
+    RESULT_SUCCESS,
+    DontSendEntry,
+    Message,
+    MessageLog,
+    datetime_now,
+)
+
+logger = logging.getLogger(__name__)
+
+# How many queued ids a pass reads at a time; the rows themselves are read
+# one by one, so memory stays flat however long the queue is.
+CANDIDATES_PER_QUERY = 100
+
+ErrorHandler = Callable[[BaseEmailBackend | None, Message, Exception], tuple[BaseEmailBackend | None, str]]
+
+# django-mailer 2.x exposed these settings as module constants frozen at
+# import; they are read from the settings whenever they are looked up.
+_SETTING_ATTRIBUTES = {
+    "EMPTY_QUEUE_SLEEP": "MAILER_EMPTY_QUEUE_SLEEP",
+    "LOCK_WAIT_TIMEOUT": "MAILER_LOCK_WAIT_TIMEOUT",
+    "LOCK_PATH": "MAILER_LOCK_PATH",
+}
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        return conf.get_setting(_SETTING_ATTRIBUTES[name])
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+
+
+def prioritize(queryset: Any = None) -> Any:
+    """Return the messages of ``queryset`` (by default the non-deferred queue) in sending order."""
+    if queryset is None:
+        queryset = Message.objects.non_deferred()
+    return queryset.order_by("priority", "when_added", "pk")
+
+
+def acquire_lock() -> tuple[bool, Any]:
+    """Take the lock file; return (whether it was taken, the lock)."""
+    path = conf.get_setting("MAILER_LOCK_PATH") or "send_mail"
+    logger.debug("acquiring lock...")
+    lock = lockfile.FileLock(path)
+    try:
+        lock.acquire(conf.get_setting("MAILER_LOCK_WAIT_TIMEOUT"))
+    except lockfile.AlreadyLocked:
+        logger.error("lock already in place. quitting.")
+        return False, lock
+    except lockfile.LockTimeout:
+        logger.error("waiting for the lock timed out. quitting.")
+        return False, lock
+    logger.debug("acquired.")
+    return True, lock
+
+
+def release_lock(lock: Any) -> None:
+    logger.debug("releasing lock...")
+    lock.release()
+    logger.debug("released.")
+
+
+def handle_delivery_exception(
+    connection: BaseEmailBackend | None, message: Message, exc: Exception
+) -> tuple[BaseEmailBackend | None, str]:
+    """Defer ``message`` after a delivery error the mail server reported; re-raise anything else.
+
+    Return the connection to go on with (None: open a new one) and
+    "sent" or "deferred". ``MAILER_ERROR_HANDLER`` may name a replacement
+    with the same contract.
+    """
+    deferrable = (
+        smtplib.SMTPAuthenticationError,
+        smtplib.SMTPDataError,
+        smtplib.SMTPRecipientsRefused,
+        smtplib.SMTPSenderRefused,
+        socket.error,
+    )
+    if not isinstance(exc, deferrable):
+        raise exc
+    message.defer()
+    logger.info("message deferred due to failure: %s", exc)
+    MessageLog.objects.log(message, RESULT_FAILURE, log_message=str(exc))
+    return None, "deferred"
+
+
+def send_all(queryset: Any = None) -> None:
+    """Make one pass over the queue (or over ``queryset``), under the lock file."""
+    check_delivery_route()
+    if conf.get_setting("MAILER_PAUSE_SEND"):
+        logger.info("sending is paused, quitting.")
+        return
+    error_handler = import_string(conf.get_setting("MAILER_ERROR_HANDLER"))
+
+    use_file_lock = conf.get_setting("MAILER_USE_FILE_LOCK")
+    if use_file_lock:
+        acquired, lock = acquire_lock()
+        if not acquired:
+            return
+    started = time.monotonic()
+    try:
+        counts = _send_queued(queryset, error_handler)
+    finally:
+        if use_file_lock:
+            release_lock(lock)
+    logger.info(
+        "%d sent; %d deferred; %d not sent (don't send list); done in %.2f seconds",
+        counts["sent"],
+        counts["deferred"],
+        counts["dont_send"],
+        time.monotonic() - started,
+        extra={"sent": counts["sent"], "deferred": counts["deferred"], "duration": time.monotonic() - started},
+    )
+
+
+def send_loop() -> None:
+    """Send forever: a pass whenever the queue has something to send, else sleep ``MAILER_EMPTY_QUEUE_SLEEP``."""
+    while True:
+        while not Message.objects.non_deferred().exists():
+            sleep = conf.get_setting("MAILER_EMPTY_QUEUE_SLEEP")
+            logger.debug("sleeping for %s seconds before checking queue again", sleep)
+            time.sleep(sleep)
+        send_all()
+
+
+def _send_queued(queryset: Any, error_handler: ErrorHandler) -> Counter:
+    counts: Counter = Counter()
+    connection = None
+    try:
+        for message in _claim_messages(queryset, token=uuid.uuid4().hex):
+            connection, outcome = _send_message(message, connection, error_handler)
+            counts[outcome] += 1
+            limit_reached = _limit_reached(counts)
+            _throttle()
+            if limit_reached:
+                break
+    finally:
+        _close_quietly(connection)
+    return counts
+
+
+def _claim_messages(queryset: Any, token: str) -> Iterator[Message]:
+    """Yield the messages of the queue, each claimed for this pass, in sending order.
+
+    A message this pass has already tried keeps its ``claimed_by`` token, so
+    a failure that leaves it in ``queryset`` is not tried twice in one pass.
+    """
+    while True:
+        candidates = list(
+            prioritize(queryset)
+            .claimable(datetime_now())
+            .exclude(claimed_by=token)
+            .values_list("pk", flat=True)[:CANDIDATES_PER_QUERY]
+        )
+        if not candidates:
+            return
+        for pk in candidates:
+            if not Message.objects.claim(pk, token, until=_claim_expiry()):
+                continue  # another worker has it
+            message = Message.objects.filter(pk=pk).first()
+            if message is not None:
+                yield message
+
+
+def _claim_expiry() -> datetime.datetime:
+    return datetime_now() + datetime.timedelta(seconds=conf.get_setting("MAILER_CLAIM_TIMEOUT"))
+
+
+def _send_message(
+    message: Message, connection: BaseEmailBackend | None, error_handler: ErrorHandler
+) -> tuple[BaseEmailBackend | None, str]:
+    """Send one claimed message; return the connection to go on with and the outcome."""
+    email = message.email
+    if email is None:
+        logger.warning(
+            "message discarded due to failure in converting from DB. Added on '%s' with priority '%s'",
+            message.when_added,
+            message.priority,
+        )
+        message.delete()
+        return connection, "discarded"
+
+    # The list may have grown since the message was queued.
+    suppressed = DontSendEntry.objects.remove_suppressed_recipients(email)
+    if suppressed and suppressed == email.recipients():
+        _record(message, RESULT_DONT_SEND, _dont_send_reason(suppressed))
+        return connection, "dont_send"
+
+    try:
+        if connection is None:
+            connection = get_delivery_connection(message)
+            connection.open()
+        _log_sending(email)
+        connection.send_messages([email])
+    except Exception as exc:
+        try:
+            new_connection, outcome = error_handler(connection, message, exc)
+        except BaseException:
+            # The handler gave up on the whole pass: free the message at once
+            # rather than when its claim lapses.
+            Message.objects.filter(pk=message.pk).update(claimed_until=None)
+            raise
+        if new_connection is not connection:
+            _close_quietly(connection)
+        return new_connection, outcome
+
+    message.email = email  # as the backend left it, for the log
+    _record(message, RESULT_SUCCESS)
+    return connection, "sent"
+
+
+def _record(message: Message, result: str, log_message: str = "") -> None:
+    """Log the final outcome of ``message`` and take it off the queue, together."""
+    with transaction.atomic(using=message._state.db):
+        MessageLog.objects.log(message, result, log_message=log_message)
+        message.delete()
+
+
+def _dont_send_reason(suppressed: list[str]) -> str:
+    if not conf.get_setting("MAILER_EMAIL_LOG_MESSAGE_DATA"):
+        return "all recipients are on the don't send list"
+    return "all recipients are on the don't send list: " + ", ".join(suppressed)
+
+
+def _log_sending(email: Any) -> None:
+    if conf.get_setting("MAILER_EMAIL_LOG_MESSAGE_DATA"):
+        logger.info("sending message '%s' to %s", email.subject, ", ".join(map(str, email.to)))
+    else:
+        logger.info("sending message %s", email.extra_headers.get("Message-ID", ""))
+
+
+def _limit_reached(counts: Counter) -> bool:
+    max_batch = conf.get_setting("MAILER_EMAIL_MAX_BATCH")
+    if max_batch is not None and counts["sent"] >= max_batch:
+        logger.info("EMAIL_MAX_BATCH (%s) reached, stopping for this round", max_batch)
+        return True
+    max_deferred = conf.get_setting("MAILER_EMAIL_MAX_DEFERRED")
+    if max_deferred is not None and counts["deferred"] >= max_deferred:
+        logger.warning("EMAIL_MAX_DEFERRED (%s) reached, stopping for this round", max_deferred)
+        return True
+    return False
+
+
+def _throttle() -> None:
+    throttle = conf.get_setting("MAILER_EMAIL_THROTTLE")
+    if throttle:
+        logger.debug("Throttling email delivery. Sleeping %s seconds", throttle)
+        time.sleep(throttle)
+
+
+def _close_quietly(connection: BaseEmailBackend | None) -> None:
+    if connection is None:
+        return
+    try:
+        connection.close()
+    except Exception:
+        logger.debug("closing the delivery connection failed", exc_info=True)

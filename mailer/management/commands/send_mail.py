@@ -1,0 +1,20 @@
+import logging
+
+from django.core.management.base import BaseCommand
+
+from mailer import engine
+from mailer.management.commands._cron import add_cron_argument, warn_if_cron_given
+
+logger = logging.getLogger(__name__)
+
+
+class Command(BaseCommand):
+    help = "Do one pass through the mail queue, attempting to send all mail."
+
+    def add_arguments(self, parser):
+        add_cron_argument(parser)
+
+    def handle(self, *args, **options):
+        warn_if_cron_given("send_mail", options)
+        logger.info("-" * 72)
+        engine.send_all()

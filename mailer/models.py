@@ -1,0 +1,357 @@
+"""The queue (``Message``), the log (``MessageLog``) and the don't-send list.
+
+Tables, columns and names are those of django-mailer 2.x, so an existing
+database keeps working; the claim columns on ``Message`` are ours.
+"""
+
+import datetime
+import logging
+from collections.abc import Iterable
+from email.utils import parseaddr
+from typing import Any
+
+from django.core.mail import EmailMessage, make_msgid
+from django.core.mail.utils import DNS_NAME
+from django.db import models
+from django.db.models.functions import Lower
+from django.utils.timezone import now as datetime_now
+from django.utils.translation import gettext_lazy as _
+
+from mailer import conf
+from mailer.codec import db_to_email, email_to_db
+
+__all__ = [
+    "PRIORITY_HIGH",
+    "PRIORITY_MEDIUM",
+    "PRIORITY_LOW",
+    "PRIORITY_DEFERRED",
+    "PRIORITIES",
+    "PRIORITY_MAPPING",
+    "RESULT_SUCCESS",
+    "RESULT_DONT_SEND",
+    "RESULT_FAILURE",
+    "RESULT_CODES",
+    "Message",
+    "MessageLog",
+    "DontSendEntry",
+    "make_message",
+    "email_to_db",
+    "db_to_email",
+    "get_message_id",
+    "datetime_now",
+]
+
+PRIORITY_HIGH = 1
+PRIORITY_MEDIUM = 2
+PRIORITY_LOW = 3
+PRIORITY_DEFERRED = 4
+
+PRIORITIES = [
+    (PRIORITY_HIGH, "high"),
+    (PRIORITY_MEDIUM, "medium"),
+    (PRIORITY_LOW, "low"),
+    (PRIORITY_DEFERRED, "deferred"),
+]
+
+PRIORITY_MAPPING = {label: value for value, label in PRIORITIES}
+
+RESULT_SUCCESS = "1"
+RESULT_DONT_SEND = "2"
+RESULT_FAILURE = "3"
+
+RESULT_CODES = (
+    (RESULT_SUCCESS, "success"),
+    (RESULT_DONT_SEND, "don't send"),
+    (RESULT_FAILURE, "failure"),
+)
+
+logger = logging.getLogger(__name__)
+
+
+def get_message_id(email: EmailMessage | None) -> str | None:
+    """Return the Message-ID header of ``email``; header names are case-insensitive."""
+    if email is None:
+        return None
+    for name, value in (email.extra_headers or {}).items():
+        if name.lower() == "message-id":
+            return value
+    return None
+
+
+def ensure_message_id(email: EmailMessage) -> str:
+    """Give ``email`` a Message-ID unless it has one, and return it.
+
+    It is set when the message is queued, so every attempt and every log row
+    of one message carries the same identifier.
+    """
+    message_id = get_message_id(email)
+    if message_id is None:
+        message_id = make_msgid(domain=DNS_NAME)
+        email.extra_headers["Message-ID"] = message_id
+    return message_id
+
+
+class MessageQuerySet(models.QuerySet):
+    def high_priority(self) -> "MessageQuerySet":
+        """The high priority messages in the queue."""
+        return self.filter(priority=PRIORITY_HIGH)
+
+    def medium_priority(self) -> "MessageQuerySet":
+        """The medium priority messages in the queue."""
+        return self.filter(priority=PRIORITY_MEDIUM)
+
+    def low_priority(self) -> "MessageQuerySet":
+        """The low priority messages in the queue."""
+        return self.filter(priority=PRIORITY_LOW)
+
+    def non_deferred(self) -> "MessageQuerySet":
+        """The messages that ``send_mail`` will try."""
+        return self.exclude(priority=PRIORITY_DEFERRED)
+
+    def deferred(self) -> "MessageQuerySet":
+        """The messages that failed and wait for ``retry_deferred``."""
+        return self.filter(priority=PRIORITY_DEFERRED)
+
+    def retry_deferred(self, new_priority: int = PRIORITY_MEDIUM) -> int:
+        """Put deferred messages back in the queue, within ``MAILER_EMAIL_MAX_RETRIES``; return how many."""
+        queryset = self.deferred()
+        max_retries = conf.get_setting("MAILER_EMAIL_MAX_RETRIES")
+        if max_retries is not None:
+            queryset = queryset.filter(retry_count__lt=max_retries)
+        return queryset.update(priority=new_priority, retry_count=models.F("retry_count") + 1)
+
+    def claimable(self, now: datetime.datetime) -> "MessageQuerySet":
+        """The messages no worker holds: never claimed, released, or whose claim has lapsed."""
+        return self.filter(models.Q(claimed_until__isnull=True) | models.Q(claimed_until__lte=now))
+
+    def claim(self, pk: int, token: str, until: datetime.datetime) -> bool:
+        """Take message ``pk`` for the pass ``token`` until ``until``; tell whether it was free.
+
+        One conditional UPDATE: the database lets exactly one of several
+        workers racing for the same row succeed, on every vendor.
+        """
+        now = datetime_now()
+        updated = (
+            self.filter(pk=pk).claimable(now).exclude(claimed_by=token).update(claimed_by=token, claimed_until=until)
+        )
+        return updated == 1
+
+
+MessageManager = models.Manager.from_queryset(MessageQuerySet)
+
+
+class Message(models.Model):
+    """An email waiting in the queue."""
+
+    message_data = models.TextField()
+    when_added = models.DateTimeField(default=datetime_now)
+    priority = models.PositiveSmallIntegerField(choices=PRIORITIES, default=PRIORITY_MEDIUM)
+    retry_count = models.IntegerField(default=0)
+    # Which sending pass holds the message, and until when. A pass that dies
+    # leaves a claim that lapses by itself, so nothing waits for a cleanup.
+    claimed_by = models.CharField(max_length=64, null=True, blank=True, editable=False)
+    claimed_until = models.DateTimeField(null=True, blank=True, editable=False)
+
+    objects = MessageManager()
+
+    class Meta:
+        verbose_name = _("message")
+        verbose_name_plural = _("messages")
+
+    def __str__(self) -> str:
+        try:
+            email = self.email
+            return f'On {self.when_added}, "{email.subject}" to {", ".join(email.to)}'
+        except Exception:
+            return "<Message repr unavailable>"
+
+    @classmethod
+    def for_email(cls, email: EmailMessage, priority: int | None = None) -> "Message":
+        """Return an unsaved ``Message`` queueing ``email``.
+
+        This is the one way into the queue: it drops recipients on the
+        don't-send list, gives the email its Message-ID, and renders it once
+        so that a malformed message fails here, in the caller, rather than
+        later in the sending job.
+        """
+        from mailer import get_priority
+
+        DontSendEntry.objects.remove_suppressed_recipients(email)
+        ensure_message_id(email)
+        email.message()
+        message = cls(priority=get_priority(priority))
+        message.email = email
+        return message
+
+    def defer(self) -> None:
+        """Move the message aside until ``retry_deferred``, and release it."""
+        self.priority = PRIORITY_DEFERRED
+        self.claimed_until = None
+        self.save()
+
+    @property
+    def email(self) -> Any:
+        """The stored ``EmailMessage``, or None if it cannot be decoded.
+
+        Mutating the returned object does not change the row: assign it back.
+        """
+        return db_to_email(self.message_data)
+
+    @email.setter
+    def email(self, value: Any) -> None:
+        self.message_data = email_to_db(value)
+
+    @property
+    def to_addresses(self) -> list[str]:
+        email = self.email
+        return email.to if email is not None else []
+
+    @property
+    def subject(self) -> str:
+        email = self.email
+        return email.subject if email is not None else ""
+
+
+def make_message(
+    subject: str = "",
+    body: str = "",
+    from_email: str | None = None,
+    to: Iterable[str] | None = None,
+    bcc: Iterable[str] | None = None,
+    attachments: list | None = None,
+    headers: dict[str, str] | None = None,
+    priority: int | None = None,
+) -> Message:
+    """Return an unsaved ``Message`` for a plain email; call ``save()`` to queue it.
+
+    Recipients on the don't-send list are dropped. To queue a richer email,
+    assign any ``EmailMessage`` to the result's ``email`` attribute.
+    """
+    email = EmailMessage(
+        subject=subject,
+        body=body,
+        from_email=from_email,
+        to=list(to) if to is not None else None,
+        bcc=list(bcc) if bcc is not None else None,
+        attachments=attachments,
+        headers=headers,
+    )
+    return Message.for_email(email, priority=priority)
+
+
+def address_of(recipient: str) -> str:
+    """Return the bare, lower-cased address in ``recipient`` ("Name <a@b>" or "a@b")."""
+    return (parseaddr(recipient)[1] or recipient).lower()
+
+
+class DontSendEntryManager(models.Manager):
+    def has_address(self, address: str) -> bool:
+        """Tell whether ``address`` is on the don't-send list (case-insensitive)."""
+        return bool(self.suppressed_addresses([address]))
+
+    def suppressed_addresses(self, recipients: Iterable[str]) -> set[str]:
+        """Return the bare addresses of ``recipients`` that are on the list, in one query."""
+        addresses = {address_of(recipient) for recipient in recipients}
+        if not addresses:
+            return set()
+        return set(
+            self.annotate(address=Lower("to_address")).filter(address__in=addresses).values_list("address", flat=True)
+        )
+
+    def remove_suppressed_recipients(self, email: EmailMessage) -> list[str]:
+        """Drop the recipients of ``email`` that are on the list; return those dropped.
+
+        When every recipient is on the list nothing is dropped: the message
+        stays whole so that the engine logs it as "don't send", with the
+        addresses it kept away.
+        """
+        suppressed = self.suppressed_addresses(email.recipients())
+        if not suppressed:
+            return []
+        removed = [r for r in email.recipients() if address_of(r) in suppressed]
+        kept = [r for r in email.recipients() if address_of(r) not in suppressed]
+        if kept:
+            email.to = [r for r in email.to if address_of(r) not in suppressed]
+            email.cc = [r for r in email.cc if address_of(r) not in suppressed]
+            email.bcc = [r for r in email.bcc if address_of(r) not in suppressed]
+            logger.info("skipping %d recipient(s) on the don't send list", len(removed))
+        return removed
+
+
+class DontSendEntry(models.Model):
+    """An address that must never receive mail from this site."""
+
+    to_address = models.EmailField(max_length=254)
+    when_added = models.DateTimeField()
+
+    objects = DontSendEntryManager()
+
+    class Meta:
+        verbose_name = _("don't send entry")
+        verbose_name_plural = _("don't send entries")
+
+    def __str__(self) -> str:
+        return self.to_address
+
+
+class MessageLogManager(models.Manager):
+    def log(self, message: Message, result_code: str, log_message: str = "") -> "MessageLog":
+        """Record one attempt to send ``message`` with its result."""
+        keep_data = conf.get_setting("MAILER_EMAIL_LOG_MESSAGE_DATA")
+        return self.create(
+            message_data=message.message_data if keep_data else None,
+            message_id=get_message_id(message.email),
+            when_added=message.when_added,
+            priority=message.priority,
+            result=result_code,
+            log_message=log_message,
+        )
+
+    def purge_old_entries(self, days: int, result_codes: Iterable[str] | None = None) -> int:
+        """Delete the entries attempted more than ``days`` ago (successes by default); return how many."""
+        if result_codes is None:
+            result_codes = [RESULT_SUCCESS]
+        limit = datetime_now() - datetime.timedelta(days=days)
+        deleted, _per_model = self.filter(when_attempted__lt=limit, result__in=list(result_codes)).delete()
+        return deleted
+
+
+class MessageLog(models.Model):
+    """The result of one attempt to send a message."""
+
+    message_data = models.TextField(null=True)
+    message_id = models.TextField(editable=False, null=True)
+    when_added = models.DateTimeField(db_index=True)
+    priority = models.PositiveSmallIntegerField(choices=PRIORITIES, db_index=True)
+    when_attempted = models.DateTimeField(default=datetime_now)
+    result = models.CharField(max_length=1, choices=RESULT_CODES)
+    log_message = models.TextField()
+
+    objects = MessageLogManager()
+
+    class Meta:
+        verbose_name = _("message log")
+        verbose_name_plural = _("message logs")
+
+    def __str__(self) -> str:
+        try:
+            email = self.email
+            if email:
+                return f'On {self.when_attempted}, "{email.subject}" to {", ".join(email.to)}'
+            return f'On {self.when_attempted}, "{self.message_id}"'
+        except Exception:
+            return "<MessageLog repr unavailable>"
+
+    @property
+    def email(self) -> Any:
+        return db_to_email(self.message_data)
+
+    @property
+    def to_addresses(self) -> list[str] | None:
+        email = self.email
+        return email.to if email is not None else None
+
+    @property
+    def subject(self) -> str | None:
+        email = self.email
+        return email.subject if email is not None else None

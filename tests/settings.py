@@ -1,0 +1,100 @@
+"""Settings for the test suite.
+
+The database comes from the environment, so one suite runs on every vendor:
+
+- ``MAILER_TEST_DB``: ``sqlite`` (the default), ``postgresql`` or ``mysql``;
+- ``MAILER_TEST_DB_HOST``, ``MAILER_TEST_DB_PORT``, ``MAILER_TEST_DB_USER``,
+  ``MAILER_TEST_DB_PASSWORD``, ``MAILER_TEST_DB_NAME``: where that server is.
+
+``MAILER_TEST_REQUIRE_DB=1`` (set by CI) turns "server not reachable" from
+a skip into a failure; see ``tests/conftest.py``.
+"""
+
+import os
+
+import django
+
+SECRET_KEY = "not-a-secret"
+USE_TZ = True
+TIME_ZONE = "UTC"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.messages",
+    "django.contrib.sessions",
+    "mailer",
+]
+
+MIDDLEWARE = [
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+]
+
+ROOT_URLCONF = "tests.urls"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ]
+        },
+    }
+]
+
+DB_VENDOR = os.environ.get("MAILER_TEST_DB", "sqlite")
+_ENGINES = {
+    "sqlite": "django.db.backends.sqlite3",
+    "postgresql": "django.db.backends.postgresql",
+    "mysql": "django.db.backends.mysql",
+}
+_PORTS = {"postgresql": "5432", "mysql": "3306"}
+
+if DB_VENDOR not in _ENGINES:
+    raise RuntimeError(f"MAILER_TEST_DB must be one of {sorted(_ENGINES)}, not {DB_VENDOR!r}")
+
+if DB_VENDOR == "sqlite":
+    DATABASES = {
+        "default": {
+            "ENGINE": _ENGINES["sqlite"],
+            "NAME": os.environ.get("MAILER_TEST_DB_NAME", "mailer_tests.sqlite3"),
+            "TEST": {"NAME": os.environ.get("MAILER_TEST_DB_NAME") or None},
+        }
+    }
+else:
+    DATABASES = {
+        "default": {
+            "ENGINE": _ENGINES[DB_VENDOR],
+            "HOST": os.environ.get("MAILER_TEST_DB_HOST", "127.0.0.1"),
+            "PORT": os.environ.get("MAILER_TEST_DB_PORT", _PORTS[DB_VENDOR]),
+            "USER": os.environ.get("MAILER_TEST_DB_USER", "mailer"),
+            "PASSWORD": os.environ.get("MAILER_TEST_DB_PASSWORD", "mailer"),
+            "NAME": os.environ.get("MAILER_TEST_DB_NAME", "mailer"),
+            "CONN_MAX_AGE": 0,
+        }
+    }
+    if DB_VENDOR == "mysql":
+        DATABASES["default"]["OPTIONS"] = {"charset": "utf8mb4"}
+        DATABASES["default"]["TEST"] = {"CHARSET": "utf8mb4", "COLLATION": "utf8mb4_unicode_ci"}
+
+# Django 6.1 deprecates the EMAIL_* settings in favour of MAILERS. The suite
+# runs the modern configuration on 6.1 and the legacy one before it; tests
+# that need the other one switch it with ``override_settings``.
+MAILERS_SUPPORTED = django.VERSION >= (6, 1)
+if MAILERS_SUPPORTED:
+    MAILERS = {
+        "default": {"BACKEND": "django.core.mail.backends.locmem.EmailBackend"},
+    }
+else:
+    EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+
+MAILER_EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+MAILER_LOCK_PATH = os.path.join(os.environ.get("MAILER_TEST_TMP", "/tmp"), f"mailer-tests-{os.getpid()}")
