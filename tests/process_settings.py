@@ -1,0 +1,53 @@
+"""Settings for ``tests/manage.py``: a SQLite file and a real SMTP server, both named by the environment.
+
+- ``MAILER_PROCESS_DB``: path of the SQLite database file;
+- ``MAILER_PROCESS_SMTP_PORT``: port of the SMTP server on 127.0.0.1;
+- ``MAILER_PROCESS_LOCK_PATH``: the lock file (optional).
+
+On Django 6.1 delivery is configured with MAILERS, before it with the
+EMAIL_* settings, as a django-mailer 2.x site has them.
+"""
+
+import os
+
+import django
+
+SECRET_KEY = "not-a-secret"
+USE_TZ = True
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+INSTALLED_APPS = ["django.contrib.contenttypes", "django.contrib.auth", "mailer"]
+DATABASES = {
+    "default": {
+        "ENGINE": "django.db.backends.sqlite3",
+        "NAME": os.environ["MAILER_PROCESS_DB"],
+        "OPTIONS": {"timeout": 20},
+    }
+}
+
+_SMTP_HOST = "127.0.0.1"
+_SMTP_PORT = int(os.environ.get("MAILER_PROCESS_SMTP_PORT", "25"))
+
+if django.VERSION >= (6, 1):
+    MAILERS = {
+        "default": {"BACKEND": "mailer.backend.DbBackend", "OPTIONS": {"deliver_using": "smtp"}},
+        "smtp": {
+            "BACKEND": "django.core.mail.backends.smtp.EmailBackend",
+            "OPTIONS": {"host": _SMTP_HOST, "port": _SMTP_PORT, "timeout": 10},
+        },
+    }
+else:
+    EMAIL_BACKEND = "mailer.backend.DbBackend"
+    MAILER_EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+    EMAIL_HOST = _SMTP_HOST
+    EMAIL_PORT = _SMTP_PORT
+    EMAIL_TIMEOUT = 10
+
+if "MAILER_PROCESS_LOCK_PATH" in os.environ:
+    MAILER_LOCK_PATH = os.environ["MAILER_PROCESS_LOCK_PATH"]
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"stderr": {"class": "logging.StreamHandler"}},
+    "loggers": {"mailer": {"handlers": ["stderr"], "level": "INFO"}},
+}

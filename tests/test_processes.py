@@ -1,0 +1,35 @@
+"""The management commands as real processes, as cron runs them."""
+
+import pytest
+
+from tests.processes import manage
+
+
+@pytest.fixture
+def process_db(tmp_path):
+    db = tmp_path / "site.sqlite3"
+    result = manage("migrate", "-v", "0", db=db)
+    assert result.returncode == 0, result.stderr
+    return db
+
+
+def queue_in_process(db, code: str):
+    result = manage("shell", "-c", code, db=db)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_cron_send_mail_delivers_the_queue(process_db, smtp_server, tmp_path):
+    queue_in_process(
+        process_db,
+        "import mailer; "
+        "mailer.send_mail('Plain', 'Body', 'from@example.com', ['a@example.com']); "
+        "mailer.send_html_mail('Html', 'Text', '<p>Html</p>', 'from@example.com', ['b@example.com'])",
+    )
+    assert smtp_server.received == []
+
+    result = manage("send_mail", db=process_db, smtp_port=smtp_server.port, MAILER_PROCESS_LOCK_PATH=str(tmp_path / "lock"))
+
+    assert result.returncode == 0, result.stderr
+    assert sorted(r.message["Subject"] for r in smtp_server.received) == ["Html", "Plain"]
+    assert "2 sent; 0 deferred" in result.stderr
