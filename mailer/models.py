@@ -6,7 +6,7 @@ database keeps working; the claim columns on ``Message`` are ours.
 
 import datetime
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from email.utils import parseaddr
 from typing import Any
 
@@ -216,8 +216,8 @@ def make_message(
     subject: str = "",
     body: str = "",
     from_email: str | None = None,
-    to: Iterable[str] | None = None,
-    bcc: Iterable[str] | None = None,
+    to: Sequence[str] | None = None,
+    bcc: Sequence[str] | None = None,
     attachments: list | None = None,
     headers: dict[str, str] | None = None,
     priority: int | None = None,
@@ -231,8 +231,8 @@ def make_message(
         subject=subject,
         body=body,
         from_email=from_email,
-        to=list(to) if to is not None else None,
-        bcc=list(bcc) if bcc is not None else None,
+        to=to,
+        bcc=bcc,
         attachments=attachments,
         headers=headers,
     )

@@ -33,3 +33,23 @@ def test_cron_send_mail_delivers_the_queue(process_db, smtp_server, tmp_path):
     assert result.returncode == 0, result.stderr
     assert sorted(r.message["Subject"] for r in smtp_server.received) == ["Html", "Plain"]
     assert "2 sent; 0 deferred" in result.stderr
+
+
+def test_a_held_lock_makes_cron_send_mail_quit(process_db, smtp_server, tmp_path):
+    import lockfile
+
+    queue_in_process(process_db, "import mailer; mailer.send_mail('Held', 'Body', 'f@example.com', ['a@example.com'])")
+    lock_path = str(tmp_path / "lock")
+    held = lockfile.FileLock(lock_path)
+    held.acquire()
+    try:
+        result = manage("send_mail", db=process_db, smtp_port=smtp_server.port, MAILER_PROCESS_LOCK_PATH=lock_path)
+    finally:
+        held.release()
+
+    assert result.returncode == 0, result.stderr
+    assert "lock already in place. quitting." in result.stderr
+    assert smtp_server.received == []
+
+    result = manage("send_mail", db=process_db, smtp_port=smtp_server.port, MAILER_PROCESS_LOCK_PATH=lock_path)
+    assert [r.message["Subject"] for r in smtp_server.received] == ["Held"]

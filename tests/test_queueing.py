@@ -1,0 +1,204 @@
+"""Putting mail on the queue: every way in stores a row and sends nothing."""
+
+import django
+import pytest
+from django.core import mail
+from django.core.exceptions import ImproperlyConfigured
+from django.core.mail import EmailMessage, EmailMultiAlternatives
+
+import mailer
+from mailer.backend import DbBackend
+from mailer.models import (
+    PRIORITY_HIGH,
+    PRIORITY_LOW,
+    PRIORITY_MEDIUM,
+    DontSendEntry,
+    Message,
+    make_message,
+)
+
+pytestmark = pytest.mark.django_db
+
+
+def test_send_mail_queues_without_sending():
+    assert mailer.send_mail("Subject", "Body", "from@example.com", ["to@example.com"]) == 1
+
+    [message] = Message.objects.all()
+    assert message.priority == PRIORITY_MEDIUM
+    assert message.subject == "Subject"
+    assert message.to_addresses == ["to@example.com"]
+    assert message.email.body == "Body"
+    assert mail.outbox == []
+
+
+def test_lazy_strings_are_resolved_when_queued():
+    from django.utils.translation import gettext_lazy
+
+    mailer.send_mail(gettext_lazy("Lazy subject"), gettext_lazy("Lazy body"), "f@example.com", ["t@example.com"])
+
+    email = Message.objects.get().email
+    assert type(email.subject) is str and email.subject == "Lazy subject"
+    assert type(email.body) is str
+
+
+def test_send_html_mail_queues_an_html_alternative_and_headers():
+    mailer.send_html_mail(
+        "Subject", "Text", "<p>HTML</p>", "from@example.com", ["to@example.com"],
+        priority=PRIORITY_HIGH, headers={"X-Campaign": "welcome"},
+    )  # fmt: skip
+
+    message = Message.objects.get()
+    assert message.priority == PRIORITY_HIGH
+    email = message.email
+    assert isinstance(email, EmailMultiAlternatives)
+    assert [(a[0], a[1]) for a in email.alternatives] == [("<p>HTML</p>", "text/html")]
+    assert email.extra_headers["X-Campaign"] == "welcome"
+
+
+def test_send_mass_mail_queues_one_message_per_tuple():
+    count = mailer.send_mass_mail(
+        [
+            ("One", "Body", "from@example.com", ["a@example.com"]),
+            ("Two", "Body", "from@example.com", ["b@example.com", "c@example.com"]),
+        ]
+    )
+    assert count == 2
+    assert sorted(m.subject for m in Message.objects.all()) == ["One", "Two"]
+
+
+@pytest.mark.parametrize(
+    "admins",
+    [
+        [("Ada", "ada@example.com"), ("Bob", "bob@example.com")],
+        ["ada@example.com", "bob@example.com"],
+    ],
+    ids=["pairs", "addresses"],
+)
+@pytest.mark.parametrize("function, setting", [(mailer.mail_admins, "ADMINS"), (mailer.mail_managers, "MANAGERS")])
+def test_mail_admins_and_managers_accept_both_setting_styles(settings, admins, function, setting):
+    setattr(settings, setting, admins)
+    settings.EMAIL_SUBJECT_PREFIX = "[site] "
+    settings.SERVER_EMAIL = "server@example.com"
+
+    function("Broken", "Traceback", priority=PRIORITY_HIGH)
+
+    message = Message.objects.get()
+    assert message.to_addresses == ["ada@example.com", "bob@example.com"]
+    assert message.subject == "[site] Broken"
+    assert message.email.from_email == "server@example.com"
+    assert message.priority == PRIORITY_HIGH
+
+
+@pytest.mark.parametrize("function, setting", [(mailer.mail_admins, "ADMINS"), (mailer.mail_managers, "MANAGERS")])
+def test_mail_admins_and_managers_queue_nothing_without_recipients(settings, function, setting):
+    setattr(settings, setting, [])
+    assert function("Subject", "Body") == 0
+    assert Message.objects.count() == 0
+
+
+def test_mail_admins_rejects_a_malformed_setting(settings):
+    settings.ADMINS = [("Ada", "ada@example.com", "extra")]
+    with pytest.raises(ImproperlyConfigured, match="ADMINS"):
+        mailer.mail_admins("Subject", "Body")
+
+
+def test_priorities_are_validated_when_queued():
+    with pytest.raises(ValueError, match="Invalid priority 7"):
+        mailer.send_mail("Subject", "Body", "f@example.com", ["t@example.com"], priority=7)
+    assert Message.objects.count() == 0
+
+
+def test_priority_labels_still_work_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning, match="PRIORITY_"):
+        mailer.send_mail("Subject", "Body", "f@example.com", ["t@example.com"], priority="low")
+    assert Message.objects.get().priority == PRIORITY_LOW
+
+
+def test_get_priority():
+    assert mailer.get_priority(None) == PRIORITY_MEDIUM
+    assert mailer.get_priority(PRIORITY_HIGH) == PRIORITY_HIGH
+    for bad in ["urgent", 0, True, "1"]:
+        with pytest.raises(ValueError):
+            mailer.get_priority(bad)
+
+
+def test_malformed_messages_fail_when_queued_not_when_sent():
+    with pytest.raises(ValueError):
+        mailer.send_mail("Injected\nBcc: victim@example.com", "Body", "f@example.com", ["t@example.com"])
+    with pytest.raises(TypeError):
+        mailer.send_mail("Subject", "Body", "f@example.com", "t@example.com")  # a string, not a list
+    assert Message.objects.count() == 0
+
+
+def test_message_id_is_assigned_when_queued_and_kept():
+    mailer.send_mail("Subject", "Body", "f@example.com", ["t@example.com"])
+    email = EmailMessage("Own id", "Body", "f@example.com", ["t@example.com"], headers={"message-id": "<own@x>"})
+    DbBackend().send_messages([email])
+
+    ids = [m.email.extra_headers for m in Message.objects.order_by("pk")]
+    assert ids[0]["Message-ID"].startswith("<") and ids[0]["Message-ID"].endswith(">")
+    assert ids[1] == {"message-id": "<own@x>"}
+
+
+def test_db_backend_queues_in_bulk_and_counts(settings):
+    settings.MAILER_MESSAGES_BATCH_SIZE = 2
+    emails = [EmailMessage(f"S{n}", "B", "f@example.com", [f"t{n}@example.com"]) for n in range(5)]
+    emails.append(EmailMessage("Nobody", "B", "f@example.com", []))
+
+    assert DbBackend().send_messages(emails) == 5
+    assert Message.objects.count() == 5
+
+
+def test_django_send_mail_goes_to_the_queue_through_db_backend(settings):
+    if django.VERSION >= (6, 1):
+        settings.MAILERS = {"default": {"BACKEND": "mailer.backend.DbBackend", "OPTIONS": {"priority": PRIORITY_LOW}}}
+    else:
+        settings.EMAIL_BACKEND = "mailer.backend.DbBackend"
+
+    mail.send_mail("Via Django", "Body", "f@example.com", ["t@example.com"])
+
+    message = Message.objects.get()
+    assert message.subject == "Via Django"
+    if django.VERSION >= (6, 1):
+        assert message.priority == PRIORITY_LOW
+
+
+def test_make_message_returns_an_unsaved_message():
+    message = make_message("Subject", "Body", "f@example.com", ["t@example.com"], bcc=["b@example.com"])
+    assert message.pk is None
+    assert message.email.bcc == ["b@example.com"]
+    message.save()
+    assert Message.objects.count() == 1
+
+
+class TestDontSendList:
+    @pytest.fixture(autouse=True)
+    def blocked(self):
+        from django.utils import timezone
+
+        DontSendEntry.objects.create(to_address="Blocked@Example.com", when_added=timezone.now())
+
+    def test_listed_recipients_are_dropped_on_every_way_in(self):
+        recipients = ["ok@example.com", "blocked@example.com", "Name <BLOCKED@example.com>"]
+        mailer.send_mail("send_mail", "", "f@example.com", recipients)
+        mailer.send_html_mail("send_html_mail", "", "<p></p>", "f@example.com", recipients)
+        make_message("make_message", "", "f@example.com", recipients, bcc=["blocked@example.com"]).save()
+        DbBackend().send_messages(
+            [EmailMessage("DbBackend", "", "f@example.com", recipients, cc=["blocked@example.com"])]
+        )
+
+        for message in Message.objects.all():
+            assert message.email.recipients() == ["ok@example.com"], message.subject
+
+    def test_one_query_per_message_whatever_the_number_of_recipients(self, django_assert_num_queries):
+        recipients = [f"user{n}@example.com" for n in range(50)]
+        with django_assert_num_queries(2):  # the don't-send lookup and the insert
+            mailer.send_mail("Many", "", "f@example.com", recipients)
+
+    def test_a_message_for_listed_recipients_only_is_still_queued_whole(self):
+        mailer.send_mail("Blocked", "", "f@example.com", ["blocked@example.com"])
+        assert Message.objects.get().to_addresses == ["blocked@example.com"]
+
+    def test_has_address_ignores_case(self):
+        assert DontSendEntry.objects.has_address("BLOCKED@example.COM")
+        assert not DontSendEntry.objects.has_address("other@example.com")
