@@ -2,7 +2,8 @@
 
 - ``MAILER_PROCESS_DB``: path of the SQLite database file;
 - ``MAILER_PROCESS_SMTP_PORT``: port of the SMTP server on 127.0.0.1;
-- ``MAILER_PROCESS_LOCK_PATH``: the lock file (optional).
+- ``MAILER_PROCESS_LOCK_PATH``: the lock file (optional);
+- ``MAILER_PROCESS_EMPTY_QUEUE_SLEEP``: seconds between polls of ``runmailer`` (optional).
 
 On Django 6.1 delivery is configured with MAILERS, before it with the
 EMAIL_* settings, as a django-mailer 2.x site has them.
@@ -41,6 +42,9 @@ else:
     EMAIL_HOST = _SMTP_HOST
     EMAIL_PORT = _SMTP_PORT
     EMAIL_TIMEOUT = 10
+
+if "MAILER_PROCESS_EMPTY_QUEUE_SLEEP" in os.environ:
+    MAILER_EMPTY_QUEUE_SLEEP = float(os.environ["MAILER_PROCESS_EMPTY_QUEUE_SLEEP"])
 
 if "MAILER_PROCESS_LOCK_PATH" in os.environ:
     MAILER_LOCK_PATH = os.environ["MAILER_PROCESS_LOCK_PATH"]

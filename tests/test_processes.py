@@ -53,3 +53,32 @@ def test_a_held_lock_makes_cron_send_mail_quit(process_db, smtp_server, tmp_path
 
     result = manage("send_mail", db=process_db, smtp_port=smtp_server.port, MAILER_PROCESS_LOCK_PATH=lock_path)
     assert [r.message["Subject"] for r in smtp_server.received] == ["Held"]
+
+
+def test_runmailer_keeps_sending_what_is_queued_later(process_db, smtp_server, tmp_path):
+    """runmailer, a real long-running process, delivers mail queued while it runs, then is stopped."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.processes import MANAGE_PY, process_environment
+
+    env = process_environment(
+        process_db, smtp_server.port, MAILER_PROCESS_LOCK_PATH=str(tmp_path / "lock"), MAILER_PROCESS_EMPTY_QUEUE_SLEEP="0.2"
+    )
+    runner = subprocess.Popen(
+        [sys.executable, str(MANAGE_PY), "runmailer"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        for n in range(2):
+            queue_in_process(process_db, f"import mailer; mailer.send_mail('Later {n}', 'B', 'f@example.com', ['a@example.com'])")
+            deadline = time.monotonic() + 20
+            while len(smtp_server.received) <= n and time.monotonic() < deadline:
+                time.sleep(0.1)
+        assert sorted(r.message["Subject"] for r in smtp_server.received) == ["Later 0", "Later 1"]
+    finally:
+        runner.send_signal(signal.SIGINT)
+        out, err = runner.communicate(timeout=20)
+    assert "Starting django-mailer send loop." in out
+    assert "Stopped." in out and "Traceback" not in err

@@ -20,4 +20,7 @@ class Command(BaseCommand):
         self.stdout.write("Starting django-mailer send loop.")
         quit_command = "CTRL-BREAK" if sys.platform == "win32" else "CONTROL-C"
         self.stdout.write(f"Quit the loop with {quit_command}.")
-        engine.send_loop()
+        try:
+            engine.send_loop()
+        except KeyboardInterrupt:
+            self.stdout.write("Stopped.")

@@ -1,0 +1,84 @@
+"""The models' public behaviour, as django-mailer 2.x code relies on it."""
+
+import base64
+import pickle
+
+import pytest
+from django.core.mail import EmailMessage
+
+import mailer
+from mailer.models import (
+    RESULT_SUCCESS,
+    Message,
+    MessageLog,
+    db_to_email,
+    email_to_db,
+    get_message_id,
+)
+
+pytestmark = pytest.mark.django_db
+
+
+def test_message_str():
+    mailer.send_mail("Hello", "Body", "f@example.com", ["a@example.com", "b@example.com"])
+    message = Message.objects.get()
+    assert str(message) == f'On {message.when_added}, "Hello" to a@example.com, b@example.com'
+    assert str(Message(message_data="garbage")) == "<Message repr unavailable>"
+
+
+def test_undecodable_message_properties():
+    message = Message(message_data="garbage")
+    assert message.email is None
+    assert message.to_addresses == []
+    assert message.subject == ""
+
+
+def test_message_log_str_and_properties(settings):
+    mailer.send_mail("Logged", "Body", "f@example.com", ["a@example.com"])
+    message = Message.objects.get()
+    log = MessageLog.objects.log(message, RESULT_SUCCESS)
+    assert str(log) == f'On {log.when_attempted}, "Logged" to a@example.com'
+    assert log.to_addresses == ["a@example.com"] and log.subject == "Logged"
+
+    settings.MAILER_EMAIL_LOG_MESSAGE_DATA = False
+    bare = MessageLog.objects.log(message, RESULT_SUCCESS)
+    assert bare.message_data is None
+    assert str(bare) == f'On {bare.when_attempted}, "{bare.message_id}"'
+    assert bare.to_addresses is None and bare.subject is None
+
+
+def test_codec_round_trip_and_empty_values():
+    email = EmailMessage("S", "B", "f@example.com", ["t@example.com"])
+    decoded = db_to_email(email_to_db(email))
+    assert (decoded.subject, decoded.body, decoded.to) == ("S", "B", ["t@example.com"])
+    assert db_to_email("") is None
+    assert db_to_email(None) is None
+    assert db_to_email(email_to_db({"plain": [1, 2]})) == {"plain": [1, 2]}
+
+
+def test_rows_from_before_django_mailer_2_still_decode():
+    """Releases before 2.0 stored the raw (protocol 0, ASCII) pickle, not base64."""
+    email = EmailMessage("Old", "B", "f@example.com", ["t@example.com"])
+    raw = pickle.dumps(email, protocol=0).decode("ascii")
+    assert db_to_email(raw).subject == "Old"
+    assert db_to_email(base64.b64encode(b"not a pickle").decode()) is None
+
+
+def test_get_message_id_is_case_insensitive():
+    email = EmailMessage(headers={"MESSAGE-id": "<x@y>"})
+    assert get_message_id(email) == "<x@y>"
+    assert get_message_id(EmailMessage()) is None
+    assert get_message_id(None) is None
+
+
+def test_defer_releases_the_claim():
+    mailer.send_mail("S", "B", "f@example.com", ["t@example.com"])
+    message = Message.objects.get()
+    from django.utils import timezone
+
+    Message.objects.claim(message.pk, "pass", until=timezone.now())
+    message.refresh_from_db()
+    message.defer()
+    message.refresh_from_db()
+    assert message.claimed_until is None
+    assert message.priority == 4
