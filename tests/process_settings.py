@@ -3,7 +3,9 @@
 - ``MAILER_PROCESS_DB``: path of the SQLite database file;
 - ``MAILER_PROCESS_SMTP_PORT``: port of the SMTP server on 127.0.0.1;
 - ``MAILER_PROCESS_LOCK_PATH``: the lock file (optional);
-- ``MAILER_PROCESS_EMPTY_QUEUE_SLEEP``: seconds between polls of ``runmailer`` (optional).
+- ``MAILER_PROCESS_EMPTY_QUEUE_SLEEP``: seconds between polls of ``runmailer`` (optional);
+- ``MAILER_PROCESS_USE_FILE_LOCK``: "0" to run without the lock file (optional);
+- ``MAILER_PROCESS_THROTTLE``: seconds to wait after each message (optional).
 
 On Django 6.1 delivery is configured with MAILERS, before it with the
 EMAIL_* settings, as a django-mailer 2.x site has them.
@@ -45,6 +47,12 @@ else:
 
 if "MAILER_PROCESS_EMPTY_QUEUE_SLEEP" in os.environ:
     MAILER_EMPTY_QUEUE_SLEEP = float(os.environ["MAILER_PROCESS_EMPTY_QUEUE_SLEEP"])
+
+if "MAILER_PROCESS_THROTTLE" in os.environ:
+    MAILER_EMAIL_THROTTLE = float(os.environ["MAILER_PROCESS_THROTTLE"])
+
+if os.environ.get("MAILER_PROCESS_USE_FILE_LOCK") == "0":
+    MAILER_USE_FILE_LOCK = False
 
 if "MAILER_PROCESS_LOCK_PATH" in os.environ:
     MAILER_LOCK_PATH = os.environ["MAILER_PROCESS_LOCK_PATH"]

@@ -1,5 +1,7 @@
 """The management commands as real processes, as cron runs them."""
 
+import re
+
 import pytest
 
 from tests.processes import manage
@@ -82,3 +84,33 @@ def test_runmailer_keeps_sending_what_is_queued_later(process_db, smtp_server, t
         out, err = runner.communicate(timeout=20)
     assert "Starting django-mailer send loop." in out
     assert "Stopped." in out and "Traceback" not in err
+
+
+def test_concurrent_workers_without_the_lock_send_each_message_exactly_once(process_db, smtp_server):
+    """Claims, not the lock file, keep two workers from sending the same message."""
+    import subprocess
+    import sys
+
+    from tests.processes import MANAGE_PY, process_environment
+
+    queue_in_process(
+        process_db,
+        "import mailer\n"
+        "for n in range(30): mailer.send_mail(f'Message {n}', 'B', 'f@example.com', [f'to{n}@example.com'])",
+    )
+    # The throttle makes each pass long enough for the three to overlap.
+    env = process_environment(
+        process_db, smtp_server.port, MAILER_PROCESS_USE_FILE_LOCK="0", MAILER_PROCESS_THROTTLE="0.05"
+    )
+    workers = [
+        subprocess.Popen([sys.executable, str(MANAGE_PY), "send_mail"], env=env, stderr=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    errors = [worker.communicate(timeout=60)[1] for worker in workers]
+
+    assert [worker.returncode for worker in workers] == [0, 0, 0], errors
+    subjects = [r.message["Subject"] for r in smtp_server.received]
+    assert sorted(subjects) == sorted(f"Message {n}" for n in range(30))
+    sent_per_worker = [int(re.search(r"(\d+) sent;", err).group(1)) for err in errors]
+    assert sum(sent_per_worker) == 30
+    assert sum(1 for sent in sent_per_worker if sent) >= 2, f"the workers did not overlap: {sent_per_worker}"
