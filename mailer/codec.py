@@ -10,6 +10,8 @@ import binascii
 import pickle
 from typing import Any
 
+from django.core.mail import EmailAlternative, EmailAttachment, EmailMessage
+
 
 def email_to_db(email: Any) -> str:
     """Encode ``email`` as text for the ``message_data`` column."""
@@ -18,6 +20,25 @@ def email_to_db(email: Any) -> str:
 
 def db_to_email(data: str | bytes | None) -> Any:
     """Decode ``message_data``; return None when there is nothing to decode or it is unreadable."""
+    value = _unpickle(data)
+    if isinstance(value, EmailMessage):
+        _upgrade_parts(value)
+    return value
+
+
+def _upgrade_parts(email: EmailMessage) -> None:
+    """Turn the plain tuples of messages pickled before Django 5.2 into the named tuples Django now expects."""
+    if getattr(email, "alternatives", None):
+        email.alternatives = [
+            EmailAlternative(*item) if type(item) is tuple else item for item in email.alternatives
+        ]
+    if getattr(email, "attachments", None):
+        email.attachments = [
+            EmailAttachment(*item) if type(item) is tuple else item for item in email.attachments
+        ]
+
+
+def _unpickle(data: str | bytes | None) -> Any:
     if not data:
         return None
     raw = data.encode("ascii", "surrogateescape") if isinstance(data, str) else data

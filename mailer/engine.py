@@ -42,6 +42,8 @@ from mailer.models import (
     Message,
     MessageLog,
     datetime_now,
+    ensure_message_id,
+    get_message_id,
 )
 
 logger = logging.getLogger(__name__)
@@ -217,6 +219,13 @@ def _send_message(
         )
         message.delete()
         return connection, "discarded"
+
+    if get_message_id(email) is None:
+        # Queued by django-mailer or by assigning Message.email: give it its
+        # Message-ID now, and keep it, so every attempt carries the same one.
+        ensure_message_id(email)
+        message.email = email
+        message.save(update_fields=["message_data"])
 
     # The list may have grown since the message was queued.
     suppressed = DontSendEntry.objects.remove_suppressed_recipients(email)

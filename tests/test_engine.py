@@ -301,3 +301,20 @@ def test_email_attribute_assignment_queues_any_email_message():
     message.save()
     engine.send_all()
     assert mail.outbox[0].subject == "Assigned"
+
+
+def test_a_message_queued_without_message_id_gets_one_kept_across_retries(deliver_to_smtp):
+    """Rows queued by django-mailer 2.x, or by assigning Message.email, have no Message-ID yet."""
+    message = Message()
+    message.email = EmailMessage("No id yet", "Body", "f@example.com", ["t@example.com"])
+    message.save()
+    deliver_to_smtp.reply_to_data("451 4.3.0 Try again later")
+    engine.send_all()
+    deliver_to_smtp.reply_to_data(None)
+    Message.objects.retry_deferred()
+    engine.send_all()
+
+    [received] = deliver_to_smtp.received
+    failure, success = MessageLog.objects.order_by("pk")
+    assert failure.result == RESULT_FAILURE and success.result == RESULT_SUCCESS
+    assert failure.message_id == success.message_id == received.message["Message-ID"]

@@ -1,0 +1,48 @@
+"""Several workers on one queue, each with its own database connection."""
+
+import threading
+
+import pytest
+from django.db import close_old_connections, connection
+
+import mailer
+from mailer import engine
+from mailer.models import Message, MessageLog
+
+MESSAGES = 40
+WORKERS = 4
+
+
+@pytest.mark.django_db(transaction=True)
+def test_workers_without_the_lock_send_each_message_exactly_once(settings, deliver_to_smtp):
+    if connection.vendor == "sqlite":
+        pytest.skip("SQLite allows one writer at a time; tests/test_processes.py races real processes on a file")
+    settings.MAILER_USE_FILE_LOCK = False
+    settings.MAILER_EMAIL_THROTTLE = 0.01  # long enough passes to overlap
+    for n in range(MESSAGES):
+        mailer.send_mail(f"Message {n}", "Body", "f@example.com", [f"to{n}@example.com"])
+
+    errors = []
+    start = threading.Barrier(WORKERS)
+
+    def work():
+        try:
+            start.wait()
+            engine.send_all()
+        except Exception as exc:  # reported below, with the others
+            errors.append(exc)
+        finally:
+            close_old_connections()
+            connection.close()
+
+    threads = [threading.Thread(target=work) for _ in range(WORKERS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+
+    assert errors == []
+    subjects = sorted(r.message["Subject"] for r in deliver_to_smtp.received)
+    assert subjects == sorted(f"Message {n}" for n in range(MESSAGES))
+    assert Message.objects.count() == 0
+    assert MessageLog.objects.count() == MESSAGES
