@@ -1,4 +1,5 @@
 from django.contrib import admin, messages
+from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
 from mailer import engine
@@ -43,6 +44,9 @@ class MessageAdmin(MessageAdminMixin, admin.ModelAdmin):
 class DontSendEntryAdmin(admin.ModelAdmin):
     list_display = ["to_address", "when_added"]
     search_fields = ["to_address"]
+
+    def get_changeform_initial_data(self, request):
+        return {"when_added": timezone.now(), **super().get_changeform_initial_data(request)}
 
 
 @admin.register(MessageLog)

@@ -68,3 +68,17 @@ def test_log_is_filtered_by_result_and_searched_by_message_id(admin_client, deli
 def test_dont_send_list_admin(admin_client):
     response = admin_client.get(reverse("admin:mailer_dontsendentry_changelist"))
     assert response.status_code == 200
+
+
+def test_adding_a_dont_send_entry_needs_only_the_address(admin_client):
+    from mailer.models import DontSendEntry
+
+    form = admin_client.get(reverse("admin:mailer_dontsendentry_add"))
+    assert form.status_code == 200
+    initial = form.context["adminform"].form.initial["when_added"]
+    response = admin_client.post(
+        reverse("admin:mailer_dontsendentry_add"),
+        {"to_address": "stop@example.com", "when_added_0": initial.date().isoformat(), "when_added_1": "00:00:00"},
+    )
+    assert response.status_code == 302
+    assert DontSendEntry.objects.has_address("STOP@example.com")

@@ -82,3 +82,18 @@ def test_defer_releases_the_claim():
     message.refresh_from_db()
     assert message.claimed_until is None
     assert message.priority == 4
+
+
+def test_messages_pickled_before_django_5_2_render_today():
+    """Django 5.2 made alternatives and attachments named tuples; older pickles hold plain ones."""
+    from django.core.mail import EmailMultiAlternatives
+
+    email = EmailMultiAlternatives("Old", "Text", "f@example.com", ["t@example.com"])
+    email.alternatives = [("<p>Html</p>", "text/html")]
+    email.attachments = [("notes.txt", "hello", "text/plain")]
+
+    decoded = db_to_email(email_to_db(email))
+
+    rendered = decoded.message()
+    assert decoded.alternatives[0].mimetype == "text/html"
+    assert [part.get_filename() for part in rendered.walk() if part.get_filename()] == ["notes.txt"]
