@@ -168,7 +168,13 @@ def _send_queued(queryset: Any, error_handler: ErrorHandler) -> Counter:
     connection = None
     try:
         for message in _claim_messages(queryset, token=uuid.uuid4().hex):
-            connection, outcome = _send_message(message, connection, error_handler)
+            try:
+                connection, outcome = _send_message(message, connection, error_handler)
+            except BaseException:
+                # The pass is over (a configuration error, an interrupt):
+                # free the message now rather than when its claim lapses.
+                Message.objects.filter(pk=message.pk).update(claimed_until=None)
+                raise
             counts[outcome] += 1
             limit_reached = _limit_reached(counts)
             _throttle()
@@ -233,19 +239,24 @@ def _send_message(
         _record(message, RESULT_DONT_SEND, _dont_send_reason(suppressed))
         return connection, "dont_send"
 
+    if connection is None:
+        connection = get_delivery_connection(message)
+        opening = True
+    else:
+        opening = False
     try:
-        if connection is None:
-            connection = get_delivery_connection(message)
+        if opening:
             connection.open()
         _log_sending(email)
         connection.send_messages([email])
     except Exception as exc:
         try:
             new_connection, outcome = error_handler(connection, message, exc)
-        except BaseException:
-            # The handler gave up on the whole pass: free the message at once
-            # rather than when its claim lapses.
-            Message.objects.filter(pk=message.pk).update(claimed_until=None)
+        except Exception:
+            # The handler re-raises what it does not know, so that the error
+            # is seen. Set the message aside first: left in the queue, it
+            # would come first again and stop every later pass.
+            _set_aside(message, exc)
             raise
         if new_connection is not connection:
             _close_quietly(connection)
@@ -261,6 +272,13 @@ def _record(message: Message, result: str, log_message: str = "") -> None:
     with transaction.atomic(using=message._state.db):
         MessageLog.objects.log(message, result, log_message=log_message)
         message.delete()
+
+
+def _set_aside(message: Message, exc: Exception) -> None:
+    """Defer ``message`` and log why, after an error the error handler did not handle."""
+    message.defer()
+    MessageLog.objects.log(message, RESULT_FAILURE, log_message=f"{type(exc).__name__}: {exc}")
+    logger.error("message deferred after an unexpected error: %s: %s", type(exc).__name__, exc)
 
 
 def _dont_send_reason(suppressed: list[str]) -> str:

@@ -176,15 +176,29 @@ def test_undecodable_messages_are_discarded_with_a_warning(caplog):
     assert "message discarded due to failure in converting from DB" in caplog.text
 
 
-def test_an_unexpected_error_propagates_and_frees_the_message_at_once(settings):
-    queue(1)
-    with mock.patch.object(LocmemBackend, "send_messages", side_effect=RuntimeError("bug")):
+def test_an_unexpected_error_is_raised_but_does_not_stall_the_queue():
+    """The default handler re-raises what it does not know (so the error is seen), as in 2.x,
+    but the message is set aside, so later passes send the rest."""
+    queue(2)
+    with mock.patch.object(LocmemBackend, "send_messages", side_effect=[RuntimeError("bug"), 1]):
         with pytest.raises(RuntimeError, match="bug"):
             engine.send_all()
-    message = Message.objects.get()
-    assert message.claimed_until is None
+    failed = Message.objects.get(priority=PRIORITY_DEFERRED)
+    assert failed.claimed_until is None
+    assert MessageLog.objects.get().log_message == "RuntimeError: bug"
+
     engine.send_all()
-    assert len(mail.outbox) == 1
+    assert [m.subject for m in mail.outbox] == ["Message 1"]
+
+
+def test_a_configuration_error_leaves_messages_untouched_and_free(settings):
+    queue(1)
+    with mock.patch("mailer.engine.get_delivery_connection", side_effect=ImportError("no such backend")):
+        with pytest.raises(ImportError):
+            engine.send_all()
+    message = Message.objects.get()
+    assert message.priority != PRIORITY_DEFERRED and message.claimed_until is None
+    assert MessageLog.objects.count() == 0
 
 
 def test_a_custom_error_handler_is_used(settings):
