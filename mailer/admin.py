@@ -36,8 +36,18 @@ class MessageAdmin(MessageAdminMixin, admin.ModelAdmin):
 
     @admin.action(description=_("Send selected messages"))
     def send_messages(self, request, queryset):
-        engine.send_all(queryset)
-        self.message_user(request, _("Message(s) sent."), messages.INFO)
+        counts = engine.send_all(queryset)
+        if counts is None:
+            self.message_user(
+                request, _("Nothing was sent: sending is paused, or another process is sending."), messages.WARNING
+            )
+            return
+        self.message_user(
+            request,
+            _("Message(s) sent: %(sent)d sent, %(deferred)d deferred.")
+            % {"sent": counts["sent"], "deferred": counts["deferred"]},
+            messages.INFO,
+        )
 
 
 @admin.register(DontSendEntry)

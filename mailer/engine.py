@@ -124,43 +124,60 @@ def handle_delivery_exception(
     return None, "deferred"
 
 
-def send_all(queryset: Any = None) -> None:
-    """Make one pass over the queue (or over ``queryset``), under the lock file."""
+def send_all(queryset: Any = None) -> Counter | None:
+    """Make one pass over the queue (or over ``queryset``), under the lock file.
+
+    Return how many messages ended each way ("sent", "deferred",
+    "dont_send", "discarded"), or None when the pass did not run because
+    sending is paused or another process holds the lock.
+    """
     check_delivery_route()
     if conf.get_setting("MAILER_PAUSE_SEND"):
         logger.info("sending is paused, quitting.")
-        return
+        return None
     error_handler = import_string(conf.get_setting("MAILER_ERROR_HANDLER"))
 
     use_file_lock = conf.get_setting("MAILER_USE_FILE_LOCK")
     if use_file_lock:
         acquired, lock = acquire_lock()
         if not acquired:
-            return
+            return None
     started = time.monotonic()
     try:
         counts = _send_queued(queryset, error_handler)
     finally:
         if use_file_lock:
             release_lock(lock)
+    duration = time.monotonic() - started
     logger.info(
         "%d sent; %d deferred; %d not sent (don't send list); done in %.2f seconds",
         counts["sent"],
         counts["deferred"],
         counts["dont_send"],
-        time.monotonic() - started,
-        extra={"sent": counts["sent"], "deferred": counts["deferred"], "duration": time.monotonic() - started},
+        duration,
+        extra={"sent": counts["sent"], "deferred": counts["deferred"], "duration": duration},
     )
+    return counts
 
 
 def send_loop() -> None:
-    """Send forever: a pass whenever the queue has something to send, else sleep ``MAILER_EMPTY_QUEUE_SLEEP``."""
+    """Send forever: a pass whenever the queue has something to send, else sleep ``MAILER_EMPTY_QUEUE_SLEEP``.
+
+    It also sleeps after a pass that did nothing (sending paused, the lock
+    held elsewhere, every message claimed by other workers), rather than
+    asking the database again at once.
+    """
     while True:
         while not Message.objects.non_deferred().exists():
-            sleep = conf.get_setting("MAILER_EMPTY_QUEUE_SLEEP")
-            logger.debug("sleeping for %s seconds before checking queue again", sleep)
-            time.sleep(sleep)
-        send_all()
+            _sleep_before_checking_again()
+        if not send_all():
+            _sleep_before_checking_again()
+
+
+def _sleep_before_checking_again() -> None:
+    sleep = conf.get_setting("MAILER_EMPTY_QUEUE_SLEEP")
+    logger.debug("sleeping for %s seconds before checking queue again", sleep)
+    time.sleep(sleep)
 
 
 def _send_queued(queryset: Any, error_handler: ErrorHandler) -> Counter:

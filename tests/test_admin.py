@@ -43,7 +43,7 @@ def test_send_action_delivers_the_selected_messages(admin_client, deliver_to_smt
 
     assert response.status_code == 200
     assert [r.message["Subject"] for r in deliver_to_smtp.received] == ["Chosen"]
-    assert b"Message(s) sent." in response.content
+    assert b"Message(s) sent: 1 sent, 0 deferred." in response.content
     assert Message.objects.get().subject == "Not chosen"
 
 
@@ -82,3 +82,14 @@ def test_adding_a_dont_send_entry_needs_only_the_address(admin_client):
     )
     assert response.status_code == 302
     assert DontSendEntry.objects.has_address("STOP@example.com")
+
+
+def test_send_action_says_when_nothing_could_be_sent(admin_client, settings):
+    settings.MAILER_PAUSE_SEND = True
+    mailer.send_mail("Paused", "Body", "f@example.com", ["a@example.com"])
+    response = admin_client.post(
+        reverse("admin:mailer_message_changelist"),
+        {"action": "send_messages", "_selected_action": [Message.objects.get().pk]},
+        follow=True,
+    )
+    assert b"Nothing was sent: sending is paused" in response.content

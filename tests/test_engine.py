@@ -282,6 +282,22 @@ class TestPatchPoints:
         assert engine.EMPTY_QUEUE_SLEEP == 7
         send_all.assert_not_called()
 
+    def test_send_loop_sleeps_after_a_pass_that_did_nothing(self, settings):
+        """Paused, locked out, or everything claimed elsewhere: wait, don't spin."""
+        settings.MAILER_PAUSE_SEND = True
+        settings.MAILER_EMPTY_QUEUE_SLEEP = 3
+        queue(1)
+        with mock.patch("time.sleep", side_effect=StopIteration) as sleep:
+            with pytest.raises(StopIteration):
+                engine.send_loop()
+        sleep.assert_called_once_with(3)
+
+    def test_send_all_reports_what_it_did(self, deliver_to_smtp):
+        deliver_to_smtp.reject_recipient("to1@example.com")
+        queue(3)
+        counts = engine.send_all()
+        assert (counts["sent"], counts["deferred"]) == (2, 1)
+
     def test_send_loop_sends_when_there_is_mail(self):
         queue(1)
         with mock.patch("mailer.engine.send_all", side_effect=StopIteration) as send_all:
