@@ -5,20 +5,6 @@ from django.utils.translation import gettext_lazy as _
 from mailer import engine
 from mailer.models import DontSendEntry, Message, MessageLog
 
-UNAVAILABLE = "<Message data unavailable>"
-
-
-@admin.display(description=_("To"))
-def show_to(message: Message | MessageLog) -> str:
-    email = message.email
-    return ", ".join(email.to) if email is not None else UNAVAILABLE
-
-
-@admin.display(description=_("Subject"))
-def show_subject(message: Message | MessageLog) -> str:
-    email = message.email
-    return email.subject if email is not None else UNAVAILABLE
-
 
 class MessageAdminMixin:
     @admin.display(description=_("plain text body"))
@@ -29,8 +15,10 @@ class MessageAdminMixin:
 
 @admin.register(Message)
 class MessageAdmin(MessageAdminMixin, admin.ModelAdmin):
-    list_display = ["id", show_to, show_subject, "when_added", "priority", "retry_count"]
-    readonly_fields = ["plain_text_body"]
+    list_display = ["id", "recipients", "subject", "when_added", "priority", "retry_count"]
+    search_fields = ["subject", "from_email", "recipients"]
+    list_filter = ["priority"]
+    readonly_fields = ["subject", "from_email", "recipients", "plain_text_body"]
     date_hierarchy = "when_added"
     actions = ["send_messages"]
 
@@ -61,8 +49,8 @@ class DontSendEntryAdmin(admin.ModelAdmin):
 
 @admin.register(MessageLog)
 class MessageLogAdmin(MessageAdminMixin, admin.ModelAdmin):
-    list_display = ["id", show_to, show_subject, "message_id", "when_attempted", "result"]
+    list_display = ["id", "recipients", "subject", "message_id", "when_attempted", "result"]
     list_filter = ["result"]
     date_hierarchy = "when_attempted"
-    readonly_fields = ["plain_text_body", "message_id"]
-    search_fields = ["message_id"]
+    readonly_fields = ["subject", "from_email", "recipients", "plain_text_body", "message_id"]
+    search_fields = ["message_id", "subject", "from_email", "recipients"]

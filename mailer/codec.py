@@ -1,53 +1,367 @@
-"""How a message is stored in ``message_data``.
+"""How a message is stored in ``message_data``: versioned JSON, never pickle.
 
-django-mailer 2.x stores the pickled ``EmailMessage``, base64-encoded so it
-fits a text column; releases before 2.0 stored the raw pickle. Both are read
-here, and nowhere else knows the format.
+A stored message is a JSON object::
+
+    {"mailer": 1, "email": {"class": "django.core.mail.message.EmailMessage",
+                            "subject": "...", "to": [...], "attachments": [...], ...}}
+
+It is exact: every field of Django's ``EmailMessage`` and
+``EmailMultiAlternatives`` survives the trip, and so do the extra attributes
+of subclasses (django-anymail's ``AnymailMessage``) as long as they are plain
+data. Whatever cannot be stored exactly is refused when the message is
+queued, with an error that names it.
+
+Values that JSON cannot hold are tagged: ``{"$bytes": base64}``,
+``{"$tuple": [...]}``, ``{"$datetime": iso}``, ``{"$mime": ...}`` and so on.
+
+django-mailer stored the pickled ``EmailMessage`` (base64-encoded since 2.0,
+raw before). Such rows still decode, through ``mailer.legacy``, which admits
+only email classes and plain containers.
 """
 
 import base64
-import binascii
-import pickle
+import datetime
+import decimal
+import email.message
+import email.parser
+import email.policy
+import json
+from email.mime.base import MIMEBase
 from typing import Any
 
 from django.core.mail import EmailAlternative, EmailAttachment, EmailMessage
+from django.utils.functional import Promise
+from django.utils.module_loading import import_string
+
+FORMAT_VERSION = 1
+
+# The attributes of Django's EmailMessage and EmailMultiAlternatives, stored
+# by name; any other instance attribute is an "extra" of a subclass.
+EMAIL_FIELDS = (
+    "subject",
+    "body",
+    "from_email",
+    "to",
+    "cc",
+    "bcc",
+    "reply_to",
+    "extra_headers",
+    "encoding",
+    "content_subtype",
+    "mixed_subtype",
+    "alternative_subtype",
+)
+NOT_STORED = {"connection", "_connection", "attachments", "alternatives"}
 
 
-def email_to_db(email: Any) -> str:
-    """Encode ``email`` as text for the ``message_data`` column."""
-    return base64.encodebytes(pickle.dumps(email)).decode("ascii")
+class UnstorableEmail(ValueError):
+    """Raised when a message holds something that cannot be stored exactly."""
+
+
+class UndecodableData(ValueError):
+    """Raised when ``message_data`` cannot be turned back into a message; the text says why."""
+
+
+def email_to_db(value: Any) -> str:
+    """Encode ``value`` (an ``EmailMessage``, or any plain value) as text for ``message_data``."""
+    if isinstance(value, EmailMessage):
+        document = {"mailer": FORMAT_VERSION, "email": _encode_email(value, "email")}
+    else:
+        document = {"mailer": FORMAT_VERSION, "value": _encode_value(value, "value")}
+    return json.dumps(document, ensure_ascii=False, separators=(",", ":"))
 
 
 def db_to_email(data: str | bytes | None) -> Any:
-    """Decode ``message_data``; return None when there is nothing to decode or it is unreadable."""
-    value = _unpickle(data)
-    if isinstance(value, EmailMessage):
-        _upgrade_parts(value)
-    return value
+    """Decode ``message_data``; return None when it is empty, unreadable or refused."""
+    try:
+        return decode(data)
+    except UndecodableData:
+        return None
 
 
-def _upgrade_parts(email: EmailMessage) -> None:
-    """Turn the plain tuples of messages pickled before Django 5.2 into the named tuples Django now expects."""
-    if getattr(email, "alternatives", None):
-        email.alternatives = [
-            EmailAlternative(*item) if type(item) is tuple else item for item in email.alternatives
-        ]
-    if getattr(email, "attachments", None):
-        email.attachments = [
-            EmailAttachment(*item) if type(item) is tuple else item for item in email.attachments
-        ]
-
-
-def _unpickle(data: str | bytes | None) -> Any:
+def decode(data: str | bytes | None) -> Any:
+    """Decode ``message_data``; return None when it is empty, raise UndecodableData when it cannot be decoded."""
     if not data:
         return None
-    raw = data.encode("ascii", "surrogateescape") if isinstance(data, str) else data
+    if isinstance(data, bytes):
+        data = data.decode("utf-8", "surrogateescape")
+    if data.lstrip().startswith("{"):
+        return _decode_document(data)
+    from mailer import legacy
+
+    return legacy.loads(data)
+
+
+def search_columns(value: Any) -> tuple[str, str, str]:
+    """Return the subject, sender and recipients of an email as the searchable columns hold them."""
+    if not isinstance(value, EmailMessage):
+        return "", "", ""
+    return str(value.subject or ""), str(value.from_email or ""), ", ".join(map(str, value.recipients()))
+
+
+def is_legacy(data: str | None) -> bool:
+    """Tell whether ``message_data`` is in django-mailer's pickle format."""
+    return bool(data) and not data.lstrip().startswith("{")
+
+
+def _decode_document(data: str) -> Any:
     try:
-        return pickle.loads(base64.decodebytes(raw))
-    except (binascii.Error, pickle.UnpicklingError, TypeError, ValueError, AttributeError, EOFError, ImportError):
-        pass
+        document = json.loads(data)
+    except ValueError as exc:
+        raise UndecodableData(f"message data is not valid JSON: {exc}") from None
+    if not isinstance(document, dict) or document.get("mailer") != FORMAT_VERSION:
+        raise UndecodableData(f"message data is not in a format this version knows (mailer={document.get('mailer')!r})")
     try:
-        # Before django-mailer 2.0 the pickle itself was stored.
-        return pickle.loads(raw)
-    except (pickle.UnpicklingError, TypeError, ValueError, AttributeError, EOFError, ImportError, KeyError):
-        return None
+        if "email" in document:
+            return _decode_email(document["email"])
+        return _decode_value(document["value"])
+    except UndecodableData:
+        raise
+    except Exception as exc:
+        raise UndecodableData(f"message data is damaged: {type(exc).__name__}: {exc}") from None
+
+
+# Encoding ---------------------------------------------------------------
+
+
+def _encode_email(message: EmailMessage, where: str) -> dict[str, Any]:
+    cls = type(message)
+    encoded: dict[str, Any] = {"class": f"{cls.__module__}.{cls.__qualname__}"}
+    for name in EMAIL_FIELDS:
+        if hasattr(message, name):
+            encoded[name] = _encode_value(getattr(message, name), f"{where}.{name}")
+    encoded["attachments"] = [
+        _encode_attachment(item, f"{where}.attachments[{index}]") for index, item in enumerate(message.attachments)
+    ]
+    if hasattr(message, "alternatives"):
+        encoded["alternatives"] = [
+            {
+                "content": _encode_value(content, f"{where}.alternatives[{index}]"),
+                "mimetype": _encode_value(mimetype, f"{where}.alternatives[{index}]"),
+            }
+            for index, (content, mimetype) in enumerate(message.alternatives)
+        ]
+    extras = _extra_attributes(message)
+    if extras:
+        encoded["extra"] = {name: _encode_value(value, f"{where}.{name}") for name, value in extras.items()}
+    return encoded
+
+
+def _extra_attributes(message: EmailMessage) -> dict[str, Any]:
+    """Return the instance attributes a subclass added, less those still at their constructor default.
+
+    Defaults need not be stored (decoding calls the constructor again), and
+    some are not plain data: django-anymail's ``UNSET`` markers and its empty
+    ``AnymailStatus``.
+    """
+    known = set(EMAIL_FIELDS) | NOT_STORED
+    extras = {name: value for name, value in vars(message).items() if name not in known}
+    if not extras:
+        return {}
+    try:
+        defaults = vars(type(message)())
+    except Exception:
+        return extras
+    return {name: value for name, value in extras.items() if not _is_default(value, defaults.get(name, _MISSING))}
+
+
+_MISSING = object()
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    if value is default:
+        return True
+    if default is _MISSING or type(value) is not type(default):
+        return False
+    if hasattr(value, "__dict__") and not isinstance(value, type):
+        return vars(value) == vars(default)
+    try:
+        return bool(value == default) and _is_plain(value)
+    except Exception:
+        return False
+
+
+def _is_plain(value: Any) -> bool:
+    try:
+        _encode_value(value, "")
+    except UnstorableEmail:
+        return False
+    return True
+
+
+def _encode_attachment(item: Any, where: str) -> dict[str, Any]:
+    if isinstance(item, email.message.Message):
+        return {"mime": _encode_mime(item)}
+    try:
+        filename, content, mimetype = item
+    except (TypeError, ValueError):
+        raise UnstorableEmail(f"{where} is neither a (filename, content, mimetype) triple nor a MIME part") from None
+    return {
+        "filename": _encode_value(filename, where),
+        "content": _encode_value(content, where),
+        "mimetype": _encode_value(mimetype, where),
+    }
+
+
+def _encode_mime(part: email.message.Message) -> dict[str, Any]:
+    """Store a MIME object as the bytes it renders to, with the family it belongs to."""
+    if isinstance(part, email.message.MIMEPart):
+        kind = "part"
+    elif isinstance(part, MIMEBase):
+        kind = "mimebase"
+    else:
+        kind = "message"
+    data = part.as_bytes()
+    return {"kind": kind, "bytes": base64.b64encode(data).decode("ascii")}
+
+
+def _encode_value(value: Any, where: str) -> Any:
+    """Return ``value`` as JSON-ready data, tagging what JSON cannot hold."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            return {"$float": repr(value)}
+        return value
+    if isinstance(value, Promise):
+        return str(value)  # lazy translations are resolved when queued
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return {"$bytes": base64.b64encode(bytes(value)).decode("ascii")}
+    if isinstance(value, list):
+        return [_encode_value(item, f"{where}[{index}]") for index, item in enumerate(value)]
+    if isinstance(value, tuple):
+        return {"$tuple": [_encode_value(item, f"{where}[{index}]") for index, item in enumerate(value)]}
+    if isinstance(value, dict):
+        return _encode_dict(value, where)
+    if isinstance(value, datetime.datetime):
+        return {"$datetime": value.isoformat()}
+    if isinstance(value, datetime.date):
+        return {"$date": value.isoformat()}
+    if isinstance(value, datetime.time):
+        return {"$time": value.isoformat()}
+    if isinstance(value, datetime.timedelta):
+        return {"$timedelta": [value.days, value.seconds, value.microseconds]}
+    if isinstance(value, decimal.Decimal):
+        return {"$decimal": str(value)}
+    if isinstance(value, EmailMessage):
+        return {"$email": _encode_email(value, where)}
+    if isinstance(value, email.message.Message):
+        return {"$mime": _encode_mime(value)}
+    raise UnstorableEmail(
+        f"{where} cannot be stored: a {type(value).__module__}.{type(value).__qualname__} is not plain data "
+        "(str, numbers, bytes, lists, tuples, dicts with str keys, dates, email messages)"
+    )
+
+
+def _encode_dict(value: dict, where: str) -> dict[str, Any]:
+    for key in value:
+        if not isinstance(key, str):
+            raise UnstorableEmail(f"{where} cannot be stored: its key {key!r} is not a str")
+    encoded = {str(key): _encode_value(item, f"{where}[{key!r}]") for key, item in value.items()}
+    if any(key.startswith("$") for key in encoded):
+        return {"$dict": encoded}  # keep a user's "$..." key apart from our tags
+    return encoded
+
+
+# Decoding ---------------------------------------------------------------
+
+
+def _decode_email(encoded: dict[str, Any]) -> EmailMessage:
+    cls = _email_class(encoded["class"])
+    try:
+        message = cls()
+    except Exception:
+        message = cls.__new__(cls)
+        detach_connection(message)
+    for name in EMAIL_FIELDS:
+        if name in encoded:
+            setattr(message, name, _decode_value(encoded[name]))
+    message.attachments = [_decode_attachment(item) for item in encoded.get("attachments", [])]
+    if "alternatives" in encoded:
+        message.alternatives = [
+            EmailAlternative(_decode_value(item["content"]), _decode_value(item["mimetype"]))
+            for item in encoded["alternatives"]
+        ]
+    for name, value in encoded.get("extra", {}).items():
+        setattr(message, name, _decode_value(value))
+    return message
+
+
+def detach_connection(message: EmailMessage) -> None:
+    """Give ``message`` no connection, the way its Django version keeps it.
+
+    Django 6.1 holds it in ``_connection`` behind a deprecated property;
+    earlier versions in a plain ``connection`` attribute.
+    """
+    message.__dict__.pop("connection", None)
+    if isinstance(getattr(type(message), "connection", None), property):
+        message._connection = None
+    else:
+        message.connection = None
+
+
+def _email_class(path: str) -> type[EmailMessage]:
+    try:
+        cls = import_string(path)
+    except ImportError as exc:
+        raise UndecodableData(f"message class {path} cannot be imported: {exc}") from None
+    if not (isinstance(cls, type) and issubclass(cls, EmailMessage)):
+        raise UndecodableData(f"{path} is not an EmailMessage class")
+    return cls
+
+
+def _decode_attachment(item: dict[str, Any]) -> Any:
+    if "mime" in item:
+        return _decode_mime(item["mime"])
+    return EmailAttachment(
+        _decode_value(item["filename"]), _decode_value(item["content"]), _decode_value(item["mimetype"])
+    )
+
+
+class StoredMIMEBase(MIMEBase):
+    """A legacy ``email.mime`` attachment read back from its bytes.
+
+    Django treats ``MIMEBase`` instances as ready-made parts; the parser
+    needs a class it can create without arguments, which ``MIMEBase`` is not.
+    """
+
+    def __init__(self, policy: Any = email.policy.compat32) -> None:
+        email.message.Message.__init__(self, policy=policy)
+
+
+def _decode_mime(encoded: dict[str, Any]) -> email.message.Message:
+    data = base64.b64decode(encoded["bytes"])
+    if encoded["kind"] == "part":
+        parser = email.parser.BytesParser(_class=email.message.MIMEPart, policy=email.policy.default)
+    elif encoded["kind"] == "mimebase":
+        parser = email.parser.BytesParser(_class=StoredMIMEBase, policy=email.policy.compat32)
+    else:
+        parser = email.parser.BytesParser(policy=email.policy.compat32)
+    return parser.parsebytes(data)
+
+
+_TAGS = {
+    "$bytes": lambda value: base64.b64decode(value),
+    "$tuple": lambda value: tuple(_decode_value(item) for item in value),
+    "$float": float,
+    "$datetime": datetime.datetime.fromisoformat,
+    "$date": datetime.date.fromisoformat,
+    "$time": datetime.time.fromisoformat,
+    "$timedelta": lambda value: datetime.timedelta(*value),
+    "$decimal": decimal.Decimal,
+    "$email": lambda value: _decode_email(value),
+    "$mime": lambda value: _decode_mime(value),
+    "$dict": lambda value: {key: _decode_value(item) for key, item in value.items()},
+}
+
+
+def _decode_value(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_decode_value(item) for item in value]
+    if isinstance(value, dict):
+        if len(value) == 1:
+            (key, item), = value.items()
+            if key in _TAGS:
+                return _TAGS[key](item)
+        return {key: _decode_value(item) for key, item in value.items()}
+    return value

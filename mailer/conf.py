@@ -24,6 +24,7 @@ DEFAULTS: dict[str, Any] = {
     "MAILER_EMAIL_LOG_MESSAGE_DATA": True,
     "MAILER_PAUSE_SEND": False,
     "MAILER_CLAIM_TIMEOUT": 600,
+    "MAILER_LEGACY_PICKLE_CLASSES": [],
 }
 
 

@@ -28,11 +28,13 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import lockfile
+from django.core.mail import EmailMessage
 from django.core.mail.backends.base import BaseEmailBackend
 from django.db import transaction
 from django.utils.module_loading import import_string
 
 from mailer import conf
+from mailer.codec import UndecodableData, UnstorableEmail, decode
 from mailer.delivery import check_delivery_route, get_delivery_connection
 from mailer.models import (
     RESULT_DONT_SEND,
@@ -128,7 +130,7 @@ def send_all(queryset: Any = None) -> Counter | None:
     """Make one pass over the queue (or over ``queryset``), under the lock file.
 
     Return how many messages ended each way ("sent", "deferred",
-    "dont_send", "discarded"), or None when the pass did not run because
+    "dont_send"), or None when the pass did not run because
     sending is paused or another process holds the lock.
     """
     check_delivery_route()
@@ -233,15 +235,21 @@ def _send_message(
     message: Message, connection: BaseEmailBackend | None, error_handler: ErrorHandler
 ) -> tuple[BaseEmailBackend | None, str]:
     """Send one claimed message; return the connection to go on with and the outcome."""
-    email = message.email
-    if email is None:
+    try:
+        email = decode(message.message_data)
+        if not isinstance(email, EmailMessage):
+            raise UndecodableData(f"message data holds a {type(email).__name__}, not an email")
+    except UndecodableData as exc:
+        # Never lost, never run: it waits, deferred, for a human to decide.
         logger.warning(
-            "message discarded due to failure in converting from DB. Added on '%s' with priority '%s'",
+            "message deferred due to failure in converting from DB (%s). Added on '%s' with priority '%s'",
+            exc,
             message.when_added,
             message.priority,
         )
-        message.delete()
-        return connection, "discarded"
+        message.defer()
+        MessageLog.objects.log(message, RESULT_FAILURE, log_message=str(exc))
+        return connection, "deferred"
 
     if get_message_id(email) is None:
         # Queued by django-mailer or by assigning Message.email: give it its
@@ -279,7 +287,10 @@ def _send_message(
             _close_quietly(connection)
         return new_connection, outcome
 
-    message.email = email  # as the backend left it, for the log
+    try:
+        message.email = email  # as the backend left it, for the log
+    except UnstorableEmail:
+        pass  # the backend added something that is not plain data: log the message as queued
     _record(message, RESULT_SUCCESS)
     return connection, "sent"
 

@@ -18,7 +18,7 @@ from django.utils.timezone import now as datetime_now
 from django.utils.translation import gettext_lazy as _
 
 from mailer import conf
-from mailer.codec import db_to_email, email_to_db
+from mailer.codec import db_to_email, email_to_db, search_columns
 
 __all__ = [
     "PRIORITY_HIGH",
@@ -151,6 +151,11 @@ class Message(models.Model):
     # leaves a claim that lapses by itself, so nothing waits for a cleanup.
     claimed_by = models.CharField(max_length=64, null=True, blank=True, editable=False)
     claimed_until = models.DateTimeField(null=True, blank=True, editable=False)
+    # Copies of what is inside message_data, so that the admin and plain SQL
+    # can search and filter; kept in step by the ``email`` setter.
+    subject = models.TextField(blank=True, default="", editable=False)
+    from_email = models.TextField(blank=True, default="", editable=False)
+    recipients = models.TextField(blank=True, default="", editable=False)
 
     objects = MessageManager()
 
@@ -200,16 +205,12 @@ class Message(models.Model):
     @email.setter
     def email(self, value: Any) -> None:
         self.message_data = email_to_db(value)
+        self.subject, self.from_email, self.recipients = search_columns(value)
 
     @property
     def to_addresses(self) -> list[str]:
         email = self.email
         return email.to if email is not None else []
-
-    @property
-    def subject(self) -> str:
-        email = self.email
-        return email.subject if email is not None else ""
 
 
 def make_message(
@@ -300,6 +301,9 @@ class MessageLogManager(models.Manager):
         keep_data = conf.get_setting("MAILER_EMAIL_LOG_MESSAGE_DATA")
         return self.create(
             message_data=message.message_data if keep_data else None,
+            subject=message.subject if keep_data else None,
+            from_email=message.from_email if keep_data else None,
+            recipients=message.recipients if keep_data else None,
             message_id=get_message_id(message.email),
             when_added=message.when_added,
             priority=message.priority,
@@ -326,6 +330,10 @@ class MessageLog(models.Model):
     when_attempted = models.DateTimeField(default=datetime_now)
     result = models.CharField(max_length=1, choices=RESULT_CODES)
     log_message = models.TextField()
+    # Searchable copies, empty (None) when MAILER_EMAIL_LOG_MESSAGE_DATA is off.
+    subject = models.TextField(null=True, editable=False)
+    from_email = models.TextField(null=True, editable=False)
+    recipients = models.TextField(null=True, editable=False)
 
     objects = MessageLogManager()
 
@@ -350,8 +358,3 @@ class MessageLog(models.Model):
     def to_addresses(self) -> list[str] | None:
         email = self.email
         return email.to if email is not None else None
-
-    @property
-    def subject(self) -> str | None:
-        email = self.email
-        return email.subject if email is not None else None

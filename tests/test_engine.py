@@ -167,13 +167,19 @@ class TestDontSendAtSendTime:
         assert "blocked@example.com" in log.log_message
 
 
-def test_undecodable_messages_are_discarded_with_a_warning(caplog):
+def test_undecodable_messages_are_kept_deferred_with_the_reason(caplog):
+    """django-mailer 2.x deleted them; a message is never lost, so it waits for a human."""
     Message.objects.create(message_data="not a message at all")
+    Message.objects.create(message_data='{"mailer": 99}')
     with caplog.at_level(logging.WARNING, logger="mailer.engine"):
         engine.send_all()
-    assert Message.objects.count() == 0
-    assert MessageLog.objects.count() == 0
-    assert "message discarded due to failure in converting from DB" in caplog.text
+    assert Message.objects.deferred().count() == 2
+    reasons = sorted(MessageLog.objects.filter(result=RESULT_FAILURE).values_list("log_message", flat=True))
+    assert reasons == [
+        "message data is neither JSON nor a django-mailer pickle",
+        "message data is not in a format this version knows (mailer=99)",
+    ]
+    assert "message deferred due to failure in converting from DB" in caplog.text
 
 
 def test_an_unexpected_error_is_raised_but_does_not_stall_the_queue():
@@ -309,7 +315,7 @@ class TestPatchPoints:
         Message.objects.create(message_data="garbage")
         with mock.patch("mailer.engine.logger") as logger:
             engine.send_all()
-        assert "message discarded" in logger.warning.call_args[0][0]
+        assert "failure in converting from DB" in logger.warning.call_args[0][0]
 
 
 def test_unknown_module_attributes_still_raise():

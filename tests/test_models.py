@@ -97,3 +97,21 @@ def test_messages_pickled_before_django_5_2_render_today():
     rendered = decoded.message()
     assert decoded.alternatives[0].mimetype == "text/html"
     assert [part.get_filename() for part in rendered.walk() if part.get_filename()] == ["notes.txt"]
+
+
+def test_subject_sender_and_recipients_are_searchable_columns(settings):
+    mailer.send_mail("Columns", "Body", "Sender <s@example.com>", ["a@example.com"])
+    message = Message.objects.get()
+    assert (message.subject, message.from_email, message.recipients) == (
+        "Columns",
+        "Sender <s@example.com>",
+        "a@example.com",
+    )
+    assert Message.objects.filter(recipients__contains="a@example.com").exists()
+
+    log = MessageLog.objects.log(message, RESULT_SUCCESS)
+    assert (log.subject, log.from_email, log.recipients) == ("Columns", "Sender <s@example.com>", "a@example.com")
+
+    settings.MAILER_EMAIL_LOG_MESSAGE_DATA = False
+    bare = MessageLog.objects.log(message, RESULT_SUCCESS)
+    assert (bare.message_data, bare.subject, bare.from_email, bare.recipients) == (None, None, None, None)

@@ -1,0 +1,56 @@
+"""Rewrite the pickled rows of django-mailer in mailer's JSON format, once.
+
+After this, normal operation never unpickles. A row the restricted unpickler
+refuses is left as it is: when its turn comes it is deferred, with a log row
+that says why, for a human to decide.
+
+Going back (``migrate mailer 0009``) pickles the JSON rows again, so that
+django-mailer 2.x can read them after a downgrade.
+"""
+
+import base64
+import pickle
+
+from django.db import migrations
+
+from mailer.codec import UndecodableData, decode, email_to_db, is_legacy, search_columns
+
+BATCH = 500
+
+
+def convert_to_json(apps, schema_editor):
+    for model_name in ("Message", "MessageLog"):
+        model = apps.get_model("mailer", model_name)
+        rows = model.objects.using(schema_editor.connection.alias).exclude(message_data__isnull=True)
+        for pk, data in rows.values_list("pk", "message_data").iterator(chunk_size=BATCH):
+            if not is_legacy(data):
+                continue
+            try:
+                email = decode(data)
+            except UndecodableData:
+                continue
+            subject, from_email, recipients = search_columns(email)
+            rows.filter(pk=pk).update(
+                message_data=email_to_db(email), subject=subject, from_email=from_email, recipients=recipients
+            )
+
+
+def convert_to_pickle(apps, schema_editor):
+    for model_name in ("Message", "MessageLog"):
+        model = apps.get_model("mailer", model_name)
+        rows = model.objects.using(schema_editor.connection.alias).exclude(message_data__isnull=True)
+        for pk, data in rows.values_list("pk", "message_data").iterator(chunk_size=BATCH):
+            if not data or is_legacy(data):
+                continue
+            try:
+                email = decode(data)
+            except UndecodableData:
+                continue
+            pickled = base64.encodebytes(pickle.dumps(email)).decode("ascii")
+            rows.filter(pk=pk).update(message_data=pickled)
+
+
+class Migration(migrations.Migration):
+    dependencies = [("mailer", "0009_search_columns")]
+
+    operations = [migrations.RunPython(convert_to_json, convert_to_pickle, elidable=False)]
