@@ -92,11 +92,19 @@ def decode(data: str | bytes | None) -> Any:
     return legacy.loads(data)
 
 
-def search_columns(value: Any) -> tuple[str, str, str]:
-    """Return the subject, sender and recipients of an email as the searchable columns hold them."""
+def search_columns(value: Any) -> dict[str, str | None]:
+    """Return what the searchable columns hold for an email: subject, sender, recipients, Message-ID."""
     if not isinstance(value, EmailMessage):
-        return "", "", ""
-    return str(value.subject or ""), str(value.from_email or ""), ", ".join(map(str, value.recipients()))
+        return {"subject": "", "from_email": "", "recipients": "", "message_id": None}
+    message_id = next(
+        (str(header) for name, header in (value.extra_headers or {}).items() if name.lower() == "message-id"), None
+    )
+    return {
+        "subject": str(value.subject or ""),
+        "from_email": str(value.from_email or ""),
+        "recipients": ", ".join(map(str, value.recipients())),
+        "message_id": message_id,
+    }
 
 
 def is_legacy(data: str | None) -> bool:

@@ -46,6 +46,7 @@ from mailer.models import (
     datetime_now,
     ensure_message_id,
     get_message_id,
+    redact,
 )
 
 logger = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ def handle_delivery_exception(
     if not isinstance(exc, deferrable):
         raise exc
     message.defer()
-    logger.info("message deferred due to failure: %s", exc)
+    logger.info("message deferred due to failure: %s", _loggable(str(exc), message))
     MessageLog.objects.log(message, RESULT_FAILURE, log_message=str(exc))
     return None, "deferred"
 
@@ -306,13 +307,22 @@ def _set_aside(message: Message, exc: Exception) -> None:
     """Defer ``message`` and log why, after an error the error handler did not handle."""
     message.defer()
     MessageLog.objects.log(message, RESULT_FAILURE, log_message=f"{type(exc).__name__}: {exc}")
-    logger.error("message deferred after an unexpected error: %s: %s", type(exc).__name__, exc)
+    logger.error(
+        "message deferred after an unexpected error: %s: %s", type(exc).__name__, _loggable(str(exc), message)
+    )
 
 
 def _dont_send_reason(suppressed: list[str]) -> str:
     if not conf.get_setting("MAILER_EMAIL_LOG_MESSAGE_DATA"):
         return "all recipients are on the don't send list"
     return "all recipients are on the don't send list: " + ", ".join(suppressed)
+
+
+def _loggable(text: str, message: Message) -> str:
+    """Return ``text`` fit for a log line: without addresses or subject when message data is not to be logged."""
+    if conf.get_setting("MAILER_EMAIL_LOG_MESSAGE_DATA"):
+        return text
+    return redact(text, message)
 
 
 def _log_sending(email: Any) -> None:

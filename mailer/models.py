@@ -6,6 +6,7 @@ database keeps working; the claim columns on ``Message`` are ours.
 
 import datetime
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from email.utils import parseaddr
 from typing import Any
@@ -156,6 +157,7 @@ class Message(models.Model):
     subject = models.TextField(blank=True, default="", editable=False)
     from_email = models.TextField(blank=True, default="", editable=False)
     recipients = models.TextField(blank=True, default="", editable=False)
+    message_id = models.TextField(null=True, editable=False)
 
     objects = MessageManager()
 
@@ -205,7 +207,8 @@ class Message(models.Model):
     @email.setter
     def email(self, value: Any) -> None:
         self.message_data = email_to_db(value)
-        self.subject, self.from_email, self.recipients = search_columns(value)
+        for column, column_value in search_columns(value).items():
+            setattr(self, column, column_value)
 
     @property
     def to_addresses(self) -> list[str]:
@@ -295,16 +298,32 @@ class DontSendEntry(models.Model):
         return self.to_address
 
 
+def redact(text: str, message: Message) -> str:
+    """Blank the recipients' addresses and the subject of ``message`` out of ``text``."""
+    secrets = [address_of(r) for r in message.recipients.split(", ") if r] + [message.subject]
+    for secret in sorted(filter(None, secrets), key=len, reverse=True):
+        text = re.sub(re.escape(secret), "<redacted>", text, flags=re.IGNORECASE)
+    return text
+
+
 class MessageLogManager(models.Manager):
     def log(self, message: Message, result_code: str, log_message: str = "") -> "MessageLog":
-        """Record one attempt to send ``message`` with its result."""
+        """Record one attempt to send ``message`` with its result.
+
+        With ``MAILER_EMAIL_LOG_MESSAGE_DATA`` off, the row keeps no content:
+        no message data, no subject, sender or recipients, and the
+        recipients' addresses are blanked out of ``log_message`` (mail
+        servers name them in their errors).
+        """
         keep_data = conf.get_setting("MAILER_EMAIL_LOG_MESSAGE_DATA")
+        if not keep_data:
+            log_message = redact(log_message, message)
         return self.create(
             message_data=message.message_data if keep_data else None,
             subject=message.subject if keep_data else None,
             from_email=message.from_email if keep_data else None,
             recipients=message.recipients if keep_data else None,
-            message_id=get_message_id(message.email),
+            message_id=message.message_id or get_message_id(message.email),
             when_added=message.when_added,
             priority=message.priority,
             result=result_code,

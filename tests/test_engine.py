@@ -354,3 +354,17 @@ def test_a_message_queued_without_message_id_gets_one_kept_across_retries(delive
     failure, success = MessageLog.objects.order_by("pk")
     assert failure.result == RESULT_FAILURE and success.result == RESULT_SUCCESS
     assert failure.message_id == success.message_id == received.message["Message-ID"]
+
+
+def test_log_message_data_off_keeps_addresses_out_of_failure_rows_and_log_lines(settings, caplog, deliver_to_smtp):
+    """Mail servers name the refused recipient in their reply; that must not reach the log either."""
+    settings.MAILER_EMAIL_LOG_MESSAGE_DATA = False
+    deliver_to_smtp.reject_recipient("Private.Person@example.com")
+    mailer.send_mail("Private matter", "Body", "f@example.com", ["Private.Person@example.com"])
+    with caplog.at_level(logging.DEBUG, logger="mailer"):
+        engine.send_all()
+    failure = MessageLog.objects.get(result=RESULT_FAILURE)
+    assert "550" in failure.log_message
+    for secret in ["private.person@example.com", "Private matter"]:
+        assert secret.lower() not in failure.log_message.lower()
+        assert secret.lower() not in caplog.text.lower()

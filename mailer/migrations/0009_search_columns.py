@@ -6,7 +6,7 @@ def searchable(**options):
 
 
 class Migration(migrations.Migration):
-    """Copy subject, sender and recipients out of message_data, so they can be searched."""
+    """Copy subject, sender, recipients and Message-ID out of message_data, so they can be searched."""
 
     dependencies = [("mailer", "0008_message_claim")]
 
@@ -14,6 +14,7 @@ class Migration(migrations.Migration):
         migrations.AddField("message", "from_email", searchable(blank=True, default="")),
         migrations.AddField("message", "recipients", searchable(blank=True, default="")),
         migrations.AddField("message", "subject", searchable(blank=True, default="")),
+        migrations.AddField("message", "message_id", searchable(null=True)),
         migrations.AddField("messagelog", "from_email", searchable(null=True)),
         migrations.AddField("messagelog", "recipients", searchable(null=True)),
         migrations.AddField("messagelog", "subject", searchable(null=True)),

@@ -29,10 +29,10 @@ def convert_to_json(apps, schema_editor):
                 email = decode(data)
             except UndecodableData:
                 continue
-            subject, from_email, recipients = search_columns(email)
-            rows.filter(pk=pk).update(
-                message_data=email_to_db(email), subject=subject, from_email=from_email, recipients=recipients
-            )
+            columns = search_columns(email)
+            if model_name == "MessageLog":
+                del columns["message_id"]  # the log row has its own, from the attempt
+            rows.filter(pk=pk).update(message_data=email_to_db(email), **columns)
 
 
 def convert_to_pickle(apps, schema_editor):
