@@ -26,9 +26,11 @@ import email.message
 import email.parser
 import email.policy
 import json
+import sys
 from email.mime.base import MIMEBase
 from typing import Any
 
+from django.apps import apps
 from django.core.mail import EmailAlternative, EmailAttachment, EmailMessage
 from django.utils.functional import Promise
 from django.utils.module_loading import import_string
@@ -309,6 +311,15 @@ def detach_connection(message: EmailMessage) -> None:
 
 
 def _email_class(path: str) -> type[EmailMessage]:
+    """Return the class a stored message names, importing only from installed apps.
+
+    A row is data: it must not be able to make the worker import an
+    arbitrary module (imports run code), so the class must already be
+    loaded, or live in Django or in an installed app.
+    """
+    module_name = path.rpartition(".")[0]
+    if module_name not in sys.modules and module_name.partition(".")[0] not in _importable_packages():
+        raise UndecodableData(f"message class {path} is not from Django or an installed app")
     try:
         cls = import_string(path)
     except ImportError as exc:
@@ -316,6 +327,10 @@ def _email_class(path: str) -> type[EmailMessage]:
     if not (isinstance(cls, type) and issubclass(cls, EmailMessage)):
         raise UndecodableData(f"{path} is not an EmailMessage class")
     return cls
+
+
+def _importable_packages() -> set[str]:
+    return {"django"} | {config.name.partition(".")[0] for config in apps.get_app_configs()}
 
 
 def _decode_attachment(item: dict[str, Any]) -> Any:
