@@ -98,3 +98,6 @@ else:
 
 MAILER_EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
 MAILER_LOCK_PATH = os.path.join(os.environ.get("MAILER_TEST_TMP", "/tmp"), f"mailer-tests-{os.getpid()}")
+
+# The admin tests log in a superuser per test; the default hasher is slow on purpose.
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
