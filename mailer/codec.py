@@ -94,6 +94,9 @@ def decode(data: str | bytes | None) -> Any:
     return legacy.loads(data)
 
 
+SEARCH_COLUMNS = ("subject", "from_email", "recipients", "message_id")
+
+
 def search_columns(value: Any) -> dict[str, str | None]:
     """Return what the searchable columns hold for an email: subject, sender, recipients, Message-ID."""
     if not isinstance(value, EmailMessage):

@@ -34,7 +34,7 @@ from django.db import transaction
 from django.utils.module_loading import import_string
 
 from mailer import conf
-from mailer.codec import UndecodableData, UnstorableEmail, decode
+from mailer.codec import SEARCH_COLUMNS, UndecodableData, UnstorableEmail, decode
 from mailer.delivery import check_delivery_route, get_delivery_connection
 from mailer.models import (
     RESULT_DONT_SEND,
@@ -257,7 +257,7 @@ def _send_message(
         # Message-ID now, and keep it, so every attempt carries the same one.
         ensure_message_id(email)
         message.email = email
-        message.save(update_fields=["message_data"])
+        message.save(update_fields=["message_data", *SEARCH_COLUMNS])
 
     # The list may have grown since the message was queued.
     suppressed = DontSendEntry.objects.remove_suppressed_recipients(email)

@@ -354,6 +354,7 @@ def test_a_message_queued_without_message_id_gets_one_kept_across_retries(delive
     failure, success = MessageLog.objects.order_by("pk")
     assert failure.result == RESULT_FAILURE and success.result == RESULT_SUCCESS
     assert failure.message_id == success.message_id == received.message["Message-ID"]
+    assert Message.objects.count() == 0
 
 
 def test_log_message_data_off_keeps_addresses_out_of_failure_rows_and_log_lines(settings, caplog, deliver_to_smtp):
@@ -368,3 +369,13 @@ def test_log_message_data_off_keeps_addresses_out_of_failure_rows_and_log_lines(
     for secret in ["private.person@example.com", "Private matter"]:
         assert secret.lower() not in failure.log_message.lower()
         assert secret.lower() not in caplog.text.lower()
+
+
+def test_a_message_id_given_at_the_first_attempt_is_saved_with_its_column(deliver_to_smtp):
+    message = Message()
+    message.email = EmailMessage("No id yet", "Body", "f@example.com", ["t@example.com"])
+    message.save()
+    deliver_to_smtp.reply_to_data("451 4.3.0 Try again later")
+    engine.send_all()
+    message.refresh_from_db()
+    assert message.message_id and message.message_id == message.email.extra_headers["Message-ID"]
