@@ -236,8 +236,12 @@ def _send_message(
     message: Message, connection: BaseEmailBackend | None, error_handler: ErrorHandler
 ) -> tuple[BaseEmailBackend | None, str]:
     """Send one claimed message; return the connection to go on with and the outcome."""
+    # Take the stored text off the instance: a large message is then held
+    # once (as the email) while the backend renders it, not twice. Django
+    # reloads the field if anything asks for it again.
+    data = message.__dict__.pop("message_data")
     try:
-        email = decode(message.message_data)
+        email = decode(data)
         if not isinstance(email, EmailMessage):
             raise UndecodableData(f"message data holds a {type(email).__name__}, not an email")
     except UndecodableData as exc:
@@ -251,6 +255,7 @@ def _send_message(
         message.defer()
         MessageLog.objects.log(message, RESULT_FAILURE, log_message=str(exc))
         return connection, "deferred"
+    del data
 
     if get_message_id(email) is None:
         # Queued by django-mailer or by assigning Message.email: give it its
