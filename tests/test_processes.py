@@ -114,3 +114,26 @@ def test_concurrent_workers_without_the_lock_send_each_message_exactly_once(proc
     sent_per_worker = [int(re.search(r"(\d+) sent;", err).group(1)) for err in errors]
     assert sum(sent_per_worker) == 30
     assert sum(1 for sent in sent_per_worker if sent) >= 2, f"the workers did not overlap: {sent_per_worker}"
+
+
+def test_migrating_back_to_django_mailer_restores_pickles(process_db):
+    """``migrate mailer 0007`` leaves rows django-mailer 2.x can read again: base64 pickles."""
+    import base64
+    import pickle
+    import sqlite3
+
+    queue_in_process(
+        process_db,
+        "import mailer; mailer.send_html_mail('Going back', 'Text', '<p>Html</p>', 'f@example.com', ['a@example.com'])",
+    )
+    result = manage("migrate", "mailer", "0007", "-v", "0", db=process_db)
+    assert result.returncode == 0, result.stderr
+
+    [(data,)] = sqlite3.connect(process_db).execute("SELECT message_data FROM mailer_message").fetchall()
+    email = pickle.loads(base64.decodebytes(data.encode("ascii")))  # what django-mailer does
+    assert (email.subject, email.alternatives[0][1]) == ("Going back", "text/html")
+
+    result = manage("migrate", "-v", "0", db=process_db)
+    assert result.returncode == 0, result.stderr
+    [(data,)] = sqlite3.connect(process_db).execute("SELECT message_data FROM mailer_message").fetchall()
+    assert data.startswith("{")
