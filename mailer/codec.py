@@ -19,7 +19,7 @@ raw before). Such rows still decode, through ``mailer.legacy``, which admits
 only email classes and plain containers.
 """
 
-import base64
+import binascii
 import datetime
 import decimal
 import email.message
@@ -225,7 +225,7 @@ def _encode_mime(part: email.message.Message) -> dict[str, Any]:
     else:
         kind = "message"
     data = part.as_bytes()
-    return {"kind": kind, "bytes": base64.b64encode(data).decode("ascii")}
+    return {"kind": kind, "bytes": _to_base64(data)}
 
 
 def _encode_value(value: Any, where: str) -> Any:
@@ -239,7 +239,7 @@ def _encode_value(value: Any, where: str) -> Any:
     if isinstance(value, Promise):
         return str(value)  # lazy translations are resolved when queued
     if isinstance(value, (bytes, bytearray, memoryview)):
-        return {"$bytes": base64.b64encode(bytes(value)).decode("ascii")}
+        return {"$bytes": _to_base64(value)}
     if isinstance(value, list):
         return [_encode_value(item, f"{where}[{index}]") for index, item in enumerate(value)]
     if isinstance(value, tuple):
@@ -264,6 +264,11 @@ def _encode_value(value: Any, where: str) -> Any:
         f"{where} cannot be stored: a {type(value).__module__}.{type(value).__qualname__} is not plain data "
         "(str, numbers, bytes, lists, tuples, dicts with str keys, dates, email messages)"
     )
+
+
+def _to_base64(data: bytes | bytearray | memoryview) -> str:
+    # binascii takes any buffer as it is: no extra copy of a large attachment.
+    return binascii.b2a_base64(data, newline=False).decode("ascii")
 
 
 def _encode_dict(value: dict, where: str) -> dict[str, Any]:
@@ -356,7 +361,7 @@ class StoredMIMEBase(MIMEBase):
 
 
 def _decode_mime(encoded: dict[str, Any]) -> email.message.Message:
-    data = base64.b64decode(encoded["bytes"])
+    data = binascii.a2b_base64(encoded["bytes"])
     if encoded["kind"] == "part":
         parser = email.parser.BytesParser(_class=email.message.MIMEPart, policy=email.policy.default)
     elif encoded["kind"] == "mimebase":
@@ -367,7 +372,7 @@ def _decode_mime(encoded: dict[str, Any]) -> email.message.Message:
 
 
 _TAGS = {
-    "$bytes": lambda value: base64.b64decode(value),
+    "$bytes": binascii.a2b_base64,
     "$tuple": lambda value: tuple(_decode_value(item) for item in value),
     "$float": float,
     "$datetime": datetime.datetime.fromisoformat,

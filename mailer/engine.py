@@ -275,6 +275,7 @@ def _send_message(
         opening = True
     else:
         opening = False
+    attributes = dict(vars(email))
     try:
         if opening:
             connection.open()
@@ -293,16 +294,24 @@ def _send_message(
             _close_quietly(connection)
         return new_connection, outcome
 
-    try:
-        message.email = email  # as the backend left it, for the log
-    except UnstorableEmail:
-        pass  # the backend added something that is not plain data: log the message as queued
+    if vars(email) != attributes:
+        # The backend changed the message (an email service noting its own
+        # id, say): log it as the backend left it, as django-mailer did.
+        try:
+            message.email = email
+        except UnstorableEmail:
+            pass  # what it added is not plain data: log the message as queued
     _record(message, RESULT_SUCCESS)
     return connection, "sent"
 
 
 def _record(message: Message, result: str, log_message: str = "") -> None:
     """Log the final outcome of ``message`` and take it off the queue, together."""
+    if "message_data" in message.get_deferred_fields():
+        # Read it before the transaction, which must begin by writing: SQLite
+        # cannot turn a reading transaction into a writing one while another
+        # process writes ("database is locked").
+        message.refresh_from_db(fields=["message_data"])
     with transaction.atomic(using=message._state.db):
         MessageLog.objects.log(message, result, log_message=log_message)
         message.delete()
