@@ -120,7 +120,6 @@ def test_migrating_back_to_django_mailer_restores_pickles(process_db):
     """``migrate mailer 0007`` leaves rows django-mailer 2.x can read again: base64 pickles."""
     import base64
     import pickle
-    import sqlite3
 
     queue_in_process(
         process_db,
@@ -129,11 +128,19 @@ def test_migrating_back_to_django_mailer_restores_pickles(process_db):
     result = manage("migrate", "mailer", "0007", "-v", "0", db=process_db)
     assert result.returncode == 0, result.stderr
 
-    [(data,)] = sqlite3.connect(process_db).execute("SELECT message_data FROM mailer_message").fetchall()
+    [(data,)] = stored_message_data(process_db)
     email = pickle.loads(base64.decodebytes(data.encode("ascii")))  # what django-mailer does
     assert (email.subject, email.alternatives[0][1]) == ("Going back", "text/html")
 
     result = manage("migrate", "-v", "0", db=process_db)
     assert result.returncode == 0, result.stderr
-    [(data,)] = sqlite3.connect(process_db).execute("SELECT message_data FROM mailer_message").fetchall()
+    [(data,)] = stored_message_data(process_db)
     assert data.startswith("{")
+
+
+def stored_message_data(db):
+    import sqlite3
+    from contextlib import closing
+
+    with closing(sqlite3.connect(db)) as connection:
+        return connection.execute("SELECT message_data FROM mailer_message").fetchall()
