@@ -87,9 +87,9 @@ def decode(data: str | bytes | None) -> Any:
         return None
     if isinstance(data, bytes):
         data = data.decode("utf-8", "surrogateescape")
-    if data.lstrip().startswith("{"):
+    if not is_legacy(data):
         return _decode_document(data)
-    from mailer import legacy
+    from mailer import legacy  # imported here: it builds on this module
 
     return legacy.loads(data)
 
@@ -101,15 +101,23 @@ def search_columns(value: Any) -> dict[str, str | None]:
     """Return what the searchable columns hold for an email: subject, sender, recipients, Message-ID."""
     if not isinstance(value, EmailMessage):
         return {"subject": "", "from_email": "", "recipients": "", "message_id": None}
-    message_id = next(
-        (str(header) for name, header in (value.extra_headers or {}).items() if name.lower() == "message-id"), None
-    )
+    message_id = get_message_id(value)
     return {
         "subject": str(value.subject or ""),
         "from_email": str(value.from_email or ""),
         "recipients": ", ".join(map(str, value.recipients())),
-        "message_id": message_id,
+        "message_id": str(message_id) if message_id is not None else None,
     }
+
+
+def get_message_id(email: EmailMessage | None) -> str | None:
+    """Return the Message-ID header of ``email``; header names are case-insensitive."""
+    if email is None:
+        return None
+    for name, value in (email.extra_headers or {}).items():
+        if name.lower() == "message-id":
+            return value
+    return None
 
 
 def is_legacy(data: str | None) -> bool:
@@ -122,8 +130,9 @@ def _decode_document(data: str) -> Any:
         document = json.loads(data)
     except ValueError as exc:
         raise UndecodableData(f"message data is not valid JSON: {exc}") from None
-    if not isinstance(document, dict) or document.get("mailer") != FORMAT_VERSION:
-        raise UndecodableData(f"message data is not in a format this version knows (mailer={document.get('mailer')!r})")
+    version = document.get("mailer") if isinstance(document, dict) else None
+    if version != FORMAT_VERSION:
+        raise UndecodableData(f"message data is not in a format this version knows (mailer={version!r})")
     try:
         if "email" in document:
             return _decode_email(document["email"])

@@ -19,7 +19,7 @@ from django.utils.timezone import now as datetime_now
 from django.utils.translation import gettext_lazy as _
 
 from mailer import conf
-from mailer.codec import db_to_email, email_to_db, search_columns
+from mailer.codec import db_to_email, email_to_db, get_message_id, search_columns
 
 __all__ = [
     "PRIORITY_HIGH",
@@ -67,16 +67,6 @@ RESULT_CODES = (
 )
 
 logger = logging.getLogger(__name__)
-
-
-def get_message_id(email: EmailMessage | None) -> str | None:
-    """Return the Message-ID header of ``email``; header names are case-insensitive."""
-    if email is None:
-        return None
-    for name, value in (email.extra_headers or {}).items():
-        if name.lower() == "message-id":
-            return value
-    return None
 
 
 def ensure_message_id(email: EmailMessage) -> str:
