@@ -35,21 +35,14 @@ from mailer.models import (
     RESULT_SUCCESS,
     MessageLog,
 )
+from tests.test_migrations import DJANGO_MAILER_MIGRATIONS
 from tests.legacy.venv import LegacyVenvUnavailable, ensure_legacy_venv, run_legacy
 from tests.processes import manage
 
 BUILD_SCRIPT = Path(__file__).parent / "legacy" / "build_legacy_db.py"
 
 # The migrations django-mailer 2.3.2 ships, which a database it built has applied.
-LEGACY_MIGRATIONS = [
-    "0001_initial",
-    "0002_auto_20150720_1433",
-    "0003_messagelog_message_id",
-    "0004_auto_20190920_1512",
-    "0005_id_bigautofield",
-    "0006_message_retry_count",
-    "0007_alter_messagelog_message_data",
-]
+LEGACY_MIGRATIONS = DJANGO_MAILER_MIGRATIONS
 OUR_MIGRATIONS = ["0008_message_claim", "0009_search_columns", "0010_convert_pickled_message_data"]
 
 
