@@ -35,9 +35,9 @@ from mailer.models import (
     RESULT_SUCCESS,
     MessageLog,
 )
-from tests.test_migrations import DJANGO_MAILER_MIGRATIONS
 from tests.legacy.venv import LegacyVenvUnavailable, ensure_legacy_venv, run_legacy
 from tests.processes import manage
+from tests.test_migrations import DJANGO_MAILER_MIGRATIONS
 
 BUILD_SCRIPT = Path(__file__).parent / "legacy" / "build_legacy_db.py"
 
