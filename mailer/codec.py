@@ -128,8 +128,8 @@ def is_legacy(data: str | None) -> bool:
 def _decode_document(data: str) -> Any:
     try:
         document = json.loads(data)
-    except ValueError as exc:
-        raise UndecodableData(f"message data is not valid JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        raise UndecodableData(f"message data is not valid JSON: {type(exc).__name__}: {exc}") from None
     version = document.get("mailer") if isinstance(document, dict) else None
     if version != FORMAT_VERSION:
         raise UndecodableData(f"message data is not in a format this version knows (mailer={version!r})")

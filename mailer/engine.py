@@ -228,14 +228,12 @@ def _claim_messages(queryset: Any, token: str) -> Iterator[Message]:
                 yield message
 
 
-def _claim_expiry() -> datetime.datetime:
-    return datetime_now() + datetime.timedelta(seconds=conf.get_setting("MAILER_CLAIM_TIMEOUT"))
+def _read_email(message: Message) -> EmailMessage | None:
+    """Return the email ``message`` holds; or defer the message, saying why, and return None.
 
-
-def _send_message(
-    message: Message, connection: BaseEmailBackend | None, error_handler: ErrorHandler
-) -> tuple[BaseEmailBackend | None, str]:
-    """Send one claimed message; return the connection to go on with and the outcome."""
+    A row that cannot be read is never lost and never run: it waits,
+    deferred, for a human to decide, and does not stop the messages behind it.
+    """
     # Take the stored text off the instance: a large message is then held
     # once (as the email) while the backend renders it, not twice. Django
     # reloads the field if anything asks for it again.
@@ -244,18 +242,32 @@ def _send_message(
         email = decode(data)
         if not isinstance(email, EmailMessage):
             raise UndecodableData(f"message data holds a {type(email).__name__}, not an email")
-    except UndecodableData as exc:
-        # Never lost, never run: it waits, deferred, for a human to decide.
-        logger.warning(
-            "message deferred due to failure in converting from DB (%s). Added on '%s' with priority '%s'",
-            exc,
-            message.when_added,
-            message.priority,
-        )
-        message.defer()
-        MessageLog.objects.log(message, RESULT_FAILURE, log_message=str(exc))
+        email.recipients()  # the fields the engine relies on are usable
+        return email
+    except Exception as exc:
+        reason = str(exc) if isinstance(exc, UndecodableData) else f"message data is damaged: {type(exc).__name__}: {exc}"
+    logger.warning(
+        "message deferred due to failure in converting from DB (%s). Added on '%s' with priority '%s'",
+        reason,
+        message.when_added,
+        message.priority,
+    )
+    message.defer()
+    MessageLog.objects.log(message, RESULT_FAILURE, log_message=reason)
+    return None
+
+
+def _claim_expiry() -> datetime.datetime:
+    return datetime_now() + datetime.timedelta(seconds=conf.get_setting("MAILER_CLAIM_TIMEOUT"))
+
+
+def _send_message(
+    message: Message, connection: BaseEmailBackend | None, error_handler: ErrorHandler
+) -> tuple[BaseEmailBackend | None, str]:
+    """Send one claimed message; return the connection to go on with and the outcome."""
+    email = _read_email(message)
+    if email is None:
         return connection, "deferred"
-    del data
 
     if get_message_id(email) is None:
         # Queued by django-mailer or by assigning Message.email: give it its

@@ -4,6 +4,7 @@ Tables, columns and names are those of django-mailer 2.x, so an existing
 database keeps working; the claim columns on ``Message`` are ours.
 """
 
+import copy
 import datetime
 import logging
 import re
@@ -169,10 +170,14 @@ class Message(models.Model):
         This is the one way into the queue: it drops recipients on the
         don't-send list, gives the email its Message-ID, and renders it once
         so that a malformed message fails here, in the caller, rather than
-        later in the sending job.
+        later in the sending job. ``email`` itself is left as it was: callers
+        reuse emails and header dicts, and each queued copy needs its own
+        Message-ID.
         """
         from mailer import get_priority
 
+        email = copy.copy(email)
+        email.extra_headers = dict(email.extra_headers or {})
         DontSendEntry.objects.remove_suppressed_recipients(email)
         ensure_message_id(email)
         email.message()

@@ -13,8 +13,10 @@ from django.utils import timezone
 
 import mailer
 from mailer import engine
+from mailer.codec import email_to_db
 from mailer.models import (
     PRIORITY_DEFERRED,
+    PRIORITY_HIGH,
     RESULT_DONT_SEND,
     RESULT_FAILURE,
     RESULT_SUCCESS,
@@ -169,17 +171,22 @@ class TestDontSendAtSendTime:
 
 def test_undecodable_messages_are_kept_deferred_with_the_reason(caplog):
     """django-mailer 2.x deleted them; a message is never lost, so it waits for a human."""
-    Message.objects.create(message_data="not a message at all")
-    Message.objects.create(message_data='{"mailer": 99}')
+    Message.objects.create(message_data="not a message at all", priority=PRIORITY_HIGH)
+    Message.objects.create(message_data='{"mailer": 99}', priority=PRIORITY_HIGH)
+    Message.objects.create(message_data='{"mailer": 1, "value": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    wrong_type = EmailMessage("Bad", "", "f@example.com", ["t@example.com"])
+    Message.objects.create(message_data=email_to_db(wrong_type).replace('"to":["t@example.com"]', '"to":5'))
+    queue(1)  # behind them all
     with caplog.at_level(logging.WARNING, logger="mailer.engine"):
         engine.send_all()
-    assert Message.objects.deferred().count() == 2
+    assert Message.objects.deferred().count() == 4
     reasons = sorted(MessageLog.objects.filter(result=RESULT_FAILURE).values_list("log_message", flat=True))
-    assert reasons == [
-        "message data is neither JSON nor a django-mailer pickle",
-        "message data is not in a format this version knows (mailer=99)",
-    ]
+    assert "message data is damaged: TypeError: unsupported operand type(s) for +: 'int' and 'list'" in reasons
+    assert "message data is neither JSON nor a django-mailer pickle" in reasons
+    assert "message data is not in a format this version knows (mailer=99)" in reasons
+    assert any("RecursionError" in reason for reason in reasons), reasons
     assert "message deferred due to failure in converting from DB" in caplog.text
+    assert [m.subject for m in mail.outbox] == ["Message 0"]
 
 
 def test_an_unexpected_error_is_raised_but_does_not_stall_the_queue():

@@ -202,3 +202,19 @@ class TestDontSendList:
     def test_has_address_ignores_case(self):
         assert DontSendEntry.objects.has_address("BLOCKED@example.COM")
         assert not DontSendEntry.objects.has_address("other@example.com")
+
+
+def test_reused_emails_and_header_dicts_get_a_message_id_each():
+    """Sites reuse one headers dict, or one EmailMessage for several recipients: every copy is its own message."""
+    headers = {"X-Campaign": "spring"}
+    mailer.send_html_mail("One", "t", "<p>h</p>", "f@example.com", ["a@example.com"], headers=headers)
+    mailer.send_html_mail("Two", "t", "<p>h</p>", "f@example.com", ["b@example.com"], headers=headers)
+    email = EmailMessage("Reused", "Body", "f@example.com", ["c@example.com"])
+    DbBackend().send_messages([email])
+    email.to = ["d@example.com"]
+    DbBackend().send_messages([email])
+
+    assert headers == {"X-Campaign": "spring"}
+    assert "Message-ID" not in email.extra_headers
+    ids = [m.message_id for m in Message.objects.all()]
+    assert len(set(ids)) == 4 and all(ids)
