@@ -30,7 +30,7 @@ from typing import Any
 import lockfile
 from django.core.mail import EmailMessage
 from django.core.mail.backends.base import BaseEmailBackend
-from django.db import transaction
+from django.db import DatabaseError, transaction
 from django.utils.module_loading import import_string
 
 from mailer import conf
@@ -190,6 +190,8 @@ def _send_queued(queryset: Any, error_handler: ErrorHandler) -> Counter:
         for message in _claim_messages(queryset, token=uuid.uuid4().hex):
             try:
                 connection, outcome = _send_message(message, connection, error_handler)
+            except SentButNotRecorded:
+                raise  # it went out: its claim must hold
             except BaseException:
                 # The pass is over (a configuration error, an interrupt):
                 # free the message now rather than when its claim lapses.
@@ -282,17 +284,23 @@ def _send_message(
         _record(message, RESULT_DONT_SEND, _dont_send_reason(suppressed))
         return connection, "dont_send"
 
+    reused = connection is not None
     if connection is None:
         connection = get_delivery_connection(message)
-        opening = True
-    else:
-        opening = False
     attributes = dict(vars(email))
     try:
-        if opening:
-            connection.open()
         _log_sending(email)
-        connection.send_messages([email])
+        try:
+            _deliver(connection, email, opening=not reused)
+        except Exception as exc:
+            if not (reused and _session_ended(exc)):
+                raise
+            # The server ended the session the pass was reusing (idle
+            # timeout, a per-session limit): the message was never tried.
+            logger.info("the mail server ended the session (%s); opening a new one", exc)
+            _close_quietly(connection)
+            connection = get_delivery_connection(message)
+            _deliver(connection, email, opening=True)
     except Exception as exc:
         try:
             new_connection, outcome = error_handler(connection, message, exc)
@@ -313,8 +321,50 @@ def _send_message(
             message.email = email
         except UnstorableEmail:
             pass  # what it added is not plain data: log the message as queued
-    _record(message, RESULT_SUCCESS)
+    _record_sent(message)
     return connection, "sent"
+
+
+def _deliver(connection: BaseEmailBackend, email: EmailMessage, opening: bool) -> None:
+    if opening:
+        connection.open()
+    connection.send_messages([email])
+
+
+def _session_ended(exc: Exception) -> bool:
+    """Tell whether ``exc`` says the server closed the session, rather than refused the message."""
+    if isinstance(exc, smtplib.SMTPServerDisconnected):
+        return True
+    return isinstance(exc, smtplib.SMTPResponseException) and exc.smtp_code == 421
+
+
+class SentButNotRecorded(Exception):
+    """A message went out but its log row and deletion could not be written."""
+
+
+RECORD_ATTEMPTS = 3
+
+
+def _record_sent(message: Message) -> None:
+    """Record a delivered message, trying again briefly: a failure here risks sending it twice.
+
+    If it still fails, the message keeps its claim, so no pass sends it again
+    before ``MAILER_CLAIM_TIMEOUT`` has passed.
+    """
+    for attempt in range(1, RECORD_ATTEMPTS + 1):
+        try:
+            _record(message, RESULT_SUCCESS)
+            return
+        except DatabaseError as exc:
+            if attempt == RECORD_ATTEMPTS:
+                logger.error(
+                    "message %s was sent but could not be recorded (%s); it stays claimed until %s",
+                    message.message_id or message.pk,
+                    exc,
+                    message.claimed_until,
+                )
+                raise SentButNotRecorded(str(exc)) from exc
+            time.sleep(0.5 * attempt)
 
 
 def _record(message: Message, result: str, log_message: str = "") -> None:

@@ -31,11 +31,20 @@ class Recorder:
     connections: int = 0
     rcpt_replies: dict[str, str] = field(default_factory=dict)
     data_reply: str | None = None
+    messages_per_session: int | None = None
 
     async def handle_EHLO(self, server, session, envelope, hostname, responses):
         self.connections += 1
         session.host_name = hostname
         return responses
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        session.messages = getattr(session, "messages", 0) + 1
+        if self.messages_per_session is not None and session.messages > self.messages_per_session:
+            return "421 4.7.0 Too many messages in this session"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         reply = self.rcpt_replies.get(address)
@@ -85,6 +94,10 @@ class SMTPServer:
 
     def reply_to_data(self, reply: str | None) -> None:
         self.recorder.data_reply = reply
+
+    def limit_messages_per_session(self, limit: int | None) -> None:
+        """Answer 421 to any further MAIL FROM in a session once ``limit`` messages have come through it."""
+        self.recorder.messages_per_session = limit
 
 
 def free_port() -> int:

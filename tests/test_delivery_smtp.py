@@ -100,3 +100,17 @@ def test_server_down_defers_instead_of_crashing(settings, smtp_server):
 
     assert Message.objects.get().priority == PRIORITY_DEFERRED
     assert MessageLog.objects.get().result == RESULT_FAILURE
+
+
+def test_a_session_the_server_ends_is_reopened_without_deferring_the_message(deliver_to_smtp):
+    """A 421 on a reused connection means "this session is over", not "this message failed"."""
+    deliver_to_smtp.limit_messages_per_session(2)
+    for n in range(5):
+        mailer.send_mail(f"Message {n}", "Body", "from@example.com", [f"to{n}@example.com"])
+
+    counts = engine.send_all()
+
+    assert (counts["sent"], counts["deferred"]) == (5, 0)
+    assert len(deliver_to_smtp.received) == 5
+    assert deliver_to_smtp.connections == 3
+    assert set(MessageLog.objects.values_list("result", flat=True)) == {RESULT_SUCCESS}

@@ -8,6 +8,7 @@ import lockfile
 import pytest
 from django.core import mail
 from django.core.mail import EmailMessage
+from django.db import OperationalError
 from django.core.mail.backends.locmem import EmailBackend as LocmemBackend
 from django.utils import timezone
 
@@ -386,3 +387,34 @@ def test_a_message_id_given_at_the_first_attempt_is_saved_with_its_column(delive
     engine.send_all()
     message.refresh_from_db()
     assert message.message_id and message.message_id == message.email.extra_headers["Message-ID"]
+
+
+class TestSentButNotRecorded:
+    """Once a message has gone out, a failure to record it must not lead to sending it again at once."""
+
+    def test_a_passing_database_error_is_retried(self):
+        queue(1)
+        real_log = MessageLog.objects.log
+        calls = []
+
+        def flaky_log(*args, **kwargs):
+            calls.append(args)
+            if len(calls) == 1:
+                raise OperationalError("database is locked")
+            return real_log(*args, **kwargs)
+
+        with mock.patch.object(MessageLog.objects, "log", side_effect=flaky_log), mock.patch("time.sleep"):
+            engine.send_all()
+        assert len(mail.outbox) == 1
+        assert Message.objects.count() == 0 and MessageLog.objects.get().result == RESULT_SUCCESS
+
+    def test_a_lasting_one_leaves_the_message_claimed(self):
+        queue(1)
+        with mock.patch.object(MessageLog.objects, "log", side_effect=OperationalError("disk full")):
+            with mock.patch("time.sleep"), pytest.raises(engine.SentButNotRecorded):
+                engine.send_all()
+        message = Message.objects.get()
+        assert message.claimed_until > timezone.now()
+
+        engine.send_all()
+        assert len(mail.outbox) == 1  # not sent a second time
