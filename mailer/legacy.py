@@ -19,7 +19,6 @@ import pickle
 from typing import Any
 
 from django.core.mail import EmailAlternative, EmailAttachment, EmailMessage
-from django.core.mail.backends.base import BaseEmailBackend
 
 from mailer import conf
 from mailer.codec import UndecodableData, detach_connection
@@ -63,6 +62,16 @@ ALLOWED_GLOBALS = {
 }
 
 
+class DiscardedConnection:
+    """Stands in for a pickled email backend: takes any arguments and state, does nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
 class RefusedPickle(UndecodableData):
     """A readable pickle that asks for something an email is not made of."""
 
@@ -84,10 +93,9 @@ class RestrictedUnpickler(pickle.Unpickler):
                 return found
         if module in BACKEND_MODULES or module.startswith("django.core.mail.backends."):
             # Mail queued through DbBackend pickled the backend along, as the
-            # message's connection; it is dropped once read.
-            found = super().find_class(module, name)
-            if isinstance(found, type) and issubclass(found, BaseEmailBackend):
-                return found
+            # message's connection. It is dropped once read, so nothing of the
+            # real class is needed: not even its constructor may run.
+            return DiscardedConnection
         raise RefusedPickle(f"legacy pickle refused: it asks for {module}.{name}")
 
 

@@ -123,14 +123,30 @@ def test_migrating_back_to_django_mailer_restores_pickles(process_db):
 
     queue_in_process(
         process_db,
-        "import mailer; mailer.send_html_mail('Going back', 'Text', '<p>Html</p>', 'f@example.com', ['a@example.com'])",
+        "import mailer\n"
+        "from django.core.mail import EmailMultiAlternatives\n"
+        "from email.mime.image import MIMEImage\n"
+        "email = EmailMultiAlternatives('Going back', 'Text', 'f@example.com', ['a@example.com'])\n"
+        "email.attach_alternative('<p>Html <img src=cid:logo></p>', 'text/html')\n"
+        "image = MIMEImage(b'GIF89a-not-really', 'gif')\n"
+        "image.add_header('Content-ID', '<logo>')\n"
+        "email.attachments.append(image)\n"
+        "mailer.models.Message.for_email(email).save()",
     )
     result = manage("migrate", "mailer", "0007", "-v", "0", db=process_db)
     assert result.returncode == 0, result.stderr
 
     [(data,)] = stored_message_data(process_db)
-    email = pickle.loads(base64.decodebytes(data.encode("ascii")))  # what django-mailer does
+    raw = base64.decodebytes(data.encode("ascii"))
+    assert b"mailer" not in raw  # django-mailer must find every class it names
+    email = pickle.loads(raw)  # what django-mailer does
     assert (email.subject, email.alternatives[0][1]) == ("Going back", "text/html")
+    [image] = email.attachments
+    assert (type(image).__name__, image["Content-ID"], image.get_payload(decode=True)) == (
+        "MIMEBase",
+        "<logo>",
+        b"GIF89a-not-really",
+    )
 
     result = manage("migrate", "-v", "0", db=process_db)
     assert result.returncode == 0, result.stderr

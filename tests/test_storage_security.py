@@ -801,3 +801,55 @@ def test_a_forged_json_row_naming_another_class_is_refused(target, tmp_path, mon
     message = Message.objects.create(message_data=data)
     assert message.email is None
     assert not marker.exists()
+
+
+def test_a_pickled_email_backend_is_never_constructed(tmp_path):
+    """django-mailer pickled the DbBackend along with messages; a row must not be able to call a backend."""
+    import base64
+    import pickle
+
+    from django.core.mail import EmailMessage
+    from django.core.mail.backends import filebased
+
+    from mailer.codec import db_to_email
+
+    target = tmp_path / "made-by-a-row"
+
+    class ForgedConnection:
+        def __reduce__(self):
+            return (filebased.EmailBackend, (str(target),))
+
+    email = EmailMessage("Forged", "Body", "f@example.com", ["t@example.com"])
+    email.extra_headers["X-Forged"] = ForgedConnection()
+    row = base64.encodebytes(pickle.dumps(email)).decode("ascii")
+
+    decoded = db_to_email(row)
+
+    assert not target.exists()
+    assert decoded.subject == "Forged"
+
+
+@pytest.mark.django_db
+def test_rows_the_json_format_cannot_hold_are_left_for_the_engine(tmp_path):
+    """Migration 0010 leaves a pickled row it cannot convert (a set, say) instead of failing migrate."""
+    import base64
+    import importlib
+    import pickle
+
+    from django.apps import apps as global_apps
+    from django.core.mail import EmailMessage
+
+    from mailer.models import Message
+
+    convert = importlib.import_module("mailer.migrations.0010_convert_pickled_message_data").convert_to_json
+    email = EmailMessage("Tagged", "Body", "f@example.com", ["t@example.com"])
+    email.tags = {"a", "b"}
+    row = base64.encodebytes(pickle.dumps(email)).decode("ascii")
+    message = Message.objects.create(message_data=row)
+
+    from django.db import connection
+
+    convert(global_apps, connection.schema_editor())
+
+    message.refresh_from_db()
+    assert message.message_data == row

@@ -10,10 +10,11 @@ django-mailer 2.x can read them after a downgrade.
 
 import base64
 import pickle
+from email.mime.base import MIMEBase
 
 from django.db import migrations
 
-from mailer.codec import UndecodableData, decode, email_to_db, is_legacy, search_columns
+from mailer.codec import StoredMIMEBase, UndecodableData, UnstorableEmail, decode, email_to_db, is_legacy, search_columns
 
 BATCH = 500
 
@@ -27,12 +28,13 @@ def convert_to_json(apps, schema_editor):
                 continue
             try:
                 email = decode(data)
-            except UndecodableData:
-                continue
+                converted = email_to_db(email)
+            except (UndecodableData, UnstorableEmail):
+                continue  # left as it is; deferred with the reason when its turn comes
             columns = search_columns(email)
             if model_name == "MessageLog":
                 del columns["message_id"]  # the log row has its own, from the attempt
-            rows.filter(pk=pk).update(message_data=email_to_db(email), **columns)
+            rows.filter(pk=pk).update(message_data=converted, **columns)
 
 
 def convert_to_pickle(apps, schema_editor):
@@ -46,8 +48,18 @@ def convert_to_pickle(apps, schema_editor):
                 email = decode(data)
             except UndecodableData:
                 continue
+            _use_standard_classes(email)
             pickled = base64.encodebytes(pickle.dumps(email)).decode("ascii")
             rows.filter(pk=pk).update(message_data=pickled)
+
+
+def _use_standard_classes(email):
+    """Make MIME attachments read back from JSON plain ``MIMEBase`` again: django-mailer has no ``mailer.codec``."""
+    for attachment in getattr(email, "attachments", []):
+        if isinstance(attachment, StoredMIMEBase):
+            for part in attachment.walk():
+                if type(part) is StoredMIMEBase:
+                    part.__class__ = MIMEBase
 
 
 class Migration(migrations.Migration):
