@@ -26,14 +26,14 @@ import email.message
 import email.parser
 import email.policy
 import json
-import sys
 from email.mime.base import MIMEBase
 from typing import Any
 
-from django.apps import apps
 from django.core.mail import EmailAlternative, EmailAttachment, EmailMessage
 from django.utils.functional import Promise
 from django.utils.module_loading import import_string
+
+from mailer import conf
 
 FORMAT_VERSION = 1
 
@@ -55,6 +55,13 @@ EMAIL_FIELDS = (
 )
 NOT_STORED = {"connection", "_connection", "attachments", "alternatives"}
 
+# The classes a stored message may name, besides MAILER_EMAIL_CLASSES.
+DEFAULT_EMAIL_CLASSES = {
+    "django.core.mail.message.EmailMessage",
+    "django.core.mail.message.EmailMultiAlternatives",
+    "anymail.message.AnymailMessage",
+}
+
 
 class UnstorableEmail(ValueError):
     """Raised when a message holds something that cannot be stored exactly."""
@@ -70,7 +77,9 @@ def email_to_db(value: Any) -> str:
         document = {"mailer": FORMAT_VERSION, "email": _encode_email(value, "email")}
     else:
         document = {"mailer": FORMAT_VERSION, "value": _encode_value(value, "value")}
-    return json.dumps(document, ensure_ascii=False, separators=(",", ":"))
+    # ASCII only, as django-mailer's base64 was: MySQL tables in the old
+    # three-byte "utf8" charset cannot hold every character.
+    return json.dumps(document, separators=(",", ":"))
 
 
 def db_to_email(data: str | bytes | None) -> Any:
@@ -148,7 +157,10 @@ def _decode_document(data: str) -> Any:
 
 def _encode_email(message: EmailMessage, where: str) -> dict[str, Any]:
     cls = type(message)
-    encoded: dict[str, Any] = {"class": f"{cls.__module__}.{cls.__qualname__}"}
+    path = f"{cls.__module__}.{cls.__qualname__}"
+    if path not in email_classes():
+        raise UnstorableEmail(f"{where} is a {path}: add it to MAILER_EMAIL_CLASSES to queue it")
+    encoded: dict[str, Any] = {"class": path}
     for name in EMAIL_FIELDS:
         if hasattr(message, name):
             encoded[name] = _encode_value(getattr(message, name), f"{where}.{name}")
@@ -328,15 +340,13 @@ def detach_connection(message: EmailMessage) -> None:
 
 
 def _email_class(path: str) -> type[EmailMessage]:
-    """Return the class a stored message names, importing only from installed apps.
+    """Return the class a stored message names, if it is one that may be queued.
 
-    A row is data: it must not be able to make the worker import an
-    arbitrary module (imports run code), so the class must already be
-    loaded, or live in Django or in an installed app.
+    A row is data: it must not be able to make the worker import a module of
+    its choosing (imports run code), so only the listed classes are imported.
     """
-    module_name = path.rpartition(".")[0]
-    if module_name not in sys.modules and module_name.partition(".")[0] not in _importable_packages():
-        raise UndecodableData(f"message class {path} is not from Django or an installed app")
+    if path not in email_classes():
+        raise UndecodableData(f"message class {path} is not one that may be queued (MAILER_EMAIL_CLASSES)")
     try:
         cls = import_string(path)
     except ImportError as exc:
@@ -346,8 +356,9 @@ def _email_class(path: str) -> type[EmailMessage]:
     return cls
 
 
-def _importable_packages() -> set[str]:
-    return {"django"} | {config.name.partition(".")[0] for config in apps.get_app_configs()}
+def email_classes() -> set[str]:
+    """Return the dotted paths of the ``EmailMessage`` classes that may be queued."""
+    return DEFAULT_EMAIL_CLASSES | set(conf.get_setting("MAILER_EMAIL_CLASSES"))
 
 
 def _decode_attachment(item: dict[str, Any]) -> Any:

@@ -25,6 +25,7 @@ DEFAULTS: dict[str, Any] = {
     "MAILER_PAUSE_SEND": False,
     "MAILER_CLAIM_TIMEOUT": 600,
     "MAILER_LEGACY_PICKLE_CLASSES": [],
+    "MAILER_EMAIL_CLASSES": [],
 }
 
 

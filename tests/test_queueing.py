@@ -218,3 +218,39 @@ def test_reused_emails_and_header_dicts_get_a_message_id_each():
     assert "Message-ID" not in email.extra_headers
     ids = [m.message_id for m in Message.objects.all()]
     assert len(set(ids)) == 4 and all(ids)
+
+
+class BrandedEmail(EmailMessage):
+    """A site's own subclass, with plain data of its own."""
+
+    def __init__(self, *args, campaign="", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.campaign = campaign
+
+
+def test_a_subclass_must_be_listed_to_be_queued(settings):
+    """Stored rows may name only listed classes; an unlisted one fails when queued, not in the cron job."""
+    email = BrandedEmail("Branded", "Body", "f@example.com", ["t@example.com"], campaign="winter")
+    with pytest.raises(ValueError, match=r"tests\.test_queueing\.BrandedEmail: add it to MAILER_EMAIL_CLASSES"):
+        DbBackend().send_messages([email])
+    assert Message.objects.count() == 0
+
+    settings.MAILER_EMAIL_CLASSES = ["tests.test_queueing.BrandedEmail"]
+    DbBackend().send_messages([email])
+    stored = Message.objects.get().email
+    assert (type(stored), stored.campaign) == (BrandedEmail, "winter")
+
+
+def test_a_row_naming_an_unlisted_class_imports_nothing():
+    import json
+    import sys
+
+    from mailer.codec import UndecodableData, decode, email_to_db
+
+    document = json.loads(email_to_db(EmailMessage("S", "B", "f@example.com", ["t@example.com"])))
+    document["email"]["class"] = "django.contrib.gis.gdal.libgdal.EmailMessage"
+    sys.modules.pop("django.contrib.gis.gdal.libgdal", None)
+
+    with pytest.raises(UndecodableData, match="is not one that may be queued"):
+        decode(json.dumps(document))
+    assert "django.contrib.gis.gdal.libgdal" not in sys.modules
