@@ -106,9 +106,7 @@ def run_sink(ready: "multiprocessing.Queue", sizes: "multiprocessing.Queue", sto
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    controller = Controller(
-        CountingHandler(sizes), hostname="127.0.0.1", port=port, data_size_limit=None, timeout=3600
-    )
+    controller = Controller(CountingHandler(sizes), hostname="127.0.0.1", port=port, data_size_limit=None, timeout=3600)
     controller.start()
     ready.put(port)
     stop.wait()
@@ -615,7 +613,7 @@ def short_path(filename: str) -> str:
     site_packages = [p + os.sep for p in sys.path if p and "site-packages" in p]
     for prefix in (*site_packages, str(REPO_ROOT) + os.sep):  # a virtualenv may sit inside the repository
         if filename.startswith(prefix):
-            return filename[len(prefix):]
+            return filename[len(prefix) :]
     if os.sep + "lib" + os.sep + "python" in filename:
         return "stdlib/" + filename.split(os.sep + "lib" + os.sep, 1)[1].split(os.sep, 1)[1]
     return filename
@@ -652,7 +650,9 @@ def print_report(figures: dict[str, Figures], size: int, rss: bool, repeat: int)
         )
         if rss:
             peak_rss, base_rss = max(fig.rss_peaks), max(base.rss_peaks)
-            row += f" {peak_rss / MB:8.1f} {peak_rss / size:7.2f} {peak_rss / base_rss if base_rss else float('nan'):7.2f}"
+            row += (
+                f" {peak_rss / MB:8.1f} {peak_rss / size:7.2f} {peak_rss / base_rss if base_rss else float('nan'):7.2f}"
+            )
         best = min(fig.seconds)
         row += f" {best:8.3f} {best / base_time:7.2f}"
         print(row)
@@ -661,8 +661,7 @@ def print_report(figures: dict[str, Figures], size: int, rss: bool, repeat: int)
     print("/ base: that over the baseline phase's figure, measured in the same process.")
     if rss:
         print(f"RSS MB: peak resident set above the phase's start, worst of {repeat} untraced run(s).")
-    print(f"seconds: best of {repeat} untraced run(s); spread of send+log: "
-          f"{spread(figures['send+log'].seconds)}.")
+    print(f"seconds: best of {repeat} untraced run(s); spread of send+log: {spread(figures['send+log'].seconds)}.")
     sent = figures["send+log"].sink_bytes
     print(
         f"sink received: baseline {base.sink_bytes:,} bytes, send+log {sent:,} bytes "
@@ -686,8 +685,10 @@ def check_stored_row(size: int) -> None:
     queued = len(Message.objects.get(pk=message.pk).message_data)
     send_all()
     logged = MessageLog.objects.order_by("-pk").values_list("message_data", flat=True).first() or ""
-    print(f"stored rows: Message.message_data {queued:,} chars, MessageLog.message_data {len(logged):,} chars "
-          f"({queued / size:.2f}x the attachment)")
+    print(
+        f"stored rows: Message.message_data {queued:,} chars, MessageLog.message_data {len(logged):,} chars "
+        f"({queued / size:.2f}x the attachment)"
+    )
 
 
 def main() -> None:

@@ -87,8 +87,11 @@ def main(work_dir):
     )
     print("  mailer.send_html_mail(...)                 text + HTML alternative")
     mailer.send_html_mail(
-        "Your weekly digest", "Three new posts this week.", "<h1>Digest</h1><p>Three new posts.</p>",
-        None, ["bob@demo.example"],
+        "Your weekly digest",
+        "Three new posts this week.",
+        "<h1>Digest</h1><p>Three new posts.</p>",
+        None,
+        ["bob@demo.example"],
     )
     print("  EmailMessage(...).send()                   Django's API, with an attachment")
     report = EmailMessage("Monthly report", "The report is attached.", None, ["carol@demo.example"])

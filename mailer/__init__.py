@@ -89,9 +89,7 @@ def send_html_mail(
 
     from mailer.models import Message
 
-    email = EmailMultiAlternatives(
-        force_str(subject), force_str(message), from_email, recipient_list, headers=headers
-    )
+    email = EmailMultiAlternatives(force_str(subject), force_str(message), from_email, recipient_list, headers=headers)
     email.attach_alternative(force_str(message_html), "text/html")
     Message.for_email(email, priority=priority).save()
     return 1

@@ -30,8 +30,6 @@ class DbBackend(BaseEmailBackend):
 
         Like Django's backends, skip messages without recipients.
         """
-        messages = [
-            Message.for_email(email, priority=self.priority) for email in email_messages if email.recipients()
-        ]
+        messages = [Message.for_email(email, priority=self.priority) for email in email_messages if email.recipients()]
         Message.objects.bulk_create(messages, batch_size=conf.get_setting("MAILER_MESSAGES_BATCH_SIZE"))
         return len(messages)

@@ -411,7 +411,7 @@ def _decode_value(value: Any) -> Any:
         return [_decode_value(item) for item in value]
     if isinstance(value, dict):
         if len(value) == 1:
-            (key, item), = value.items()
+            ((key, item),) = value.items()
             if key in _TAGS:
                 return _TAGS[key](item)
         return {key: _decode_value(item) for key, item in value.items()}

@@ -17,6 +17,7 @@ Code written for django-mailer 2.x patches ``send_all``, ``prioritize``,
 ``time.sleep``; they are all looked up when called.
 """
 
+import contextlib
 import datetime
 import logging
 import smtplib
@@ -247,7 +248,9 @@ def _read_email(message: Message) -> EmailMessage | None:
         email.recipients()  # the fields the engine relies on are usable
         return email
     except Exception as exc:
-        reason = str(exc) if isinstance(exc, UndecodableData) else f"message data is damaged: {type(exc).__name__}: {exc}"
+        reason = (
+            str(exc) if isinstance(exc, UndecodableData) else f"message data is damaged: {type(exc).__name__}: {exc}"
+        )
     logger.warning(
         "message deferred due to failure in converting from DB (%s). Added on '%s' with priority '%s'",
         reason,
@@ -317,10 +320,8 @@ def _send_message(
     if vars(email) != attributes:
         # The backend changed the message (an email service noting its own
         # id, say): log it as the backend left it, as django-mailer did.
-        try:
+        with contextlib.suppress(UnstorableEmail):  # not plain data: log the message as queued
             message.email = email
-        except UnstorableEmail:
-            pass  # what it added is not plain data: log the message as queued
     _record_sent(message)
     return connection, "sent"
 
@@ -383,9 +384,7 @@ def _set_aside(message: Message, exc: Exception) -> None:
     """Defer ``message`` and log why, after an error the error handler did not handle."""
     message.defer()
     MessageLog.objects.log(message, RESULT_FAILURE, log_message=f"{type(exc).__name__}: {exc}")
-    logger.error(
-        "message deferred after an unexpected error: %s: %s", type(exc).__name__, _loggable(str(exc), message)
-    )
+    logger.error("message deferred after an unexpected error: %s: %s", type(exc).__name__, _loggable(str(exc), message))
 
 
 def _dont_send_reason(suppressed: list[str]) -> str:

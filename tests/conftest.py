@@ -73,4 +73,3 @@ def lock_path(settings, tmp_path):
     """Give each test its own lock file, so tests never contend for one."""
     settings.MAILER_LOCK_PATH = str(tmp_path / "send_mail")
     return settings.MAILER_LOCK_PATH
-

@@ -137,11 +137,7 @@ def _describe_part(part, path: str, volatile: set[str], nested_volatile: set[str
             lines.append(f"{path} header {name}: <generated on every call, not compared>")
         else:
             lines.append(f"{path} header {name}: {_header_text(name, value)}")
-    params = [
-        (key, value)
-        for key, value in (part.get_params() or [])[1:]
-        if key.lower() != "boundary"
-    ]
+    params = [(key, value) for key, value in (part.get_params() or [])[1:] if key.lower() != "boundary"]
     lines.append(f"{path} content-type: {part.get_content_type()} params={params!r}")
     lines.append(
         f"{path} disposition: {part.get_content_disposition()!r}"

@@ -42,7 +42,9 @@ def test_both_settings_on_db_backend_is_refused_with_both_names(legacy_settings)
     settings = legacy_settings
     settings.EMAIL_BACKEND = DB
     settings.MAILER_EMAIL_BACKEND = DB
-    with pytest.raises(ImproperlyConfigured, match=r'EMAIL_BACKEND and MAILER_EMAIL_BACKEND .*"mailer.backend.DbBackend"'):
+    with pytest.raises(
+        ImproperlyConfigured, match=r'EMAIL_BACKEND and MAILER_EMAIL_BACKEND .*"mailer.backend.DbBackend"'
+    ):
         engine.send_all()
 
 

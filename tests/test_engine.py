@@ -8,8 +8,8 @@ import lockfile
 import pytest
 from django.core import mail
 from django.core.mail import EmailMessage
-from django.db import OperationalError
 from django.core.mail.backends.locmem import EmailBackend as LocmemBackend
+from django.db import OperationalError
 from django.utils import timezone
 
 import mailer
@@ -301,9 +301,8 @@ class TestPatchPoints:
         settings.MAILER_PAUSE_SEND = True
         settings.MAILER_EMPTY_QUEUE_SLEEP = 3
         queue(1)
-        with mock.patch("time.sleep", side_effect=StopIteration) as sleep:
-            with pytest.raises(StopIteration):
-                engine.send_loop()
+        with mock.patch("time.sleep", side_effect=StopIteration) as sleep, pytest.raises(StopIteration):
+            engine.send_loop()
         sleep.assert_called_once_with(3)
 
     def test_send_all_reports_what_it_did(self, deliver_to_smtp):

@@ -30,7 +30,9 @@ def test_cron_send_mail_delivers_the_queue(process_db, smtp_server, tmp_path):
     )
     assert smtp_server.received == []
 
-    result = manage("send_mail", db=process_db, smtp_port=smtp_server.port, MAILER_PROCESS_LOCK_PATH=str(tmp_path / "lock"))
+    result = manage(
+        "send_mail", db=process_db, smtp_port=smtp_server.port, MAILER_PROCESS_LOCK_PATH=str(tmp_path / "lock")
+    )
 
     assert result.returncode == 0, result.stderr
     assert sorted(r.message["Subject"] for r in smtp_server.received) == ["Html", "Plain"]
@@ -67,14 +69,23 @@ def test_runmailer_keeps_sending_what_is_queued_later(process_db, smtp_server, t
     from tests.processes import MANAGE_PY, process_environment
 
     env = process_environment(
-        process_db, smtp_server.port, MAILER_PROCESS_LOCK_PATH=str(tmp_path / "lock"), MAILER_PROCESS_EMPTY_QUEUE_SLEEP="0.2"
+        process_db,
+        smtp_server.port,
+        MAILER_PROCESS_LOCK_PATH=str(tmp_path / "lock"),
+        MAILER_PROCESS_EMPTY_QUEUE_SLEEP="0.2",
     )
     runner = subprocess.Popen(
-        [sys.executable, str(MANAGE_PY), "runmailer"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, str(MANAGE_PY), "runmailer"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         for n in range(2):
-            queue_in_process(process_db, f"import mailer; mailer.send_mail('Later {n}', 'B', 'f@example.com', ['a@example.com'])")
+            queue_in_process(
+                process_db, f"import mailer; mailer.send_mail('Later {n}', 'B', 'f@example.com', ['a@example.com'])"
+            )
             deadline = time.monotonic() + 20
             while len(smtp_server.received) <= n and time.monotonic() < deadline:
                 time.sleep(0.1)

@@ -711,7 +711,11 @@ def attachments(draw, latin1: bool):
         part.add_related(draw(binary), "image", "png", cid=cid, filename=draw(filenames))
     elif kind == "mimepart-image":
         part.set_content(
-            draw(binary), maintype="image", subtype="png", cid=draw(content_ids), disposition="inline",
+            draw(binary),
+            maintype="image",
+            subtype="png",
+            cid=draw(content_ids),
+            disposition="inline",
             filename=draw(filenames),
         )
     else:
@@ -795,9 +799,11 @@ plain_values = st.recursive(
     | st.floats(allow_nan=False, allow_infinity=False)
     | st.text()
     | st.binary(max_size=16),
-    lambda children: st.lists(children, max_size=4)
-    | st.lists(children, max_size=3).map(tuple)
-    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.lists(children, max_size=3).map(tuple)
+        | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=12,
 )
 

@@ -330,9 +330,7 @@ class TrapContext:
         """Write an importable module that creates the marker on import; return its name."""
         name = f"{prefix}_{uuid.uuid4().hex}"
         self.modules_dir.mkdir(exist_ok=True)
-        (self.modules_dir / f"{name}.py").write_text(
-            f"{payload_code(self.marker)}\n\n\nclass Thing:\n    pass\n"
-        )
+        (self.modules_dir / f"{name}.py").write_text(f"{payload_code(self.marker)}\n\n\nclass Thing:\n    pass\n")
         self.monkeypatch.syspath_prepend(str(self.modules_dir))
         self.request.addfinalizer(lambda: sys.modules.pop(name, None))
         return name
@@ -464,7 +462,11 @@ def test_each_trap_really_runs_code_under_plain_pickle(trap, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     result = subprocess.run(
         [sys.executable, "-c", script, "plain" if trap.live_under_plain_pickle else "walking"],
-        input=trap.pickle, capture_output=True, env=env, timeout=60, check=False
+        input=trap.pickle,
+        capture_output=True,
+        env=env,
+        timeout=60,
+        check=False,
     )
     assert trap.marker.exists(), f"the payload did not run under plain pickle: {result.stderr.decode()}"
 

@@ -14,7 +14,15 @@ from email.mime.base import MIMEBase
 
 from django.db import migrations
 
-from mailer.codec import StoredMIMEBase, UndecodableData, UnstorableEmail, decode, email_to_db, is_legacy, search_columns
+from mailer.codec import (
+    StoredMIMEBase,
+    UndecodableData,
+    UnstorableEmail,
+    decode,
+    email_to_db,
+    is_legacy,
+    search_columns,
+)
 
 BATCH = 500
 

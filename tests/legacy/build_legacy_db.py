@@ -53,6 +53,7 @@ def configure(db_path: str, lock_path: str) -> None:
 def check_legacy_package() -> dict:
     """Refuse to run against anything but the real django-mailer 2.3.2 from the venv."""
     import django
+
     import mailer
 
     location = os.path.dirname(os.path.abspath(mailer.__file__))

@@ -98,7 +98,7 @@ def ensure_legacy_venv() -> tuple[Path, dict]:
         final.parent.mkdir(parents=True, exist_ok=True)
         _remove_leftovers(final)
         building = Path(tempfile.mkdtemp(prefix=f"{final.name}.building-", dir=final.parent))
-        os.chmod(building, 0o755)  # mkdtemp makes it private; the cache is not secret
+        os.chmod(building, 0o755)  # noqa: S103 -- mkdtemp makes it private; the cache is not secret
     except OSError as exc:
         raise LegacyVenvUnavailable(f"cannot write the cache (set MAILER_TEST_CACHE_DIR): {exc}") from exc
     try:
@@ -167,8 +167,7 @@ def _check(venv: Path) -> dict | None:
 def _describe(venv: Path) -> dict | None:
     """Ask the venv's python which mailer and Django it imports, from outside this repository."""
     code = (
-        "import json, django, mailer; "
-        "print(json.dumps({'mailer': mailer.__version__, 'django': django.get_version()}))"
+        "import json, django, mailer; print(json.dumps({'mailer': mailer.__version__, 'django': django.get_version()}))"
     )
     try:
         result = subprocess.run(
