@@ -4,8 +4,14 @@ The functions here have the signatures of ``django.core.mail``'s (and of
 django-mailer 2.x) but only put messages on the queue.
 """
 
-import warnings
 from collections.abc import Iterable, Sequence
+
+from django.conf import settings
+from django.core.mail import EmailMultiAlternatives
+from django.utils.encoding import force_str
+
+from mailer.exceptions import ConfigurationError
+from mailer.priority import get_priority
 
 __version__ = "3.0.0.dev0"
 
@@ -17,28 +23,6 @@ __all__ = [
     "mail_admins",
     "mail_managers",
 ]
-
-
-def get_priority(priority: int | str | None) -> int:
-    """Return the ``PRIORITY_*`` value for ``priority``; None means medium.
-
-    The labels "high", "medium", "low" and "deferred" are still accepted, with
-    a DeprecationWarning; anything else is a ValueError.
-    """
-    from mailer.models import PRIORITY_MAPPING, PRIORITY_MEDIUM
-
-    if priority is None:
-        return PRIORITY_MEDIUM
-    if isinstance(priority, str) and priority in PRIORITY_MAPPING:
-        warnings.warn(
-            f"Please pass one of the PRIORITY_* constants to 'send_mail' and 'send_html_mail', not '{priority}'.",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return PRIORITY_MAPPING[priority]
-    if isinstance(priority, bool) or priority not in PRIORITY_MAPPING.values():
-        raise ValueError(f"Invalid priority {priority!r}")
-    return priority
 
 
 def send_mail(
@@ -57,8 +41,6 @@ def send_mail(
     compatibility with ``django.core.mail.send_mail`` and have no effect:
     delivery happens later, with the delivering backend's own settings.
     """
-    from django.utils.encoding import force_str
-
     from mailer.models import make_message
 
     make_message(
@@ -84,9 +66,6 @@ def send_html_mail(
     headers: dict[str, str] | None = None,
 ) -> int:
     """Queue an email with a plain text body and an HTML alternative; return 1."""
-    from django.core.mail import EmailMultiAlternatives
-    from django.utils.encoding import force_str
-
     from mailer.models import Message
 
     email = EmailMultiAlternatives(force_str(subject), force_str(message), from_email, recipient_list, headers=headers)
@@ -129,15 +108,11 @@ def mail_managers(
 
 
 def _mail_site_staff(setting_name: str, subject: str, message: str, priority: int | None) -> int:
-    from django.conf import settings
-    from django.core.exceptions import ImproperlyConfigured
-    from django.utils.encoding import force_str
-
     entries = getattr(settings, setting_name)
     if not entries:
         return 0
     if not isinstance(entries, (list, tuple)):
-        raise ImproperlyConfigured(f"The {setting_name} setting must be a list of email addresses.")
+        raise ConfigurationError(f"The {setting_name} setting must be a list of email addresses.")
     recipients = []
     for entry in entries:
         # Django 6 writes ["a@example.com"]; earlier versions [("Name", "a@example.com")].
@@ -146,7 +121,7 @@ def _mail_site_staff(setting_name: str, subject: str, message: str, priority: in
         elif isinstance(entry, str):
             recipients.append(entry)
         else:
-            raise ImproperlyConfigured(
+            raise ConfigurationError(
                 f"The {setting_name} setting must list email addresses or (name, address) pairs, not {entry!r}."
             )
     return send_mail(

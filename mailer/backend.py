@@ -6,8 +6,9 @@ from typing import Any
 from django.core.mail import EmailMessage
 from django.core.mail.backends.base import BaseEmailBackend
 
-from mailer import conf, get_priority
+from mailer import conf
 from mailer.models import Message
+from mailer.priority import get_priority
 
 
 class DbBackend(BaseEmailBackend):

@@ -33,7 +33,10 @@ from django.core.mail import EmailAlternative, EmailAttachment, EmailMessage
 from django.utils.functional import Promise
 from django.utils.module_loading import import_string
 
-from mailer import conf
+from mailer import conf, legacy
+from mailer.compat import detach_connection
+from mailer.exceptions import UndecodableData, UnstorableEmail
+from mailer.message_id import get_message_id
 
 FORMAT_VERSION = 1
 
@@ -63,14 +66,6 @@ DEFAULT_EMAIL_CLASSES = {
 }
 
 
-class UnstorableEmail(ValueError):
-    """Raised when a message holds something that cannot be stored exactly."""
-
-
-class UndecodableData(ValueError):
-    """Raised when ``message_data`` cannot be turned back into a message; the text says why."""
-
-
 def email_to_db(value: Any) -> str:
     """Encode ``value`` (an ``EmailMessage``, or any plain value) as text for ``message_data``."""
     if isinstance(value, EmailMessage):
@@ -98,8 +93,6 @@ def decode(data: str | bytes | None) -> Any:
         data = data.decode("utf-8", "surrogateescape")
     if not is_legacy(data):
         return _decode_document(data)
-    from mailer import legacy  # imported here: it builds on this module
-
     return legacy.loads(data)
 
 
@@ -119,26 +112,16 @@ def search_columns(value: Any) -> dict[str, str | None]:
     }
 
 
-def get_message_id(email: EmailMessage | None) -> str | None:
-    """Return the Message-ID header of ``email``; header names are case-insensitive."""
-    if email is None:
-        return None
-    for name, value in (email.extra_headers or {}).items():
-        if name.lower() == "message-id":
-            return value
-    return None
-
-
 def is_legacy(data: str | None) -> bool:
-    """Tell whether ``message_data`` is in django-mailer's pickle format."""
-    return bool(data) and not data.lstrip().startswith("{")
+    """Return whether ``message_data`` is in django-mailer's pickle format."""
+    return data is not None and data != "" and not data.lstrip().startswith("{")
 
 
 def _decode_document(data: str) -> Any:
     try:
         document = json.loads(data)
     except (ValueError, RecursionError) as exc:
-        raise UndecodableData(f"message data is not valid JSON: {type(exc).__name__}: {exc}") from None
+        raise UndecodableData(f"message data is not valid JSON: {type(exc).__name__}: {exc}") from exc
     version = document.get("mailer") if isinstance(document, dict) else None
     if version != FORMAT_VERSION:
         raise UndecodableData(f"message data is not in a format this version knows (mailer={version!r})")
@@ -149,7 +132,7 @@ def _decode_document(data: str) -> Any:
     except UndecodableData:
         raise
     except Exception as exc:
-        raise UndecodableData(f"message data is damaged: {type(exc).__name__}: {exc}") from None
+        raise UndecodableData(f"message data is damaged: {type(exc).__name__}: {exc}") from exc
 
 
 # Encoding ---------------------------------------------------------------
@@ -228,8 +211,8 @@ def _encode_attachment(item: Any, where: str) -> dict[str, Any]:
         return {"mime": _encode_mime(item)}
     try:
         filename, content, mimetype = item
-    except (TypeError, ValueError):
-        raise UnstorableEmail(f"{where} is neither a (filename, content, mimetype) triple nor a MIME part") from None
+    except (TypeError, ValueError) as exc:
+        raise UnstorableEmail(f"{where} is neither a (filename, content, mimetype) triple nor a MIME part") from exc
     return {
         "filename": _encode_value(filename, where),
         "content": _encode_value(content, where),
@@ -326,19 +309,6 @@ def _decode_email(encoded: dict[str, Any]) -> EmailMessage:
     return message
 
 
-def detach_connection(message: EmailMessage) -> None:
-    """Give ``message`` no connection, the way its Django version keeps it.
-
-    Django 6.1 holds it in ``_connection`` behind a deprecated property;
-    earlier versions in a plain ``connection`` attribute.
-    """
-    message.__dict__.pop("connection", None)
-    if isinstance(getattr(type(message), "connection", None), property):
-        message._connection = None
-    else:
-        message.connection = None
-
-
 def _email_class(path: str) -> type[EmailMessage]:
     """Return the class a stored message names, if it is one that may be queued.
 
@@ -350,7 +320,7 @@ def _email_class(path: str) -> type[EmailMessage]:
     try:
         cls = import_string(path)
     except ImportError as exc:
-        raise UndecodableData(f"message class {path} cannot be imported: {exc}") from None
+        raise UndecodableData(f"message class {path} cannot be imported: {exc}") from exc
     if not (isinstance(cls, type) and issubclass(cls, EmailMessage)):
         raise UndecodableData(f"{path} is not an EmailMessage class")
     return cls

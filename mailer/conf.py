@@ -35,5 +35,5 @@ def get_setting(name: str) -> Any:
 
 
 def is_set(name: str) -> bool:
-    """Tell whether the site sets ``name`` itself (rather than relying on its default)."""
+    """Return whether the site sets ``name`` itself (rather than relying on its default)."""
     return hasattr(settings, name)

@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
-from django.core.exceptions import ImproperlyConfigured
 from django.core.mail.backends.base import BaseEmailBackend
 from django.utils.module_loading import import_string
 
 from mailer import conf
+from mailer.backend import DbBackend
+from mailer.exceptions import ConfigurationError, InvalidDeliveryMailer
 
 DB_BACKEND = "mailer.backend.DbBackend"
 DJANGO_DEFAULT_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
@@ -44,15 +45,16 @@ class Route:
 
 
 def mailers_configured() -> bool:
-    """Tell whether the site uses Django 6.1's ``MAILERS`` setting."""
+    """Return whether the site uses Django 6.1's ``MAILERS`` setting."""
     return hasattr(settings, "MAILERS")
 
 
 def _mailer_config(alias: str) -> dict[str, Any]:
     try:
-        return settings.MAILERS[alias]
-    except KeyError:
-        raise ImproperlyConfigured(f"The mailer {alias!r} that should deliver queued mail is not in MAILERS.") from None
+        config: dict[str, Any] = settings.MAILERS[alias]
+    except KeyError as exc:
+        raise InvalidDeliveryMailer(f"The mailer {alias!r} that should deliver queued mail is not in MAILERS.") from exc
+    return config
 
 
 def _backend_path(config: dict[str, Any]) -> str:
@@ -76,16 +78,15 @@ def delivery_route() -> Route:
         return Route(_backend_path(default), DEFAULT_MAILER)
     alias = default.get("OPTIONS", {}).get("deliver_using")
     if not alias:
-        raise ImproperlyConfigured(
-            f"MAILERS['default'] is {DB_BACKEND}, which queues mail rather than delivering it: "
-            "set its OPTIONS['deliver_using'] to the alias of the mailer that delivers queued mail."
+        raise InvalidDeliveryMailer(
+            f"{DB_BACKEND} queues mail rather than delivering it: "
+            "set its OPTIONS['deliver_using'] to the alias of the mailer that delivers queued mail.",
+            alias=DEFAULT_MAILER,
         )
     return Route(_backend_path(_mailer_config(alias)), alias)
 
 
 def _is_queue(backend_path: str) -> bool:
-    from mailer.backend import DbBackend
-
     if backend_path == DB_BACKEND:
         return True
     try:
@@ -96,15 +97,15 @@ def _is_queue(backend_path: str) -> bool:
 
 
 def check_delivery_route() -> Route:
-    """Return the route, or raise ImproperlyConfigured if it would put mail back on the queue."""
+    """Return the route, or raise ConfigurationError if it would put mail back on the queue."""
     route = delivery_route()
     if _is_queue(route.backend_path):
         if not mailers_configured() and getattr(settings, "EMAIL_BACKEND", None) == route.backend_path:
-            raise ImproperlyConfigured(
+            raise ConfigurationError(
                 f'EMAIL_BACKEND and MAILER_EMAIL_BACKEND should not both be set to "{route.backend_path}" '
                 "at the same time: MAILER_EMAIL_BACKEND must name the backend that really delivers mail."
             )
-        raise ImproperlyConfigured(
+        raise ConfigurationError(
             f"Queued mail would be delivered by {route.describe()}, which queues it again. "
             "MAILER_EMAIL_BACKEND (or the deliver_using option) must name a backend that really delivers mail."
         )

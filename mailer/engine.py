@@ -35,8 +35,10 @@ from django.db import DatabaseError, transaction
 from django.utils.module_loading import import_string
 
 from mailer import conf
-from mailer.codec import SEARCH_COLUMNS, UndecodableData, UnstorableEmail, decode
+from mailer.codec import SEARCH_COLUMNS, decode
 from mailer.delivery import check_delivery_route, get_delivery_connection
+from mailer.exceptions import SentButNotRecorded, UndecodableData, UnstorableEmail
+from mailer.message_id import ensure_message_id, get_message_id
 from mailer.models import (
     RESULT_DONT_SEND,
     RESULT_FAILURE,
@@ -45,10 +47,8 @@ from mailer.models import (
     Message,
     MessageLog,
     datetime_now,
-    ensure_message_id,
-    get_message_id,
-    redact,
 )
+from mailer.redaction import keeps_message_data, loggable
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def handle_delivery_exception(
     if not isinstance(exc, deferrable):
         raise exc
     message.defer()
-    logger.info("message deferred due to failure: %s", _loggable(str(exc), message))
+    logger.info("message deferred due to failure: %s", loggable(str(exc), message))
     MessageLog.objects.log(message, RESULT_FAILURE, log_message=str(exc))
     return None, "deferred"
 
@@ -333,14 +333,10 @@ def _deliver(connection: BaseEmailBackend, email: EmailMessage, opening: bool) -
 
 
 def _session_ended(exc: Exception) -> bool:
-    """Tell whether ``exc`` says the server closed the session, rather than refused the message."""
+    """Return whether ``exc`` says the server closed the session, rather than refused the message."""
     if isinstance(exc, smtplib.SMTPServerDisconnected):
         return True
     return isinstance(exc, smtplib.SMTPResponseException) and exc.smtp_code == 421
-
-
-class SentButNotRecorded(Exception):
-    """A message went out but its log row and deletion could not be written."""
 
 
 RECORD_ATTEMPTS = 3
@@ -384,24 +380,17 @@ def _set_aside(message: Message, exc: Exception) -> None:
     """Defer ``message`` and log why, after an error the error handler did not handle."""
     message.defer()
     MessageLog.objects.log(message, RESULT_FAILURE, log_message=f"{type(exc).__name__}: {exc}")
-    logger.error("message deferred after an unexpected error: %s: %s", type(exc).__name__, _loggable(str(exc), message))
+    logger.error("message deferred after an unexpected error: %s: %s", type(exc).__name__, loggable(str(exc), message))
 
 
 def _dont_send_reason(suppressed: list[str]) -> str:
-    if not conf.get_setting("MAILER_EMAIL_LOG_MESSAGE_DATA"):
+    if not keeps_message_data():
         return "all recipients are on the don't send list"
     return "all recipients are on the don't send list: " + ", ".join(suppressed)
 
 
-def _loggable(text: str, message: Message) -> str:
-    """Return ``text`` fit for a log line: without addresses or subject when message data is not to be logged."""
-    if conf.get_setting("MAILER_EMAIL_LOG_MESSAGE_DATA"):
-        return text
-    return redact(text, message)
-
-
 def _log_sending(email: Any) -> None:
-    if conf.get_setting("MAILER_EMAIL_LOG_MESSAGE_DATA"):
+    if keeps_message_data():
         logger.info("sending message '%s' to %s", email.subject, ", ".join(map(str, email.to)))
     else:
         logger.info("sending message %s", email.extra_headers.get("Message-ID", ""))

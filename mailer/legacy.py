@@ -21,7 +21,8 @@ from typing import Any
 from django.core.mail import EmailAlternative, EmailAttachment, EmailMessage
 
 from mailer import conf
-from mailer.codec import UndecodableData, detach_connection
+from mailer.compat import detach_connection
+from mailer.exceptions import RefusedPickle, UndecodableData
 
 # Modules whose classes (never their functions) an email may be made of.
 CLASS_MODULES = {
@@ -72,10 +73,6 @@ class DiscardedConnection:
         pass
 
 
-class RefusedPickle(UndecodableData):
-    """A readable pickle that asks for something an email is not made of."""
-
-
 class RestrictedUnpickler(pickle.Unpickler):
     """An unpickler that resolves only the globals an email is made of."""
 
@@ -118,8 +115,8 @@ def loads(data: str) -> Any:
             value = _unpickle(data.encode("latin-1"))
         except RefusedPickle:
             raise
-        except (UnicodeEncodeError, UndecodableData):
-            raise UndecodableData("message data is neither JSON nor a django-mailer pickle") from None
+        except (UnicodeEncodeError, UndecodableData) as exc:
+            raise UndecodableData("message data is neither JSON nor a django-mailer pickle") from exc
     if isinstance(value, EmailMessage):
         _upgrade_parts(value)
         detach_connection(value)
@@ -132,7 +129,7 @@ def _unpickle(raw: bytes) -> Any:
     except UndecodableData:
         raise
     except Exception as exc:
-        raise UndecodableData(f"message data is not a readable pickle: {type(exc).__name__}: {exc}") from None
+        raise UndecodableData(f"message data is not a readable pickle: {type(exc).__name__}: {exc}") from exc
 
 
 def _upgrade_parts(email: EmailMessage) -> None:

@@ -7,20 +7,28 @@ database keeps working; the claim columns on ``Message`` are ours.
 import copy
 import datetime
 import logging
-import re
 from collections.abc import Iterable, Sequence
-from email.utils import parseaddr
 from typing import Any
 
-from django.core.mail import EmailMessage, make_msgid
-from django.core.mail.utils import DNS_NAME
+from django.core.mail import EmailMessage
 from django.db import models
 from django.db.models.functions import Lower
 from django.utils.timezone import now as datetime_now
 from django.utils.translation import gettext_lazy as _
 
 from mailer import conf
-from mailer.codec import db_to_email, email_to_db, get_message_id, search_columns
+from mailer.codec import db_to_email, email_to_db, search_columns
+from mailer.message_id import ensure_message_id, get_message_id
+from mailer.priority import (
+    PRIORITIES,
+    PRIORITY_DEFERRED,
+    PRIORITY_HIGH,
+    PRIORITY_LOW,
+    PRIORITY_MAPPING,
+    PRIORITY_MEDIUM,
+    get_priority,
+)
+from mailer.redaction import address_of, keeps_message_data, loggable
 
 __all__ = [
     "PRIORITY_HIGH",
@@ -43,20 +51,6 @@ __all__ = [
     "datetime_now",
 ]
 
-PRIORITY_HIGH = 1
-PRIORITY_MEDIUM = 2
-PRIORITY_LOW = 3
-PRIORITY_DEFERRED = 4
-
-PRIORITIES = [
-    (PRIORITY_HIGH, "high"),
-    (PRIORITY_MEDIUM, "medium"),
-    (PRIORITY_LOW, "low"),
-    (PRIORITY_DEFERRED, "deferred"),
-]
-
-PRIORITY_MAPPING = {label: value for value, label in PRIORITIES}
-
 RESULT_SUCCESS = "1"
 RESULT_DONT_SEND = "2"
 RESULT_FAILURE = "3"
@@ -68,19 +62,6 @@ RESULT_CODES = (
 )
 
 logger = logging.getLogger(__name__)
-
-
-def ensure_message_id(email: EmailMessage) -> str:
-    """Give ``email`` a Message-ID unless it has one, and return it.
-
-    It is set when the message is queued, so every attempt and every log row
-    of one message carries the same identifier.
-    """
-    message_id = get_message_id(email)
-    if message_id is None:
-        message_id = make_msgid(domain=DNS_NAME)
-        email.extra_headers["Message-ID"] = message_id
-    return message_id
 
 
 class MessageQuerySet(models.QuerySet):
@@ -117,7 +98,7 @@ class MessageQuerySet(models.QuerySet):
         return self.filter(models.Q(claimed_until__isnull=True) | models.Q(claimed_until__lte=now))
 
     def claim(self, pk: int, token: str, until: datetime.datetime) -> bool:
-        """Take message ``pk`` for the pass ``token`` until ``until``; tell whether it was free.
+        """Take message ``pk`` for the pass ``token`` until ``until``; return whether it was free.
 
         One conditional UPDATE: the database lets exactly one of several
         workers racing for the same row succeed, on every vendor.
@@ -157,11 +138,10 @@ class Message(models.Model):
         verbose_name_plural = _("messages")
 
     def __str__(self) -> str:
-        try:
-            email = self.email
-            return f'On {self.when_added}, "{email.subject}" to {", ".join(email.to)}'
-        except Exception:
+        email = self.email
+        if not isinstance(email, EmailMessage):
             return "<Message repr unavailable>"
+        return f'On {self.when_added}, "{email.subject}" to {", ".join(map(str, email.to))}'
 
     @classmethod
     def for_email(cls, email: EmailMessage, priority: int | None = None) -> "Message":
@@ -174,8 +154,6 @@ class Message(models.Model):
         reuse emails and header dicts, and each queued copy needs its own
         Message-ID.
         """
-        from mailer import get_priority
-
         email = copy.copy(email)
         email.extra_headers = dict(email.extra_headers or {})
         DontSendEntry.objects.remove_suppressed_recipients(email)
@@ -238,14 +216,9 @@ def make_message(
     return Message.for_email(email, priority=priority)
 
 
-def address_of(recipient: str) -> str:
-    """Return the bare, lower-cased address in ``recipient`` ("Name <a@b>" or "a@b")."""
-    return (parseaddr(recipient)[1] or recipient).lower()
-
-
 class DontSendEntryManager(models.Manager):
     def has_address(self, address: str) -> bool:
-        """Tell whether ``address`` is on the don't-send list (case-insensitive)."""
+        """Return whether ``address`` is on the don't-send list (case-insensitive)."""
         return bool(self.suppressed_addresses([address]))
 
     def suppressed_addresses(self, recipients: Iterable[str]) -> set[str]:
@@ -293,14 +266,6 @@ class DontSendEntry(models.Model):
         return self.to_address
 
 
-def redact(text: str, message: Message) -> str:
-    """Blank the recipients' addresses and the subject of ``message`` out of ``text``."""
-    secrets = [address_of(r) for r in message.recipients.split(", ") if r] + [message.subject]
-    for secret in sorted(filter(None, secrets), key=len, reverse=True):
-        text = re.sub(re.escape(secret), "<redacted>", text, flags=re.IGNORECASE)
-    return text
-
-
 class MessageLogManager(models.Manager):
     def log(self, message: Message, result_code: str, log_message: str = "") -> "MessageLog":
         """Record one attempt to send ``message`` with its result.
@@ -310,9 +275,7 @@ class MessageLogManager(models.Manager):
         recipients' addresses are blanked out of ``log_message`` (mail
         servers name them in their errors).
         """
-        keep_data = conf.get_setting("MAILER_EMAIL_LOG_MESSAGE_DATA")
-        if not keep_data:
-            log_message = redact(log_message, message)
+        keep_data = keeps_message_data()
         return self.create(
             message_data=message.message_data if keep_data else None,
             subject=message.subject if keep_data else None,
@@ -322,7 +285,7 @@ class MessageLogManager(models.Manager):
             when_added=message.when_added,
             priority=message.priority,
             result=result_code,
-            log_message=log_message,
+            log_message=loggable(log_message, message),
         )
 
     def purge_old_entries(self, days: int, result_codes: Iterable[str] | None = None) -> int:
@@ -356,13 +319,10 @@ class MessageLog(models.Model):
         verbose_name_plural = _("message logs")
 
     def __str__(self) -> str:
-        try:
-            email = self.email
-            if email:
-                return f'On {self.when_attempted}, "{email.subject}" to {", ".join(email.to)}'
+        email = self.email
+        if not isinstance(email, EmailMessage):
             return f'On {self.when_attempted}, "{self.message_id}"'
-        except Exception:
-            return "<MessageLog repr unavailable>"
+        return f'On {self.when_attempted}, "{email.subject}" to {", ".join(map(str, email.to))}'
 
     @property
     def email(self) -> Any:

@@ -2,11 +2,11 @@
 
 import django
 import pytest
-from django.core.exceptions import ImproperlyConfigured
 from django.core.mail.backends.locmem import EmailBackend as LocmemBackend
 
 from mailer import engine
 from mailer.delivery import Route, check_delivery_route, delivery_route, get_delivery_connection
+from mailer.exceptions import ConfigurationError, InvalidDeliveryMailer
 
 LOCMEM = "django.core.mail.backends.locmem.EmailBackend"
 SMTP = "django.core.mail.backends.smtp.EmailBackend"
@@ -43,14 +43,14 @@ def test_both_settings_on_db_backend_is_refused_with_both_names(legacy_settings)
     settings.EMAIL_BACKEND = DB
     settings.MAILER_EMAIL_BACKEND = DB
     with pytest.raises(
-        ImproperlyConfigured, match=r'EMAIL_BACKEND and MAILER_EMAIL_BACKEND .*"mailer.backend.DbBackend"'
+        ConfigurationError, match=r'EMAIL_BACKEND and MAILER_EMAIL_BACKEND .*"mailer.backend.DbBackend"'
     ):
         engine.send_all()
 
 
 def test_delivering_through_the_queue_itself_is_refused(settings):
     settings.MAILER_EMAIL_BACKEND = DB
-    with pytest.raises(ImproperlyConfigured, match="queues it again"):
+    with pytest.raises(ConfigurationError, match="queues it again"):
         check_delivery_route()
 
 
@@ -74,13 +74,15 @@ class TestWithMailers:
     def test_queue_as_default_without_deliver_using_is_explained(self, settings):
         del settings.MAILER_EMAIL_BACKEND
         settings.MAILERS = {"default": {"BACKEND": DB}}
-        with pytest.raises(ImproperlyConfigured, match=r"set its OPTIONS\['deliver_using'\]"):
+        with pytest.raises(
+            InvalidDeliveryMailer, match=r"^MAILERS\['default'\]: .* set its OPTIONS\['deliver_using'\]"
+        ):
             engine.send_all()
 
     def test_deliver_using_an_unknown_mailer_is_explained(self, settings):
         del settings.MAILER_EMAIL_BACKEND
         settings.MAILERS = {"default": {"BACKEND": DB, "OPTIONS": {"deliver_using": "missing"}}}
-        with pytest.raises(ImproperlyConfigured, match="'missing' that should deliver queued mail is not in MAILERS"):
+        with pytest.raises(InvalidDeliveryMailer, match="'missing' that should deliver queued mail is not in MAILERS"):
             check_delivery_route()
 
     def test_mailer_email_backend_picks_the_mailer_configured_with_that_class(self, settings):

@@ -6,67 +6,87 @@ that says why, for a human to decide.
 
 Going back (``migrate mailer 0009``) pickles the JSON rows again, so that
 django-mailer 2.x can read them after a downgrade.
+
+A migration must do the same thing for as long as it exists, so this one
+carries its own helpers and uses only the storage API itself (``decode``
+reads every stored form; ``email_to_db`` writes the versioned format) and
+the exceptions that API raises.
 """
 
 import base64
 import pickle
 from email.mime.base import MIMEBase
+from typing import Any
 
+from django.apps.registry import Apps
+from django.core.mail import EmailMessage
 from django.db import migrations
+from django.db.backends.base.schema import BaseDatabaseSchemaEditor
 
-from mailer.codec import (
-    StoredMIMEBase,
-    UndecodableData,
-    UnstorableEmail,
-    decode,
-    email_to_db,
-    is_legacy,
-    search_columns,
-)
+from mailer.codec import decode, email_to_db
+from mailer.exceptions import UndecodableData, UnstorableEmail
 
 BATCH = 500
 
 
-def convert_to_json(apps, schema_editor):
+def is_pickled(data: str) -> bool:
+    """Return whether ``data`` is django-mailer's base64 pickle (or an older raw one), not JSON."""
+    return bool(data) and not data.lstrip().startswith("{")
+
+
+def search_columns(email: EmailMessage) -> dict[str, Any]:
+    """Return the searchable columns of migration 0009 for ``email``."""
+    columns: dict[str, Any] = {
+        "subject": str(email.subject or ""),
+        "from_email": str(email.from_email or ""),
+        "recipients": ", ".join(map(str, email.recipients())),
+    }
+    for name, value in (email.extra_headers or {}).items():
+        if str(name).lower() == "message-id":
+            columns["message_id"] = str(value)
+    return columns
+
+
+def convert_to_json(apps: Apps, schema_editor: BaseDatabaseSchemaEditor) -> None:
     for model_name in ("Message", "MessageLog"):
         model = apps.get_model("mailer", model_name)
-        rows = model.objects.using(schema_editor.connection.alias).exclude(message_data__isnull=True)
+        rows = model._default_manager.using(schema_editor.connection.alias).exclude(message_data__isnull=True)
         for pk, data in rows.values_list("pk", "message_data").iterator(chunk_size=BATCH):
-            if not is_legacy(data):
+            if not is_pickled(data):
                 continue
             try:
                 email = decode(data)
                 converted = email_to_db(email)
             except (UndecodableData, UnstorableEmail):
                 continue  # left as it is; deferred with the reason when its turn comes
-            columns = search_columns(email)
+            columns = search_columns(email) if isinstance(email, EmailMessage) else {}
             if model_name == "MessageLog":
-                del columns["message_id"]  # the log row has its own, from the attempt
+                columns.pop("message_id", None)  # the log row has its own, from the attempt
             rows.filter(pk=pk).update(message_data=converted, **columns)
 
 
-def convert_to_pickle(apps, schema_editor):
+def convert_to_pickle(apps: Apps, schema_editor: BaseDatabaseSchemaEditor) -> None:
     for model_name in ("Message", "MessageLog"):
         model = apps.get_model("mailer", model_name)
-        rows = model.objects.using(schema_editor.connection.alias).exclude(message_data__isnull=True)
+        rows = model._default_manager.using(schema_editor.connection.alias).exclude(message_data__isnull=True)
         for pk, data in rows.values_list("pk", "message_data").iterator(chunk_size=BATCH):
-            if not data or is_legacy(data):
+            if not data or is_pickled(data):
                 continue
             try:
                 email = decode(data)
             except UndecodableData:
                 continue
-            _use_standard_classes(email)
+            use_standard_classes(email)
             pickled = base64.encodebytes(pickle.dumps(email)).decode("ascii")
             rows.filter(pk=pk).update(message_data=pickled)
 
 
-def _use_standard_classes(email):
-    """Make MIME attachments read back from JSON plain ``MIMEBase`` again: django-mailer has no ``mailer.codec``."""
+def use_standard_classes(email: Any) -> None:
+    """Make MIME attachments read back from JSON plain ``MIMEBase`` again: django-mailer cannot import ours."""
     for attachment in getattr(email, "attachments", []):
-        if isinstance(attachment, StoredMIMEBase):
+        if isinstance(attachment, MIMEBase):
             for part in attachment.walk():
-                if type(part) is StoredMIMEBase:
+                if type(part).__module__.startswith("mailer."):
                     part.__class__ = MIMEBase
 
 

@@ -1,0 +1,47 @@
+"""Every exception mailer raises, under one base, ``MailerError``.
+
+Configuration errors are also Django's ``ImproperlyConfigured`` (and, for a
+``MAILERS`` entry on Django 6.1, its ``InvalidMailer``), so code that already
+catches those keeps working. Storage errors are also ``ValueError``: they say
+that a value given to mailer cannot be stored or read back.
+"""
+
+from django.core.exceptions import ImproperlyConfigured
+
+try:
+    from django.core.mail.exceptions import InvalidMailer
+except ImportError:  # Django < 6.1 has no MAILERS setting, hence no InvalidMailer.
+    InvalidMailer = ImproperlyConfigured  # type: ignore[assignment,misc]
+
+
+class MailerError(Exception):
+    """The base of every exception mailer raises."""
+
+
+class ConfigurationError(MailerError, ImproperlyConfigured):
+    """Mailer's settings do not make sense; the message says which and why."""
+
+
+class InvalidDeliveryMailer(ConfigurationError, InvalidMailer):
+    """The ``MAILERS`` entry that should deliver queued mail is missing or unusable."""
+
+    def __init__(self, msg: str, *, alias: str | None = None) -> None:
+        if alias is not None:
+            msg = f"MAILERS[{alias!r}]: {msg}"
+        ImproperlyConfigured.__init__(self, msg)
+
+
+class UnstorableEmail(MailerError, ValueError):
+    """A message holds something that cannot be stored exactly; raised when it is queued."""
+
+
+class UndecodableData(MailerError, ValueError):
+    """``message_data`` cannot be turned back into a message; the text says why."""
+
+
+class RefusedPickle(UndecodableData):
+    """A legacy pickle asks for something an email is not made of."""
+
+
+class SentButNotRecorded(MailerError):
+    """A message went out but its log row and deletion could not be written."""
