@@ -1,9 +1,12 @@
+from typing import Any
+
 from django.contrib import admin, messages
+from django.http import HttpRequest
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
 from mailer import engine
-from mailer.models import DontSendEntry, Message, MessageLog
+from mailer.models import DontSendEntry, Message, MessageLog, MessageQuerySet
 
 
 class MessageAdminMixin:
@@ -23,7 +26,7 @@ class MessageAdmin(MessageAdminMixin, admin.ModelAdmin):
     actions = ["send_messages"]
 
     @admin.action(description=_("Send selected messages"))
-    def send_messages(self, request, queryset):
+    def send_messages(self, request: HttpRequest, queryset: MessageQuerySet) -> None:
         counts = engine.send_all(queryset)
         if counts is None:
             self.message_user(
@@ -43,7 +46,7 @@ class DontSendEntryAdmin(admin.ModelAdmin):
     list_display = ["to_address", "when_added"]
     search_fields = ["to_address"]
 
-    def get_changeform_initial_data(self, request):
+    def get_changeform_initial_data(self, request: HttpRequest) -> dict[str, Any]:
         return {"when_added": timezone.now(), **super().get_changeform_initial_data(request)}
 
 

@@ -26,10 +26,11 @@ import email.message
 import email.parser
 import email.policy
 import json
+from collections.abc import Callable
 from email.mime.base import MIMEBase
 from typing import Any
 
-from django.core.mail import EmailAlternative, EmailAttachment, EmailMessage
+from django.core.mail import EmailAlternative, EmailAttachment, EmailMessage, EmailMultiAlternatives
 from django.utils.functional import Promise
 from django.utils.module_loading import import_string
 
@@ -37,6 +38,20 @@ from mailer import conf, legacy
 from mailer.compat import detach_connection
 from mailer.exceptions import UndecodableData, UnstorableEmail
 from mailer.message_id import get_message_id
+
+__all__ = [
+    "FORMAT_VERSION",
+    "SEARCH_COLUMNS",
+    "StoredMIMEBase",
+    "UndecodableData",
+    "UnstorableEmail",
+    "db_to_email",
+    "decode",
+    "email_classes",
+    "email_to_db",
+    "is_legacy",
+    "search_columns",
+]
 
 FORMAT_VERSION = 1
 
@@ -56,7 +71,7 @@ EMAIL_FIELDS = (
     "mixed_subtype",
     "alternative_subtype",
 )
-NOT_STORED = {"connection", "_connection", "attachments", "alternatives"}
+NOT_STORED = {"connection", "_connection", "attachments"}
 
 # The classes a stored message may name, besides MAILER_EMAIL_CLASSES.
 DEFAULT_EMAIL_CLASSES = {
@@ -150,7 +165,7 @@ def _encode_email(message: EmailMessage, where: str) -> dict[str, Any]:
     encoded["attachments"] = [
         _encode_attachment(item, f"{where}.attachments[{index}]") for index, item in enumerate(message.attachments)
     ]
-    if hasattr(message, "alternatives"):
+    if isinstance(message, EmailMultiAlternatives):
         encoded["alternatives"] = [
             {
                 "content": _encode_value(content, f"{where}.alternatives[{index}]"),
@@ -172,6 +187,8 @@ def _extra_attributes(message: EmailMessage) -> dict[str, Any]:
     ``AnymailStatus``.
     """
     known = set(EMAIL_FIELDS) | NOT_STORED
+    if isinstance(message, EmailMultiAlternatives):
+        known.add("alternatives")
     extras = {name: value for name, value in vars(message).items() if name not in known}
     if not extras:
         return {}
@@ -191,7 +208,7 @@ def _is_default(value: Any, default: Any) -> bool:
     if default is _MISSING or type(value) is not type(default):
         return False
     if hasattr(value, "__dict__") and not isinstance(value, type):
-        return vars(value) == vars(default)
+        return bool(vars(value) == vars(default))
     try:
         return bool(value == default) and _is_plain(value)
     except Exception:
@@ -275,7 +292,7 @@ def _to_base64(data: bytes | bytearray | memoryview) -> str:
     return binascii.b2a_base64(data, newline=False).decode("ascii")
 
 
-def _encode_dict(value: dict, where: str) -> dict[str, Any]:
+def _encode_dict(value: dict[Any, Any], where: str) -> dict[str, Any]:
     for key in value:
         if not isinstance(key, str):
             raise UnstorableEmail(f"{where} cannot be stored: its key {key!r} is not a str")
@@ -300,6 +317,8 @@ def _decode_email(encoded: dict[str, Any]) -> EmailMessage:
             setattr(message, name, _decode_value(encoded[name]))
     message.attachments = [_decode_attachment(item) for item in encoded.get("attachments", [])]
     if "alternatives" in encoded:
+        if not isinstance(message, EmailMultiAlternatives):
+            raise UndecodableData(f"a {encoded['class']} has no alternatives")
         message.alternatives = [
             EmailAlternative(_decode_value(item["content"]), _decode_value(item["mimetype"]))
             for item in encoded["alternatives"]
@@ -350,18 +369,23 @@ class StoredMIMEBase(MIMEBase):
         email.message.Message.__init__(self, policy=policy)
 
 
+# The parser to read each kind of stored MIME object with: the class it
+# builds and the policy it was made under.
+_MIME_PARSERS: dict[str, tuple[Any, Any]] = {
+    "part": (email.message.MIMEPart, email.policy.default),
+    "mimebase": (StoredMIMEBase, email.policy.compat32),
+    "message": (email.message.Message, email.policy.compat32),
+}
+
+
 def _decode_mime(encoded: dict[str, Any]) -> email.message.Message:
-    data = binascii.a2b_base64(encoded["bytes"])
-    if encoded["kind"] == "part":
-        parser = email.parser.BytesParser(_class=email.message.MIMEPart, policy=email.policy.default)
-    elif encoded["kind"] == "mimebase":
-        parser = email.parser.BytesParser(_class=StoredMIMEBase, policy=email.policy.compat32)
-    else:
-        parser = email.parser.BytesParser(policy=email.policy.compat32)
-    return parser.parsebytes(data)
+    message_class, policy = _MIME_PARSERS[encoded["kind"]]
+    parser = email.parser.BytesParser(message_class, policy=policy)
+    message: email.message.Message = parser.parsebytes(binascii.a2b_base64(encoded["bytes"]))
+    return message
 
 
-_TAGS = {
+_TAGS: dict[str, Callable[[Any], Any]] = {
     "$bytes": binascii.a2b_base64,
     "$tuple": lambda value: tuple(_decode_value(item) for item in value),
     "$float": float,

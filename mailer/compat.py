@@ -12,6 +12,6 @@ def detach_connection(message: EmailMessage) -> None:
     """
     message.__dict__.pop("connection", None)
     if isinstance(getattr(type(message), "connection", None), property):
-        message._connection = None
+        message.__dict__["_connection"] = None
     else:
         message.connection = None

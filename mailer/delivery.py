@@ -58,7 +58,7 @@ def _mailer_config(alias: str) -> dict[str, Any]:
 
 
 def _backend_path(config: dict[str, Any]) -> str:
-    return config.get("BACKEND", DJANGO_DEFAULT_BACKEND)
+    return str(config.get("BACKEND", DJANGO_DEFAULT_BACKEND))
 
 
 def delivery_route() -> Route:
@@ -119,8 +119,11 @@ def get_delivery_connection(message: object = None) -> BaseEmailBackend:
     routing a message to the mailer it was queued for will hook in.
     """
     route = check_delivery_route()
+    connection: BaseEmailBackend
     if route.alias is None:
-        return import_string(route.backend_path)()
-    from django.core.mail import mailers
+        connection = import_string(route.backend_path)()
+    else:
+        from django.core.mail import mailers  # Django 6.1 and later; the route has an alias only there
 
-    return mailers[route.alias]
+        connection = mailers[route.alias]
+    return connection

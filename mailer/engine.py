@@ -50,6 +50,16 @@ from mailer.models import (
 )
 from mailer.redaction import keeps_message_data, loggable
 
+__all__ = [
+    "SentButNotRecorded",
+    "acquire_lock",
+    "handle_delivery_exception",
+    "prioritize",
+    "release_lock",
+    "send_all",
+    "send_loop",
+]
+
 logger = logging.getLogger(__name__)
 
 # How many queued ids a pass reads at a time; the rows themselves are read
@@ -128,7 +138,7 @@ def handle_delivery_exception(
     return None, "deferred"
 
 
-def send_all(queryset: Any = None) -> Counter | None:
+def send_all(queryset: Any = None) -> Counter[str] | None:
     """Make one pass over the queue (or over ``queryset``), under the lock file.
 
     Return how many messages ended each way ("sent", "deferred",
@@ -184,8 +194,8 @@ def _sleep_before_checking_again() -> None:
     time.sleep(sleep)
 
 
-def _send_queued(queryset: Any, error_handler: ErrorHandler) -> Counter:
-    counts: Counter = Counter()
+def _send_queued(queryset: Any, error_handler: ErrorHandler) -> Counter[str]:
+    counts: Counter[str] = Counter()
     connection = None
     try:
         for message in _claim_messages(queryset, token=uuid.uuid4().hex):
@@ -396,7 +406,7 @@ def _log_sending(email: Any) -> None:
         logger.info("sending message %s", email.extra_headers.get("Message-ID", ""))
 
 
-def _limit_reached(counts: Counter) -> bool:
+def _limit_reached(counts: Counter[str]) -> bool:
     max_batch = conf.get_setting("MAILER_EMAIL_MAX_BATCH")
     if max_batch is not None and counts["sent"] >= max_batch:
         logger.info("EMAIL_MAX_BATCH (%s) reached, stopping for this round", max_batch)

@@ -18,7 +18,7 @@ import io
 import pickle
 from typing import Any
 
-from django.core.mail import EmailAlternative, EmailAttachment, EmailMessage
+from django.core.mail import EmailAlternative, EmailAttachment, EmailMessage, EmailMultiAlternatives
 
 from mailer import conf
 from mailer.compat import detach_connection
@@ -134,7 +134,7 @@ def _unpickle(raw: bytes) -> Any:
 
 def _upgrade_parts(email: EmailMessage) -> None:
     """Turn the plain tuples of messages pickled before Django 5.2 into the named tuples Django now expects."""
-    if getattr(email, "alternatives", None):
+    if isinstance(email, EmailMultiAlternatives) and email.alternatives:
         email.alternatives = [EmailAlternative(*item) if type(item) is tuple else item for item in email.alternatives]
     if email.attachments:
         email.attachments = [EmailAttachment(*item) if type(item) is tuple else item for item in email.attachments]

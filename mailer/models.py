@@ -64,7 +64,7 @@ RESULT_CODES = (
 logger = logging.getLogger(__name__)
 
 
-class MessageQuerySet(models.QuerySet):
+class MessageQuerySet(models.QuerySet["Message", "Message"]):
     def high_priority(self) -> "MessageQuerySet":
         """The high priority messages in the queue."""
         return self.filter(priority=PRIORITY_HIGH)
@@ -104,7 +104,7 @@ class MessageQuerySet(models.QuerySet):
         workers racing for the same row succeed, on every vendor.
         """
         now = datetime_now()
-        updated = (
+        updated: int = (
             self.filter(pk=pk).claimable(now).exclude(claimed_by=token).update(claimed_by=token, claimed_until=until)
         )
         return updated == 1
@@ -195,7 +195,7 @@ def make_message(
     from_email: str | None = None,
     to: Sequence[str] | None = None,
     bcc: Sequence[str] | None = None,
-    attachments: list | None = None,
+    attachments: list[Any] | None = None,
     headers: dict[str, str] | None = None,
     priority: int | None = None,
 ) -> Message:
@@ -216,7 +216,7 @@ def make_message(
     return Message.for_email(email, priority=priority)
 
 
-class DontSendEntryManager(models.Manager):
+class DontSendEntryManager(models.Manager["DontSendEntry"]):
     def has_address(self, address: str) -> bool:
         """Return whether ``address`` is on the don't-send list (case-insensitive)."""
         return bool(self.suppressed_addresses([address]))
@@ -266,7 +266,7 @@ class DontSendEntry(models.Model):
         return self.to_address
 
 
-class MessageLogManager(models.Manager):
+class MessageLogManager(models.Manager["MessageLog"]):
     def log(self, message: Message, result_code: str, log_message: str = "") -> "MessageLog":
         """Record one attempt to send ``message`` with its result.
 

@@ -11,6 +11,7 @@ a skip into a failure; see ``tests/conftest.py``.
 """
 
 import os
+from typing import Any
 
 import django
 
@@ -61,6 +62,7 @@ _PORTS = {"postgresql": "5432", "mysql": "3306"}
 if DB_VENDOR not in _ENGINES:
     raise RuntimeError(f"MAILER_TEST_DB must be one of {sorted(_ENGINES)}, not {DB_VENDOR!r}")
 
+DATABASES: dict[str, dict[str, Any]]
 if DB_VENDOR == "sqlite":
     DATABASES = {
         "default": {

@@ -1,7 +1,7 @@
 from django.db import migrations, models
 
 
-def big_auto_id():
+def big_auto_id() -> "models.BigAutoField[int, int]":
     return models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")
 
 

@@ -1,7 +1,9 @@
+from typing import Any
+
 from django.db import migrations, models
 
 
-def searchable(**options):
+def searchable(**options: Any) -> "models.TextField[str, str]":
     return models.TextField(editable=False, **options)
 
 

@@ -1,8 +1,9 @@
 import logging
 import sys
 from datetime import datetime
+from typing import Any
 
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandParser
 
 from mailer import engine
 
@@ -10,10 +11,10 @@ from mailer import engine
 class Command(BaseCommand):
     help = "Send queued mail continuously, checking the queue every MAILER_EMPTY_QUEUE_SLEEP seconds."
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--debug", action="store_true", help="Log mailer.engine at DEBUG level")
 
-    def handle(self, *args, **options):
+    def handle(self, *args: Any, **options: Any) -> None:
         if options["debug"]:
             logging.getLogger("mailer.engine").setLevel(logging.DEBUG)
         self.stdout.write(datetime.now().strftime("%B %d, %Y - %X"))

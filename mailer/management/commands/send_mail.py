@@ -1,6 +1,7 @@
 import logging
+from typing import Any
 
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandParser
 
 from mailer import engine
 from mailer.management.commands._cron import add_cron_argument, warn_if_cron_given
@@ -11,10 +12,10 @@ logger = logging.getLogger(__name__)
 class Command(BaseCommand):
     help = "Do one pass through the mail queue, attempting to send all mail."
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         add_cron_argument(parser)
 
-    def handle(self, *args, **options):
+    def handle(self, *args: Any, **options: Any) -> None:
         warn_if_cron_given("send_mail", options)
         logger.info("-" * 72)
         engine.send_all()
