@@ -27,7 +27,7 @@ def imported_modules(name: str) -> set[str]:
     """Return the modules of this package that module ``name`` imports, anywhere in its source."""
     path = MODULES[name]
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    found = set()
+    found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]

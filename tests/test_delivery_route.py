@@ -3,8 +3,10 @@
 import django
 import pytest
 from django.core.mail.backends.locmem import EmailBackend as LocmemBackend
+from django.core.mail.backends.smtp import EmailBackend as SmtpBackend
 
 from mailer import engine
+from mailer.backend import DbBackend
 from mailer.delivery import Route, check_delivery_route, delivery_route, get_delivery_connection
 from mailer.exceptions import ConfigurationError, InvalidDeliveryMailer
 
@@ -64,7 +66,8 @@ class TestWithMailers:
         }
         assert delivery_route() == Route(LOCMEM, "outbound")
         connection = get_delivery_connection()
-        assert isinstance(connection, LocmemBackend) and connection.alias == "outbound"
+        assert isinstance(connection, LocmemBackend)
+        assert connection.alias == "outbound"  # type: ignore[attr-defined]  # django-stubs 6.1.2 lacks alias
 
     def test_a_default_mailer_that_delivers_is_used(self, settings):
         del settings.MAILER_EMAIL_BACKEND
@@ -93,7 +96,9 @@ class TestWithMailers:
             "smtp": {"BACKEND": SMTP, "OPTIONS": {"host": "mail.example.com", "port": 2525}},
         }
         connection = get_delivery_connection()
-        assert (connection.alias, connection.host, connection.port) == ("smtp", "mail.example.com", 2525)
+        assert isinstance(connection, SmtpBackend)
+        assert (connection.host, connection.port) == ("mail.example.com", 2525)
+        assert connection.alias == "smtp"  # type: ignore[attr-defined]  # django-stubs 6.1.2 lacks alias
 
     def test_mailer_email_backend_without_a_matching_mailer_is_made_directly(self, settings):
         settings.MAILER_EMAIL_BACKEND = LOCMEM
@@ -108,7 +113,8 @@ class TestWithMailers:
             "default": {"BACKEND": DB, "OPTIONS": {"deliver_using": "x", "priority": 1}},
             "wrong": {"BACKEND": DB, "OPTIONS": {"colour": "blue"}},
         }
-        assert mailers["default"].deliver_using == "x"
+        queue = mailers["default"]
+        assert isinstance(queue, DbBackend) and queue.deliver_using == "x"
         with pytest.raises(InvalidMailer, match="colour"):
             mailers["wrong"]
 
