@@ -38,6 +38,7 @@ from mailer import conf, legacy
 from mailer.compat import detach_connection
 from mailer.exceptions import UndecodableData, UnstorableEmail
 from mailer.message_id import get_message_id
+from mailer.mime import StoredMIMEBase
 
 __all__ = [
     "FORMAT_VERSION",
@@ -356,17 +357,6 @@ def _decode_attachment(item: dict[str, Any]) -> Any:
     return EmailAttachment(
         _decode_value(item["filename"]), _decode_value(item["content"]), _decode_value(item["mimetype"])
     )
-
-
-class StoredMIMEBase(MIMEBase):
-    """A legacy ``email.mime`` attachment read back from its bytes.
-
-    Django treats ``MIMEBase`` instances as ready-made parts; the parser
-    needs a class it can create without arguments, which ``MIMEBase`` is not.
-    """
-
-    def __init__(self, policy: Any = email.policy.compat32) -> None:
-        email.message.Message.__init__(self, policy=policy)
 
 
 # The parser to read each kind of stored MIME object with: the class it
