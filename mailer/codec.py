@@ -49,12 +49,20 @@ __all__ = [
     "db_to_email",
     "decode",
     "email_classes",
+    "check_email",
     "email_to_db",
     "is_legacy",
     "search_columns",
 ]
 
 FORMAT_VERSION = 1
+
+# The largest message_data read back: a 25 MB attachment is about 34 million
+# characters of base64. A larger row is refused before it is parsed.
+MAX_DATA_SIZE = 64 * 1024 * 1024
+
+# How deep a stored value may nest (lists in dicts in lists...).
+MAX_DEPTH = 100
 
 # The attributes of Django's EmailMessage and EmailMultiAlternatives, stored
 # by name; any other instance attribute is an "extra" of a subclass.
@@ -90,7 +98,12 @@ def email_to_db(value: Any) -> str:
         document = {"mailer": FORMAT_VERSION, "value": _encode_value(value, "value")}
     # ASCII only, as django-mailer's base64 was: MySQL tables in the old
     # three-byte "utf8" charset cannot hold every character.
-    return json.dumps(document, separators=(",", ":"))
+    text = json.dumps(document, separators=(",", ":"))
+    if len(text) > MAX_DATA_SIZE:
+        raise UnstorableEmail(
+            f"the message is {len(text)} characters once stored, more than mailer reads back ({MAX_DATA_SIZE})"
+        )
+    return text
 
 
 def db_to_email(data: str | bytes | None) -> Any:
@@ -102,14 +115,71 @@ def db_to_email(data: str | bytes | None) -> Any:
 
 
 def decode(data: str | bytes | None) -> Any:
-    """Decode ``message_data``; return None when it is empty, raise UndecodableData when it cannot be decoded."""
+    """Decode ``message_data``; return None when it is empty, raise UndecodableData when it cannot be decoded.
+
+    A decoded email has the shape the engine relies on (``check_email``),
+    whatever the row held.
+    """
     if not data:
         return None
     if isinstance(data, bytes):
         data = data.decode("utf-8", "surrogateescape")
-    if not is_legacy(data):
-        return _decode_document(data)
-    return legacy.loads(data)
+    if len(data) > MAX_DATA_SIZE:
+        raise UndecodableData(f"message data is larger than {MAX_DATA_SIZE} characters")
+    try:
+        value = _decode_document(data) if not is_legacy(data) else legacy.loads(data)
+        if isinstance(value, EmailMessage):
+            check_email(value)
+    except UndecodableData:
+        raise
+    except Exception as exc:  # a row must never crash its reader: whatever it holds, say why
+        raise UndecodableData(f"message data is damaged: {type(exc).__name__}: {exc}") from exc
+    return value
+
+
+def check_email(message: EmailMessage) -> None:
+    """Raise UndecodableData unless every field of ``message`` has the type Django gives it.
+
+    Rows are data from outside: a row with ``cc=None`` or a list of headers
+    is refused here, with the field named, rather than crashing later.
+    """
+    for name in ("subject", "body"):
+        _require(isinstance(getattr(message, name), str), f"{name} is not text")
+    _require(isinstance(message.from_email, (str, type(None))), "from_email is not text")
+    for name in ("to", "cc", "bcc", "reply_to"):
+        addresses = getattr(message, name)
+        _require(isinstance(addresses, list), f"{name} is not a list")
+        _require(all(isinstance(address, str) for address in addresses), f"{name} holds something not text")
+    headers = message.extra_headers
+    _require(isinstance(headers, dict), "extra_headers is not a dict")
+    _require(all(isinstance(name, str) for name in headers), "a header name is not text")
+    _require(isinstance(message.attachments, list), "attachments is not a list")
+    for attachment in message.attachments:
+        if isinstance(attachment, email.message.Message):
+            continue
+        _require(isinstance(attachment, tuple) and len(attachment) == 3, "an attachment is not (name, content, type)")
+        filename, content, mimetype = attachment
+        _require(isinstance(filename, (str, type(None))), "an attachment name is not text")
+        _require(
+            isinstance(content, (str, bytes, EmailMessage, email.message.Message)),
+            "an attachment's content is neither text, bytes nor a message",
+        )
+        _require(isinstance(mimetype, (str, type(None))), "an attachment's type is not text")
+    if isinstance(message, EmailMultiAlternatives):
+        _require(isinstance(message.alternatives, list), "alternatives is not a list")
+        for alternative in message.alternatives:
+            _require(
+                isinstance(alternative, tuple)
+                and len(alternative) == 2
+                and isinstance(alternative[0], (str, bytes))
+                and isinstance(alternative[1], str),
+                "an alternative is not (content, mimetype)",
+            )
+
+
+def _require(condition: bool, problem: str) -> None:
+    if not condition:
+        raise UndecodableData(f"message data is damaged: {problem}")
 
 
 SEARCH_COLUMNS = ("subject", "from_email", "recipients", "message_id")
@@ -175,6 +245,9 @@ def _encode_email(message: EmailMessage, where: str) -> dict[str, Any]:
             for index, (content, mimetype) in enumerate(message.alternatives)
         ]
     extras = _extra_attributes(message)
+    for name in extras:
+        if legacy.is_behaviour(cls, name):
+            raise UnstorableEmail(f"{where}.{name} replaces a method or property of {path}: it cannot be stored")
     if extras:
         encoded["extra"] = {name: _encode_value(value, f"{where}.{name}") for name, value in extras.items()}
     return encoded
@@ -306,7 +379,7 @@ def _encode_dict(value: dict[Any, Any], where: str) -> dict[str, Any]:
 # Decoding ---------------------------------------------------------------
 
 
-def _decode_email(encoded: dict[str, Any]) -> EmailMessage:
+def _decode_email(encoded: dict[str, Any], depth: int = 0) -> EmailMessage:
     cls = _email_class(encoded["class"])
     try:
         message = cls()
@@ -315,17 +388,19 @@ def _decode_email(encoded: dict[str, Any]) -> EmailMessage:
         detach_connection(message)
     for name in EMAIL_FIELDS:
         if name in encoded:
-            setattr(message, name, _decode_value(encoded[name]))
-    message.attachments = [_decode_attachment(item) for item in encoded.get("attachments", [])]
+            setattr(message, name, _decode_value(encoded[name], depth + 1))
+    message.attachments = [_decode_attachment(item, depth + 1) for item in encoded.get("attachments", [])]
     if "alternatives" in encoded:
         if not isinstance(message, EmailMultiAlternatives):
             raise UndecodableData(f"a {encoded['class']} has no alternatives")
         message.alternatives = [
-            EmailAlternative(_decode_value(item["content"]), _decode_value(item["mimetype"]))
+            EmailAlternative(_decode_value(item["content"], depth + 1), _decode_value(item["mimetype"], depth + 1))
             for item in encoded["alternatives"]
         ]
     for name, value in encoded.get("extra", {}).items():
-        setattr(message, name, _decode_value(value))
+        if name in EMAIL_FIELDS or name in NOT_STORED or legacy.is_behaviour(cls, name):
+            raise UndecodableData(f"message data sets {name!r}, which is not an attribute a {cls.__name__} may add")
+        setattr(message, name, _decode_value(value, depth + 1))
     return message
 
 
@@ -351,11 +426,13 @@ def email_classes() -> set[str]:
     return DEFAULT_EMAIL_CLASSES | set(conf.get_setting("MAILER_EMAIL_CLASSES"))
 
 
-def _decode_attachment(item: dict[str, Any]) -> Any:
+def _decode_attachment(item: dict[str, Any], depth: int) -> Any:
     if "mime" in item:
         return _decode_mime(item["mime"])
     return EmailAttachment(
-        _decode_value(item["filename"]), _decode_value(item["content"]), _decode_value(item["mimetype"])
+        _decode_value(item["filename"], depth),
+        _decode_value(item["content"], depth),
+        _decode_value(item["mimetype"], depth),
     )
 
 
@@ -375,28 +452,40 @@ def _decode_mime(encoded: dict[str, Any]) -> email.message.Message:
     return message
 
 
-_TAGS: dict[str, Callable[[Any], Any]] = {
-    "$bytes": binascii.a2b_base64,
-    "$tuple": lambda value: tuple(_decode_value(item) for item in value),
-    "$float": float,
-    "$datetime": datetime.datetime.fromisoformat,
-    "$date": datetime.date.fromisoformat,
-    "$time": datetime.time.fromisoformat,
-    "$timedelta": lambda value: datetime.timedelta(*value),
-    "$decimal": decimal.Decimal,
-    "$email": lambda value: _decode_email(value),
-    "$mime": lambda value: _decode_mime(value),
-    "$dict": lambda value: {key: _decode_value(item) for key, item in value.items()},
+def _decode_tuple(value: Any, depth: int) -> tuple[Any, ...]:
+    return tuple(_decode_value(item, depth) for item in value)
+
+
+def _decode_dict(value: Any, depth: int) -> dict[str, Any]:
+    return {key: _decode_value(item, depth) for key, item in value.items()}
+
+
+# How each tag of ``_encode_value`` reads back; each takes the tagged value
+# and how deep it stands.
+_TAGS: dict[str, Callable[[Any, int], Any]] = {
+    "$bytes": lambda value, depth: binascii.a2b_base64(value),
+    "$tuple": _decode_tuple,
+    "$float": lambda value, depth: float(value),
+    "$datetime": lambda value, depth: datetime.datetime.fromisoformat(value),
+    "$date": lambda value, depth: datetime.date.fromisoformat(value),
+    "$time": lambda value, depth: datetime.time.fromisoformat(value),
+    "$timedelta": lambda value, depth: datetime.timedelta(*value),
+    "$decimal": lambda value, depth: decimal.Decimal(value),
+    "$email": lambda value, depth: _decode_email(value, depth),
+    "$mime": lambda value, depth: _decode_mime(value),
+    "$dict": _decode_dict,
 }
 
 
-def _decode_value(value: Any) -> Any:
+def _decode_value(value: Any, depth: int = 0) -> Any:
+    if depth > MAX_DEPTH:
+        raise UndecodableData(f"message data is nested more than {MAX_DEPTH} deep")
     if isinstance(value, list):
-        return [_decode_value(item) for item in value]
+        return [_decode_value(item, depth + 1) for item in value]
     if isinstance(value, dict):
         if len(value) == 1:
             ((key, item),) = value.items()
             if key in _TAGS:
-                return _TAGS[key](item)
-        return {key: _decode_value(item) for key, item in value.items()}
+                return _TAGS[key](item, depth + 1)
+        return _decode_dict(value, depth + 1)
     return value

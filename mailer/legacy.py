@@ -47,7 +47,7 @@ from mailer.compat import detach_connection
 from mailer.exceptions import RefusedPickle, UndecodableData
 from mailer.mime import StoredMIMEBase
 
-__all__ = ["LIMITS", "Limits", "loads"]
+__all__ = ["LIMITS", "Limits", "is_behaviour", "loads"]
 
 
 @dataclass(frozen=True)
@@ -668,7 +668,7 @@ class _Rebuilder:
         filename, content, mimetype = item
         if not (
             isinstance(filename, (str, type(None)))
-            and isinstance(content, (str, bytes))
+            and isinstance(content, (str, bytes, EmailMessage, email.message.Message))
             and isinstance(mimetype, (str, type(None)))
         ):
             raise RefusedPickle("legacy pickle refused: an attachment of unexpected types")
@@ -750,11 +750,11 @@ def _is_extra(cls: type[EmailMessage], name: str) -> bool:
         and name not in known
         and name != "alternatives"
         and name.isidentifier()
-        and not _is_behaviour(cls, name)
+        and not is_behaviour(cls, name)
     )
 
 
-def _is_behaviour(cls: type, name: str) -> bool:
+def is_behaviour(cls: type, name: str) -> bool:
     """Return whether ``name`` is code on ``cls`` (a method, a property) that data must not replace."""
     if name.startswith("__"):
         return True
