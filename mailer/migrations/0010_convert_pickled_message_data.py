@@ -1,7 +1,7 @@
 """Rewrite the pickled rows of django-mailer in mailer's JSON format, once.
 
-After this, normal operation never unpickles. A row the restricted unpickler
-refuses is left as it is: when its turn comes it is deferred, with a log row
+After this, normal operation never unpickles. A row the legacy reader refuses
+is left as it is: when its turn comes it is deferred, with a log row
 that says why, for a human to decide.
 
 Going back (``migrate mailer 0009``) pickles the JSON rows again, so that
@@ -9,8 +9,9 @@ django-mailer 2.x can read them after a downgrade.
 
 A migration must do the same thing for as long as it exists, so this one
 carries its own helpers and uses only the storage API itself (``decode``
-reads every stored form; ``email_to_db`` writes the versioned format) and
-the exceptions that API raises.
+reads every stored form; ``email_to_db`` writes the versioned format).
+No row's content can stop ``migrate``: a row that cannot be converted is left
+as it is, and counted in the output.
 """
 
 import base64
@@ -24,7 +25,6 @@ from django.db import migrations
 from django.db.backends.base.schema import BaseDatabaseSchemaEditor
 
 from mailer.codec import decode, email_to_db
-from mailer.exceptions import UndecodableData, UnstorableEmail
 
 BATCH = 500
 
@@ -48,6 +48,7 @@ def search_columns(email: EmailMessage) -> dict[str, Any]:
 
 
 def convert_to_json(apps: Apps, schema_editor: BaseDatabaseSchemaEditor) -> None:
+    converted = left = 0
     for model_name in ("Message", "MessageLog"):
         model = apps.get_model("mailer", model_name)
         rows = model._default_manager.using(schema_editor.connection.alias).exclude(message_data__isnull=True)
@@ -56,16 +57,25 @@ def convert_to_json(apps: Apps, schema_editor: BaseDatabaseSchemaEditor) -> None
                 continue
             try:
                 email = decode(data)
-                converted = email_to_db(email)
-            except (UndecodableData, UnstorableEmail):
-                continue  # left as it is; deferred with the reason when its turn comes
-            columns = search_columns(email) if isinstance(email, EmailMessage) else {}
+                columns = search_columns(email) if isinstance(email, EmailMessage) else {}
+                json_data = email_to_db(email)
+            except Exception:  # no row's content may stop migrate
+                left += 1  # deferred with the reason when its turn comes
+                continue
             if model_name == "MessageLog":
                 columns.pop("message_id", None)  # the log row has its own, from the attempt
-            rows.filter(pk=pk).update(message_data=converted, **columns)
+            rows.filter(pk=pk).update(message_data=json_data, **columns)
+            converted += 1
+    if left:
+        print(  # migrate's own output: where an operator reads it
+            f"\n  mailer: {converted} pickled row(s) converted to JSON; {left} left as they were, "
+            "because they cannot be read (each is deferred, with the reason in the log, when its turn comes)",
+            end="",
+        )
 
 
 def convert_to_pickle(apps: Apps, schema_editor: BaseDatabaseSchemaEditor) -> None:
+    left = 0
     for model_name in ("Message", "MessageLog"):
         model = apps.get_model("mailer", model_name)
         rows = model._default_manager.using(schema_editor.connection.alias).exclude(message_data__isnull=True)
@@ -74,11 +84,14 @@ def convert_to_pickle(apps: Apps, schema_editor: BaseDatabaseSchemaEditor) -> No
                 continue
             try:
                 email = decode(data)
-            except UndecodableData:
+                use_standard_classes(email)
+                pickled = base64.encodebytes(pickle.dumps(email)).decode("ascii")
+            except Exception:  # no row's content may stop migrate
+                left += 1
                 continue
-            use_standard_classes(email)
-            pickled = base64.encodebytes(pickle.dumps(email)).decode("ascii")
             rows.filter(pk=pk).update(message_data=pickled)
+    if left:
+        print(f"\n  mailer: {left} row(s) left as JSON, which django-mailer cannot read", end="")
 
 
 def use_standard_classes(email: Any) -> None:
