@@ -37,7 +37,7 @@ from django.utils.module_loading import import_string
 from mailer import conf
 from mailer.codec import SEARCH_COLUMNS, decode
 from mailer.delivery import check_delivery_route, get_delivery_connection
-from mailer.exceptions import SentButNotRecorded, UndecodableData, UnstorableEmail
+from mailer.exceptions import RedactedError, SentButNotRecorded, UndecodableData, UnstorableEmail
 from mailer.message_id import ensure_message_id, get_message_id
 from mailer.models import (
     RESULT_DONT_SEND,
@@ -263,7 +263,7 @@ def _read_email(message: Message) -> EmailMessage | None:
         )
     logger.warning(
         "message deferred due to failure in converting from DB (%s). Added on '%s' with priority '%s'",
-        reason,
+        loggable(reason, message),
         message.when_added,
         message.priority,
     )
@@ -310,19 +310,22 @@ def _send_message(
                 raise
             # The server ended the session the pass was reusing (idle
             # timeout, a per-session limit): the message was never tried.
-            logger.info("the mail server ended the session (%s); opening a new one", exc)
+            logger.info("the mail server ended the session (%s); opening a new one", loggable(str(exc), message))
             _close_quietly(connection)
             connection = get_delivery_connection(message)
             _deliver(connection, email, opening=True)
     except Exception as exc:
         try:
             new_connection, outcome = error_handler(connection, message, exc)
-        except Exception:
+        except Exception as raised:
             # The handler re-raises what it does not know, so that the error
             # is seen. Set the message aside first: left in the queue, it
             # would come first again and stop every later pass.
             _set_aside(message, exc)
-            raise
+            if keeps_message_data():
+                raise
+            # Its text may name the message's addresses, and so may its cause.
+            raise RedactedError(loggable(f"{type(raised).__name__}: {raised}", message)) from None
         if new_connection is not connection:
             _close_quietly(connection)
         return new_connection, outcome

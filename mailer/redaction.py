@@ -1,25 +1,44 @@
 """What mailer may write about a message when ``MAILER_EMAIL_LOG_MESSAGE_DATA`` is off.
 
 With the setting off, the log keeps no content, and the addresses and the
-subject of a message are blanked out of the texts mailer writes (mail
-servers name addresses in their errors). Everything that writes such a text
-asks ``loggable``.
+subject of a message are blanked out of every text mailer writes or raises
+(mail servers name addresses in their errors): its log rows, its log lines,
+and the exceptions it raises again. Everything that writes such a text asks
+``loggable``; this module is the whole policy.
 """
 
+import contextlib
 import re
-from email.utils import parseaddr
-from typing import Protocol
+from collections.abc import Iterable
+from email.utils import getaddresses, parseaddr
+from typing import Any, Protocol
 
 from mailer import conf
 
 REDACTED = "<redacted>"
 
+# Headers of ``extra_headers`` that hold addresses.
+ADDRESS_HEADERS = {"from", "sender", "reply-to", "to", "cc", "bcc", "return-path"}
+
+# A display name shorter than this identifies nobody, and would blank out
+# ordinary words.
+SHORTEST_NAME = 3
+
 
 class Searchable(Protocol):
-    """What redaction needs of a queued message: its searchable columns."""
+    """What redaction needs of a queued message: its searchable columns and its email."""
 
-    subject: str
-    recipients: str
+    @property
+    def subject(self) -> str | None: ...
+
+    @property
+    def from_email(self) -> str | None: ...
+
+    @property
+    def recipients(self) -> str | None: ...
+
+    @property
+    def email(self) -> Any: ...
 
 
 def keeps_message_data() -> bool:
@@ -32,12 +51,54 @@ def address_of(recipient: str) -> str:
     return (parseaddr(recipient)[1] or recipient).lower()
 
 
+def secrets_of(message: Searchable) -> set[str]:
+    """Return every form in which the addresses, names and subject of ``message`` may appear in a text.
+
+    They are read from the stored email as well as from the search columns,
+    which are empty for a row no version of mailer has saved yet.
+    """
+    subjects = [message.subject]
+    address_texts = [message.from_email, *(message.recipients or "").split(", ")]
+    try:
+        email = message.email
+    except Exception:  # an unreadable row: its columns are all there is
+        email = None
+    if email is not None and hasattr(email, "extra_headers"):
+        subjects.append(getattr(email, "subject", None))
+        address_texts.append(getattr(email, "from_email", None))
+        for field in ("to", "cc", "bcc", "reply_to"):
+            address_texts.extend(getattr(email, field, None) or [])
+        headers = email.extra_headers if isinstance(email.extra_headers, dict) else {}
+        subjects.extend(value for name, value in headers.items() if str(name).lower() == "subject")
+        address_texts.extend(value for name, value in headers.items() if str(name).lower() in ADDRESS_HEADERS)
+    secrets = {str(subject) for subject in subjects if subject}
+    secrets.update(_address_forms(str(text) for text in address_texts if text))
+    return secrets
+
+
+def _address_forms(texts: Iterable[str]) -> set[str]:
+    forms = set()
+    for name, address in getaddresses(list(texts)):
+        if len(name) >= SHORTEST_NAME:
+            forms.add(name)
+        if not address:
+            continue
+        forms.add(address)
+        local, _, domain = address.rpartition("@")
+        if local and domain:
+            with contextlib.suppress(UnicodeError):  # not a domain IDNA can write
+                # What a mail server reports for an international domain.
+                forms.add(f"{local}@{domain.encode('idna').decode('ascii')}")
+    return forms
+
+
 def redact(text: str, message: Searchable) -> str:
-    """Blank the recipients' addresses and the subject of ``message`` out of ``text``."""
-    secrets = [address_of(r) for r in (message.recipients or "").split(", ") if r] + [message.subject]
-    for secret in sorted(filter(None, secrets), key=len, reverse=True):
-        text = re.sub(re.escape(secret), REDACTED, text, flags=re.IGNORECASE)
-    return text
+    """Blank every address, display name and subject of ``message`` out of ``text``, in any letter case."""
+    secrets = sorted(secrets_of(message), key=len, reverse=True)
+    if not text or not secrets:
+        return text
+    pattern = "|".join(re.escape(secret) for secret in secrets)
+    return re.sub(pattern, REDACTED, text, flags=re.IGNORECASE)
 
 
 def loggable(text: str, message: Searchable) -> str:

@@ -10,6 +10,7 @@ from mailer.exceptions import (
     ConfigurationError,
     InvalidDeliveryMailer,
     MailerError,
+    RedactedError,
     RefusedPickle,
     SentButNotRecorded,
     UndecodableData,
@@ -26,6 +27,7 @@ from mailer.exceptions import (
         (UndecodableData, ValueError),
         (RefusedPickle, UndecodableData),
         (SentButNotRecorded, MailerError),
+        (RedactedError, MailerError),
     ],
 )
 def test_every_error_is_a_mailer_error_and_what_callers_already_catch(error, also):
