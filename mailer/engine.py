@@ -35,7 +35,7 @@ from django.db import DatabaseError, transaction
 from django.utils.module_loading import import_string
 
 from mailer import conf
-from mailer.codec import SEARCH_COLUMNS, decode
+from mailer.codec import decode
 from mailer.delivery import check_delivery_route, get_delivery_connection
 from mailer.exceptions import RedactedError, SentButNotRecorded, UndecodableData, UnstorableEmail
 from mailer.message_id import ensure_message_id, get_message_id
@@ -289,7 +289,7 @@ def _send_message(
         # Message-ID now, and keep it, so every attempt carries the same one.
         ensure_message_id(email)
         message.email = email
-        message.save(update_fields=["message_data", *SEARCH_COLUMNS])
+        message.save(update_fields=["message_data"])  # and the search columns, from it
 
     # The list may have grown since the message was queued.
     suppressed = DontSendEntry.objects.remove_suppressed_recipients(email)

@@ -17,7 +17,7 @@ from django.utils.timezone import now as datetime_now
 from django.utils.translation import gettext_lazy as _
 
 from mailer import conf
-from mailer.codec import db_to_email, email_to_db, search_columns
+from mailer.codec import SEARCH_COLUMNS, db_to_email, email_to_db, search_columns
 from mailer.message_id import ensure_message_id, get_message_id
 from mailer.priority import (
     PRIORITIES,
@@ -125,7 +125,7 @@ class Message(models.Model):
     claimed_by = models.CharField(max_length=64, null=True, blank=True, editable=False)
     claimed_until = models.DateTimeField(null=True, blank=True, editable=False)
     # Copies of what is inside message_data, so that the admin and plain SQL
-    # can search and filter; kept in step by the ``email`` setter.
+    # can search and filter; derived from it whenever it is saved (``save``).
     subject = models.TextField(blank=True, default="", editable=False)
     from_email = models.TextField(blank=True, default="", editable=False)
     recipients = models.TextField(blank=True, default="", editable=False)
@@ -142,6 +142,24 @@ class Message(models.Model):
         if not isinstance(email, EmailMessage):
             return "<Message repr unavailable>"
         return f'On {self.when_added}, "{email.subject}" to {", ".join(map(str, email.to))}'
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        """Save the row; whenever ``message_data`` is written, its search columns are written from it.
+
+        So the columns never disagree with the message, however the row was
+        made (``Message.objects.create(message_data=...)``, the ``email``
+        setter, a row of django-mailer saved again).
+        """
+        update_fields = kwargs.get("update_fields")
+        writes_data = "message_data" not in self.get_deferred_fields() and (
+            update_fields is None or "message_data" in update_fields
+        )
+        if writes_data:
+            if getattr(self, "_columns_of", None) is not self.message_data:
+                self._set_search_columns(db_to_email(self.message_data))
+            if update_fields is not None:
+                kwargs["update_fields"] = {*update_fields, *SEARCH_COLUMNS}
+        super().save(*args, **kwargs)
 
     @classmethod
     def for_email(cls, email: EmailMessage, priority: int | None = None) -> "Message":
@@ -163,11 +181,16 @@ class Message(models.Model):
         message.email = email
         return message
 
+    def _set_search_columns(self, email: Any) -> None:
+        for column, column_value in search_columns(email).items():
+            setattr(self, column, column_value)
+        self._columns_of = self.message_data
+
     def defer(self) -> None:
         """Move the message aside until ``retry_deferred``, and release it."""
         self.priority = PRIORITY_DEFERRED
         self.claimed_until = None
-        self.save()
+        self.save(update_fields=["priority", "claimed_until"])
 
     @property
     def email(self) -> Any:
@@ -180,8 +203,7 @@ class Message(models.Model):
     @email.setter
     def email(self, value: Any) -> None:
         self.message_data = email_to_db(value)
-        for column, column_value in search_columns(value).items():
-            setattr(self, column, column_value)
+        self._set_search_columns(value)
 
     @property
     def to_addresses(self) -> list[str]:
