@@ -327,7 +327,7 @@ def _step(name: str, arg: Any, stack: list[Any], marks: list[int], memo: dict[in
         state = _pop(stack, marks)
         target = _top(stack, marks)
         if not isinstance(target, Record):
-            raise RefusedPickle(f"legacy pickle refused: it sets the state of a {_describe(target)}")
+            raise RefusedPickle(f"legacy pickle refused: it sets the state of {_describe(target)}")
         if target.state is not None:
             raise RefusedPickle("legacy pickle refused: it sets the state of one object twice")
         target.state = state
@@ -358,8 +358,8 @@ def _describe(value: Any) -> str:
     if isinstance(value, Global):
         return value.path
     if isinstance(value, Record):
-        return f"object made by {_describe(value.target)}"
-    return type(value).__name__
+        return f"an object made by {_describe(value.target)}"
+    return f"a {type(value).__name__}"
 
 
 # The tree, rebuilt into an email ---------------------------------------
@@ -458,7 +458,7 @@ class _Rebuilder:
                 return {self.key(key, depth + 1): self.value(item, depth + 1) for key, item in node.items()}
             if isinstance(node, Record):
                 return self.record(node, depth)
-            raise RefusedPickle(f"legacy pickle refused: a {_describe(node)} is not part of an email")
+            raise RefusedPickle(f"legacy pickle refused: {_describe(node)} is not part of an email")
         finally:
             self.leave(node)
 
@@ -507,7 +507,7 @@ class _Rebuilder:
     def target_path(self, node: Record) -> str:
         if isinstance(node.target, Global):
             return node.target.path
-        raise RefusedPickle(f"legacy pickle refused: it calls a {_describe(node.target)}")
+        raise RefusedPickle(f"legacy pickle refused: it calls {_describe(node.target)}")
 
     def reconstructed(self, node: Record, depth: int) -> Any:
         """``copyreg`` rebuilds an object of the class given first: read it as that class's record."""
