@@ -300,43 +300,49 @@ def _send_message(
     reused = connection is not None
     if connection is None:
         connection = get_delivery_connection(message)
-    attributes = dict(vars(email))
     try:
-        _log_sending(email)
+        attributes = dict(vars(email))
         try:
-            _deliver(connection, email, opening=not reused)
+            _log_sending(email)
+            try:
+                _deliver(connection, email, opening=not reused)
+            except Exception as exc:
+                if not (reused and _session_ended(exc)):
+                    raise
+                # The server ended the session the pass was reusing (idle
+                # timeout, a per-session limit): the message was never tried.
+                logger.info("the mail server ended the session (%s); opening a new one", loggable(str(exc), message))
+                _close_quietly(connection)
+                connection = get_delivery_connection(message)
+                _deliver(connection, email, opening=True)
         except Exception as exc:
-            if not (reused and _session_ended(exc)):
-                raise
-            # The server ended the session the pass was reusing (idle
-            # timeout, a per-session limit): the message was never tried.
-            logger.info("the mail server ended the session (%s); opening a new one", loggable(str(exc), message))
-            _close_quietly(connection)
-            connection = get_delivery_connection(message)
-            _deliver(connection, email, opening=True)
-    except Exception as exc:
-        try:
-            new_connection, outcome = error_handler(connection, message, exc)
-        except Exception as raised:
-            # The handler re-raises what it does not know, so that the error
-            # is seen. Set the message aside first: left in the queue, it
-            # would come first again and stop every later pass.
-            _set_aside(message, exc)
-            if keeps_message_data():
-                raise
-            # Its text may name the message's addresses, and so may its cause.
-            raise RedactedError(loggable(f"{type(raised).__name__}: {raised}", message)) from None
-        if new_connection is not connection:
-            _close_quietly(connection)
-        return new_connection, outcome
+            try:
+                new_connection, outcome = error_handler(connection, message, exc)
+            except Exception as raised:
+                # The handler re-raises what it does not know, so that the error
+                # is seen. Set the message aside first: left in the queue, it
+                # would come first again and stop every later pass.
+                _set_aside(message, exc)
+                if keeps_message_data():
+                    raise
+                # Its text may name the message's addresses, and so may its cause.
+                raise RedactedError(loggable(f"{type(raised).__name__}: {raised}", message)) from None
+            if new_connection is not connection:
+                _close_quietly(connection)
+            return new_connection, outcome
 
-    if vars(email) != attributes:
-        # The backend changed the message (an email service noting its own
-        # id, say): log it as the backend left it, as django-mailer did.
-        with contextlib.suppress(UnstorableEmail):  # not plain data: log the message as queued
-            message.email = email
-    _record_sent(message)
-    return connection, "sent"
+        if vars(email) != attributes:
+            # The backend changed the message (an email service noting its own
+            # id, say): log it as the backend left it, as django-mailer did.
+            with contextlib.suppress(UnstorableEmail):  # not plain data: log the message as queued
+                message.email = email
+        _record_sent(message)
+        return connection, "sent"
+    except BaseException:
+        # The pass ends here: close what this message opened, or the server
+        # never gets its QUIT.
+        _close_quietly(connection)
+        raise
 
 
 def _deliver(connection: BaseEmailBackend, email: EmailMessage, opening: bool) -> None:

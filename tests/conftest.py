@@ -1,12 +1,36 @@
 import os
+from pathlib import Path
 
 import django
 import pytest
+from hypothesis import settings as hypothesis_settings
 
+import mailer
 from tests.smtp import SMTPServer
 
 MAILERS_SUPPORTED = django.VERSION >= (6, 1)
 SMTP_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+
+# How hard the property tests try: HYPOTHESIS_PROFILE=ci (`./run-tests all`,
+# CI) or dev (the default, for quick runs).
+hypothesis_settings.register_profile("ci", max_examples=200, print_blob=True)
+hypothesis_settings.register_profile("dev", max_examples=20)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+CHECKOUT_PACKAGE = Path(__file__).resolve().parent.parent / "mailer"
+
+
+def pytest_configure(config):
+    """Under tox (MAILER_TEST_INSTALLED=1) the tests must run against the installed wheel, not the checkout."""
+    if os.environ.get("MAILER_TEST_INSTALLED") == "1" and Path(mailer.__file__).resolve().parent == CHECKOUT_PACKAGE:
+        raise pytest.UsageError(
+            f"MAILER_TEST_INSTALLED=1 but mailer was imported from the checkout ({mailer.__file__}), "
+            "not from the installed package: something put the checkout ahead of site-packages on sys.path"
+        )
+
+
+def pytest_report_header(config):
+    return f"mailer {mailer.__version__}: {Path(mailer.__file__).parent}"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -73,3 +97,24 @@ def lock_path(settings, tmp_path):
     """Give each test its own lock file, so tests never contend for one."""
     settings.MAILER_LOCK_PATH = str(tmp_path / "send_mail")
     return settings.MAILER_LOCK_PATH
+
+
+@pytest.fixture
+def hold_lock(lock_path):
+    """Return a function that has another owner take a lock file (this test's by default) and hold it.
+
+    ``hold_lock(hold_for=0.5)`` lets it go after half a second; every holder
+    lets go at the end of the test.
+    """
+    from tests.locks import LockHolder
+
+    holders = []
+
+    def hold(path=lock_path, hold_for=None):
+        holder = LockHolder(path).start(hold_for=hold_for)
+        holders.append(holder)
+        return holder
+
+    yield hold
+    for holder in holders:
+        holder.release()

@@ -1,12 +1,14 @@
 """A real SMTP server on loopback that records what it receives.
 
-It can also be told to answer with a chosen reply code, so the tests see the
-same ``smtplib`` exceptions a real mail server would cause.
+It can also be told to answer with a chosen reply code, or to end sessions
+the way real mail servers do, so the tests see the same ``smtplib``
+exceptions a real mail server would cause.
 """
 
 import email
 import email.policy
-import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aiosmtpd.controller import Controller
@@ -17,6 +19,11 @@ class Received:
     mail_from: str
     rcpt_tos: list[str]
     data: bytes
+    # Which connection brought it: 1 for the first the server accepted, and so on.
+    session: int = 0
+    # time.monotonic() when the server accepted the message: the tests run
+    # in the server's process, so it compares with their own clock.
+    received_at: float = field(default_factory=time.monotonic)
 
     @property
     def message(self) -> email.message.EmailMessage:
@@ -29,19 +36,29 @@ class Recorder:
 
     received: list[Received] = field(default_factory=list)
     connections: int = 0
+    quits: int = 0
+    hang_ups: int = 0
     rcpt_replies: dict[str, str] = field(default_factory=dict)
     data_reply: str | None = None
     messages_per_session: int | None = None
+    hang_up_after: int | None = None
+    on_message: Callable[[Received], None] | None = None
 
     async def handle_EHLO(self, server, session, envelope, hostname, responses):
         self.connections += 1
+        session.number = self.connections
         session.host_name = hostname
         return responses
+
+    async def handle_QUIT(self, server, session, envelope):
+        self.quits += 1
+        return "221 Bye"
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
         session.messages = getattr(session, "messages", 0) + 1
         if self.messages_per_session is not None and session.messages > self.messages_per_session:
-            return "421 4.7.0 Too many messages in this session"
+            self._hang_up(server)
+            return "421 4.7.0 Too many messages in this session, closing connection"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 OK"
@@ -56,19 +73,58 @@ class Recorder:
     async def handle_DATA(self, server, session, envelope):
         if self.data_reply:
             return self.data_reply
-        self.received.append(Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
+        received = Received(
+            envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content, getattr(session, "number", 0)
+        )
+        if self.on_message is not None:
+            self.on_message(received)
+        self.received.append(received)
+        if self.hang_up_after is not None and session.messages >= self.hang_up_after:
+            self._hang_up(server)
         return "250 Message accepted for delivery"
+
+    def _hang_up(self, server) -> None:
+        """Close the connection once the reply being returned has been written, as a server ending a session does.
+
+        The hook returns before aiosmtpd writes its reply, and the loop runs
+        the callback only after that write.
+        """
+        self.hang_ups += 1
+        server.loop.call_soon(server.transport.close)
+
+
+class LoopbackController(Controller):
+    """aiosmtpd's Controller, listening on a port the system picks when it binds.
+
+    Asking for a free port first and binding it afterwards races with other
+    processes on a busy CI machine; binding port 0 cannot collide.
+    """
+
+    def __init__(self, handler) -> None:
+        super().__init__(handler, hostname="127.0.0.1", port=0)
+
+    async def _create_server(self):
+        server = await super()._create_server()
+        # start() then connects to self.port to check the server answers.
+        self.port = server.sockets[0].getsockname()[1]
+        return server
 
 
 class SMTPServer:
-    """An aiosmtpd server on 127.0.0.1 and a free port, for one test."""
+    """An aiosmtpd server on 127.0.0.1 and a port of its own, for one test."""
 
     def __init__(self) -> None:
         self.recorder = Recorder()
         self.host = "127.0.0.1"
-        self.port = free_port()
-        self.controller = Controller(self.recorder, hostname=self.host, port=self.port)
+        self.controller = LoopbackController(self.recorder)
         self.running = False
+
+    @property
+    def port(self) -> int:
+        """The port the server listens on; known once it has started."""
+        if self.controller.port == 0:
+            raise RuntimeError("the server has no port until it is started")
+        return self.controller.port
 
     def start(self) -> "SMTPServer":
         self.controller.start()
@@ -89,6 +145,16 @@ class SMTPServer:
     def connections(self) -> int:
         return self.recorder.connections
 
+    @property
+    def quits(self) -> int:
+        """How many sessions the client ended properly, with QUIT."""
+        return self.recorder.quits
+
+    @property
+    def hang_ups(self) -> int:
+        """How many sessions the server ended itself."""
+        return self.recorder.hang_ups
+
     def reject_recipient(self, address: str, reply: str = "550 5.1.1 No such user") -> None:
         self.recorder.rcpt_replies[address] = reply
 
@@ -96,11 +162,13 @@ class SMTPServer:
         self.recorder.data_reply = reply
 
     def limit_messages_per_session(self, limit: int | None) -> None:
-        """Answer 421 to any further MAIL FROM in a session once ``limit`` messages have come through it."""
+        """Once ``limit`` messages have come through a session, answer the next MAIL FROM with 421 and hang up."""
         self.recorder.messages_per_session = limit
 
+    def hang_up_after(self, count: int | None) -> None:
+        """Close each session, without a word, once it has delivered ``count`` messages (an idle timeout, say)."""
+        self.recorder.hang_up_after = count
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    def on_message(self, callback: Callable[[Received], None] | None) -> None:
+        """Call ``callback`` in the server's thread with each message, before the server accepts it."""
+        self.recorder.on_message = callback

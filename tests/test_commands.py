@@ -1,8 +1,8 @@
 """The management commands, run in-process with call_command."""
 
 import datetime
+import logging
 from io import StringIO
-from unittest import mock
 
 import pytest
 from django.core import mail
@@ -10,7 +10,6 @@ from django.core.management import call_command
 from django.utils import timezone
 
 import mailer
-import mailer.models
 from mailer.models import (
     PRIORITY_DEFERRED,
     RESULT_DONT_SEND,
@@ -19,6 +18,7 @@ from mailer.models import (
     Message,
     MessageLog,
 )
+from tests.alarms import raise_when
 
 pytestmark = pytest.mark.django_db
 
@@ -60,17 +60,13 @@ def test_retry_deferred_never_requeues_with_max_retries_zero(settings):
     assert Message.objects.retry_deferred() == 0
 
 
-def make_logs():
+def make_logs(days_ago: float):
+    """One log row of each result, attempted ``days_ago`` days ago."""
     mailer.send_mail("Subject", "Body", "f@example.com", ["t@example.com"])
     message = Message.objects.get()
     for result in (RESULT_SUCCESS, RESULT_FAILURE, RESULT_DONT_SEND):
         MessageLog.objects.log(message, result)
-
-
-def purge_in_two_days(*args):
-    later = timezone.now() + datetime.timedelta(days=2)
-    with mock.patch.object(mailer.models, "datetime_now", return_value=later):
-        call_command("purge_mail_log", *args)
+    MessageLog.objects.update(when_attempted=timezone.now() - datetime.timedelta(days=days_ago))
 
 
 @pytest.mark.parametrize(
@@ -84,36 +80,62 @@ def purge_in_two_days(*args):
     ],
 )
 def test_purge_mail_log(args, left):
-    make_logs()
-    purge_in_two_days(*args)
+    make_logs(days_ago=2)
+    call_command("purge_mail_log", *args)
     assert set(MessageLog.objects.values_list("result", flat=True)) == left
 
 
 def test_purge_old_entries_returns_the_count():
-    make_logs()
-    later = timezone.now() + datetime.timedelta(days=2)
-    with mock.patch.object(mailer.models, "datetime_now", return_value=later):
-        assert MessageLog.objects.purge_old_entries(1) == 1
-        assert MessageLog.objects.purge_old_entries(1, [RESULT_FAILURE, RESULT_DONT_SEND]) == 2
+    make_logs(days_ago=2)
+    assert MessageLog.objects.purge_old_entries(1) == 1
+    assert MessageLog.objects.purge_old_entries(1, [RESULT_FAILURE, RESULT_DONT_SEND]) == 2
 
 
-def test_runmailer_prints_a_banner_and_runs_the_loop():
+def test_purge_keeps_entries_younger_than_the_days_given():
+    make_logs(days_ago=0.9)
+    call_command("purge_mail_log", "1", "-r", "all")
+    assert MessageLog.objects.count() == 3
+
+
+def summary_logged(caplog):
+    return lambda: any(" sent; " in record.getMessage() for record in caplog.records)
+
+
+def run_runmailer(*args, stop_when, stdout=None):
+    """Run runmailer in this process until ``stop_when()`` holds, then Ctrl-C it (a real SIGALRM-driven interrupt)."""
+    try:
+        with raise_when(stop_when):
+            call_command("runmailer", *args, stdout=stdout or StringIO())
+    except KeyboardInterrupt:
+        pytest.fail("runmailer let Ctrl-C through instead of stopping")
+
+
+def test_runmailer_sends_the_queue_until_interrupted(caplog):
+    """The real loop: it sends what is queued, goes to sleep, and Ctrl-C (a real signal here) stops it."""
+    mailer.send_mail("Subject", "Body", "f@example.com", ["t@example.com"])
     out = StringIO()
-    with mock.patch("mailer.engine.send_loop") as send_loop:
-        call_command("runmailer", stdout=out)
-    send_loop.assert_called_once_with()
+
+    with caplog.at_level(logging.INFO, logger="mailer.engine"):
+        run_runmailer(stop_when=summary_logged(caplog), stdout=out)
+
+    assert [m.subject for m in mail.outbox] == ["Subject"]
     assert "Starting django-mailer send loop." in out.getvalue()
     assert "Quit the loop with CONTROL-C." in out.getvalue()
+    assert out.getvalue().rstrip().endswith("Stopped.")
 
 
-def test_runmailer_debug_turns_on_debug_logging():
-    import logging
-
-    logger = logging.getLogger("mailer.engine")
-    level = logger.level
+@pytest.mark.parametrize("debug", [True, False], ids=["--debug", "without --debug"])
+def test_runmailer_debug_turns_on_debug_logging(caplog, debug):
+    """--debug shows the engine's DEBUG lines (taking the lock, sleeping) that the logging settings would hide."""
+    engine_logger = logging.getLogger("mailer.engine")
+    level = engine_logger.level
+    caplog.set_level(logging.INFO)  # the site's logging: INFO and up
+    caplog.handler.setLevel(logging.DEBUG)  # what reaches the handler is up to the loggers
+    mailer.send_mail("Subject", "Body", "f@example.com", ["t@example.com"])
     try:
-        with mock.patch("mailer.engine.send_loop"):
-            call_command("runmailer", "--debug", stdout=StringIO())
-        assert logger.level == logging.DEBUG
+        run_runmailer(*(["--debug"] if debug else []), stop_when=summary_logged(caplog))
     finally:
-        logger.setLevel(level)
+        engine_logger.setLevel(level)
+
+    debug_lines = {r.getMessage() for r in caplog.records if r.name == "mailer.engine" and r.levelno == logging.DEBUG}
+    assert ("acquiring lock..." in debug_lines) is debug

@@ -23,12 +23,13 @@ def test_workers_without_the_lock_send_each_message_exactly_once(settings, deliv
         mailer.send_mail(f"Message {n}", "Body", "f@example.com", [f"to{n}@example.com"])
 
     errors = []
-    start = threading.Barrier(WORKERS)
+    sent = []
+    start = threading.Barrier(WORKERS, timeout=30)
 
     def work():
         try:
             start.wait()
-            engine.send_all()
+            sent.append(engine.send_all()["sent"])
         except Exception as exc:  # reported below, with the others
             errors.append(exc)
         finally:
@@ -40,9 +41,12 @@ def test_workers_without_the_lock_send_each_message_exactly_once(settings, deliv
         thread.start()
     for thread in threads:
         thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads), "a worker is still sending after 120 s"
 
     assert errors == []
     subjects = sorted(r.message["Subject"] for r in deliver_to_smtp.received)
     assert subjects == sorted(f"Message {n}" for n in range(MESSAGES))
     assert Message.objects.count() == 0
     assert MessageLog.objects.count() == MESSAGES
+    assert sum(sent) == MESSAGES
+    assert sum(1 for count in sent if count) >= 2, f"the workers did not overlap: {sent}"

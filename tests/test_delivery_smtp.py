@@ -1,9 +1,17 @@
 """Queued mail reaches a real SMTP server, and failures it reports are handled."""
 
+import gc
+import logging
+import smtplib
+import warnings
+from unittest import mock
+
 import pytest
+from django.db import OperationalError
 
 import mailer
 from mailer import engine
+from mailer.exceptions import SentButNotRecorded
 from mailer.models import (
     PRIORITY_DEFERRED,
     PRIORITY_HIGH,
@@ -102,15 +110,108 @@ def test_server_down_defers_instead_of_crashing(settings, smtp_server):
     assert MessageLog.objects.get().result == RESULT_FAILURE
 
 
-def test_a_session_the_server_ends_is_reopened_without_deferring_the_message(deliver_to_smtp):
-    """A 421 on a reused connection means "this session is over", not "this message failed"."""
-    deliver_to_smtp.limit_messages_per_session(2)
+def queue_five():
     for n in range(5):
         mailer.send_mail(f"Message {n}", "Body", "from@example.com", [f"to{n}@example.com"])
 
-    counts = engine.send_all()
+
+def test_a_session_the_server_ends_with_421_is_reopened_without_deferring_the_message(deliver_to_smtp, caplog):
+    """A 421 on a reused connection means "this session is over", not "this message failed".
+
+    The server answers the third MAIL FROM of a session with 421 and hangs
+    up, as a server with a per-session limit does: the message it turned
+    away goes out first thing on the next connection.
+    """
+    deliver_to_smtp.limit_messages_per_session(2)
+    queue_five()
+
+    with caplog.at_level(logging.INFO, logger="mailer.engine"):
+        counts = engine.send_all()
 
     assert (counts["sent"], counts["deferred"]) == (5, 0)
-    assert len(deliver_to_smtp.received) == 5
-    assert deliver_to_smtp.connections == 3
+    assert [(r.message["Subject"], r.session) for r in deliver_to_smtp.received] == [
+        ("Message 0", 1),
+        ("Message 1", 1),
+        ("Message 2", 2),
+        ("Message 3", 2),
+        ("Message 4", 3),
+    ]
+    assert deliver_to_smtp.hang_ups == 2
+    reopened = [r.getMessage() for r in caplog.records if "ended the session" in r.getMessage()]
+    assert len(reopened) == 2 and all("421" in line for line in reopened), reopened
     assert set(MessageLog.objects.values_list("result", flat=True)) == {RESULT_SUCCESS}
+
+
+def test_a_session_the_server_closed_without_a_word_is_reopened_without_deferring_the_message(deliver_to_smtp, caplog):
+    """An idle timeout: the server has gone when the pass sends on the connection it kept (SMTPServerDisconnected)."""
+    deliver_to_smtp.hang_up_after(2)
+    queue_five()
+
+    with caplog.at_level(logging.INFO, logger="mailer.engine"):
+        counts = engine.send_all()
+
+    assert (counts["sent"], counts["deferred"]) == (5, 0)
+    assert [r.session for r in deliver_to_smtp.received] == [1, 1, 2, 2, 3]
+    reopened = [r.getMessage() for r in caplog.records if "ended the session" in r.getMessage()]
+    assert len(reopened) == 2, reopened
+    assert "421" not in " ".join(reopened)
+    assert Message.objects.count() == 0
+    assert set(MessageLog.objects.values_list("result", flat=True)) == {RESULT_SUCCESS}
+
+
+def test_a_421_on_a_new_session_defers_the_message_rather_than_reconnecting_again(deliver_to_smtp):
+    """Only a reused session may have simply expired: a server refusing a fresh one is a failure."""
+    deliver_to_smtp.limit_messages_per_session(0)
+    mailer.send_mail("Refused", "Body", "from@example.com", ["to@example.com"])
+
+    counts = engine.send_all()
+
+    assert (counts["sent"], counts["deferred"]) == (0, 1)
+    assert deliver_to_smtp.connections == 1
+    assert Message.objects.get().priority == PRIORITY_DEFERRED
+    assert "421" in MessageLog.objects.get(result=RESULT_FAILURE).log_message
+
+
+def test_the_test_server_hangs_up_after_its_421_as_real_servers_do(smtp_server):
+    """The reopening tests above rely on it: a 421 ends the session on the server's side too."""
+    smtp_server.limit_messages_per_session(0)
+    with smtplib.SMTP(smtp_server.host, smtp_server.port, timeout=10) as client:
+        client.ehlo()
+        assert client.docmd("MAIL FROM:<from@example.com>")[0] == 421
+        with pytest.raises(smtplib.SMTPServerDisconnected, match="Connection unexpectedly closed"):
+            client.noop()
+
+
+def stop_the_pass(connection, message, exc):
+    """An error handler that ends the pass, as the default one does with errors it does not know."""
+    raise RuntimeError("the handler stops the pass")
+
+
+@pytest.mark.parametrize("ending", ["the error handler raises", "the sent message cannot be recorded"])
+def test_a_pass_that_ends_with_an_error_still_closes_its_connection(settings, deliver_to_smtp, monkeypatch, ending):
+    """Left open, the session ties up a slot on the mail server until it times out, and the socket leaks."""
+    mailer.send_mail("Subject", "Body", "from@example.com", ["to@example.com"])
+    # pytest keeps log records until the test ends, and the engine logs the error, which holds the
+    # connection through its traceback: silence the logger so that a leaked socket is collected here.
+    monkeypatch.setattr(logging.getLogger("mailer.engine"), "disabled", True)
+
+    with warnings.catch_warnings():
+        # A leaked socket warns when it is collected: the assertions below say so instead.
+        warnings.simplefilter("ignore", ResourceWarning)
+        if ending == "the error handler raises":
+            settings.MAILER_ERROR_HANDLER = "tests.test_delivery_smtp.stop_the_pass"
+            deliver_to_smtp.reject_recipient("to@example.com")
+            with pytest.raises(RuntimeError, match="the handler stops the pass"):
+                engine.send_all()
+        else:
+            # The database error is mocked: it cannot be produced for real without breaking the test database.
+            with (
+                mock.patch.object(MessageLog.objects, "log", side_effect=OperationalError("disk full")),
+                mock.patch("time.sleep"),
+                pytest.raises(SentButNotRecorded, match="disk full"),
+            ):
+                engine.send_all()
+        gc.collect()
+
+    assert deliver_to_smtp.connections == 1
+    assert deliver_to_smtp.quits == 1

@@ -1,0 +1,125 @@
+"""MAILER_CLAIM_TIMEOUT: how long a message a worker took stays out of the others' reach."""
+
+import datetime
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from django.core.mail.backends.locmem import EmailBackend as LocmemBackend
+from django.utils import timezone
+
+import mailer
+from mailer import engine
+from mailer.models import Message
+from tests.processes import MANAGE_PY, VENDOR, fresh_database, manage, process_environment
+
+
+class ClaimRecordingBackend(LocmemBackend):
+    """Delivers like locmem, noting first the claims on the queue as they stand while the message is handed over."""
+
+    claims: list[tuple[str | None, datetime.datetime | None]] = []
+
+    def send_messages(self, messages):
+        self.claims.extend(Message.objects.values_list("claimed_by", "claimed_until"))
+        return super().send_messages(messages)
+
+
+@pytest.mark.django_db
+def test_a_pass_claims_each_message_for_claim_timeout_seconds_before_sending_it(settings):
+    settings.MAILER_EMAIL_BACKEND = "tests.test_claims.ClaimRecordingBackend"
+    settings.MAILER_CLAIM_TIMEOUT = 120
+    ClaimRecordingBackend.claims.clear()
+    mailer.send_mail("Claimed", "Body", "from@example.com", ["to@example.com"])
+
+    before = timezone.now()
+    engine.send_all()
+    after = timezone.now()
+
+    [(claimed_by, claimed_until)] = ClaimRecordingBackend.claims
+    assert claimed_by
+    claim = datetime.timedelta(seconds=120)
+    assert before + claim <= claimed_until <= after + claim
+
+
+@pytest.fixture
+def process_db(tmp_path):
+    """A migrated database of its own, on this run's vendor, shared with the processes."""
+    with fresh_database(tmp_path) as db:
+        result = manage("migrate", "-v", "0", db=db)
+        assert result.returncode == 0, result.stderr
+        yield db
+
+
+def read_claims(db):
+    """The claims on the queue, read as an operator would, with aware datetimes."""
+    claims = []
+    for claimed_by, claimed_until in db.query("SELECT claimed_by, claimed_until FROM mailer_message"):
+        if isinstance(claimed_until, str):  # SQLite
+            claimed_until = datetime.datetime.fromisoformat(claimed_until)
+        if claimed_until.tzinfo is None:  # SQLite, MySQL: UTC
+            claimed_until = claimed_until.replace(tzinfo=datetime.timezone.utc)
+        claims.append((claimed_by, claimed_until))
+    return claims
+
+
+BACKDATE = {
+    "sqlite": "datetime(claimed_until, '-{seconds} seconds')",
+    "postgresql": "claimed_until - interval '{seconds} seconds'",
+    "mysql": "claimed_until - INTERVAL {seconds} SECOND",
+}
+
+
+def backdate_claims(db, seconds: int) -> None:
+    """Move every claim ``seconds`` into the past, as if that much time had gone by."""
+    db.execute(f"UPDATE mailer_message SET claimed_until = {BACKDATE[VENDOR].format(seconds=int(seconds))}")
+
+
+@pytest.mark.slow
+def test_a_worker_killed_while_sending_leaves_the_message_to_others_once_its_claim_lapses(process_db, smtp_server):
+    """SIGKILL while the server has the message: the next cron run leaves it; once the claim (600 s by default)
+    has passed, a run sends it again. Delivery is at least once."""
+    result = manage(
+        "shell", "-c", "import mailer; mailer.send_mail('Once', 'B', 'f@example.com', ['a@example.com'])", db=process_db
+    )
+    assert result.returncode == 0, result.stderr
+    arrived, carry_on = threading.Event(), threading.Event()
+
+    def hold_the_message(received):
+        arrived.set()
+        carry_on.wait(20)
+
+    smtp_server.on_message(hold_the_message)
+    # Without the lock file: a killed worker leaves it behind, and every later run would quit.
+    env = process_environment(process_db, smtp_server.port, MAILER_PROCESS_USE_FILE_LOCK="0")
+
+    started = datetime.datetime.now(datetime.timezone.utc)
+    worker = subprocess.Popen([sys.executable, str(MANAGE_PY), "send_mail"], env=env, stderr=subprocess.DEVNULL)
+    try:
+        assert arrived.wait(30), "the worker never delivered"
+        arrived_at = datetime.datetime.now(datetime.timezone.utc)
+    finally:
+        worker.kill()
+        worker.wait(10)
+        carry_on.set()
+        smtp_server.on_message(None)
+
+    [(token, claimed_until)] = read_claims(process_db)
+    assert token
+    default_claim = datetime.timedelta(seconds=600)
+    assert started + default_claim <= claimed_until <= arrived_at + default_claim
+
+    again = manage("send_mail", db=process_db, smtp_port=smtp_server.port, MAILER_PROCESS_USE_FILE_LOCK="0")
+    assert "0 sent; 0 deferred" in again.stderr, again.stderr
+    deadline = time.monotonic() + 5
+    while len(smtp_server.received) < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(smtp_server.received) == 1  # only the killed worker's attempt
+
+    backdate_claims(process_db, 601)
+    last = manage("send_mail", db=process_db, smtp_port=smtp_server.port, MAILER_PROCESS_USE_FILE_LOCK="0")
+    assert "1 sent; 0 deferred" in last.stderr, last.stderr
+    first, second = smtp_server.received
+    assert first.message["Message-ID"] == second.message["Message-ID"]
+    assert read_claims(process_db) == []
