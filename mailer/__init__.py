@@ -7,7 +7,7 @@ django-mailer 2.x) but only put messages on the queue.
 from collections.abc import Iterable, Sequence
 
 from django.conf import settings
-from django.core.mail import EmailMultiAlternatives
+from django.core.mail import EmailMessage, EmailMultiAlternatives
 from django.utils.encoding import force_str
 
 from mailer.exceptions import ConfigurationError
@@ -35,22 +35,14 @@ def send_mail(
     auth_user: str | None = None,
     auth_password: str | None = None,
 ) -> int:
-    """Queue a plain text email; return 1.
+    """Queue a plain text email; return 1, or 0 when it has no recipients (as Django's ``send_mail``).
 
     ``fail_silently``, ``auth_user`` and ``auth_password`` are accepted for
     compatibility with ``django.core.mail.send_mail`` and have no effect:
     delivery happens later, with the delivering backend's own settings.
     """
-    from mailer.models import make_message
-
-    make_message(
-        subject=force_str(subject),
-        body=force_str(message),
-        from_email=from_email,
-        to=recipient_list,
-        priority=priority,
-    ).save()
-    return 1
+    email = EmailMessage(force_str(subject), force_str(message), from_email, recipient_list)
+    return _queue(email, priority)
 
 
 def send_html_mail(
@@ -65,12 +57,24 @@ def send_html_mail(
     auth_password: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> int:
-    """Queue an email with a plain text body and an HTML alternative; return 1."""
-    from mailer.models import Message
-
+    """Queue an email with a plain text body and an HTML alternative; return 1, or 0 when it has no recipients."""
     email = EmailMultiAlternatives(force_str(subject), force_str(message), from_email, recipient_list, headers=headers)
     email.attach_alternative(force_str(message_html), "text/html")
-    Message.for_email(email, priority=priority).save()
+    return _queue(email, priority)
+
+
+def _queue(email: EmailMessage, priority: int | None) -> int:
+    """Queue ``email``; return 1, or 0 (queueing nothing) when it has no recipients.
+
+    Its addresses are checked first, so a ``None`` among the recipients is an
+    error rather than a silently empty message.
+    """
+    from mailer.models import Message
+
+    message = Message.for_email(email, priority=priority)
+    if not email.recipients():
+        return 0
+    message.save()
     return 1
 
 

@@ -29,8 +29,11 @@ class DbBackend(BaseEmailBackend):
     def send_messages(self, email_messages: Sequence[EmailMessage]) -> int:
         """Queue ``email_messages`` in bulk; return how many were queued.
 
-        Like Django's backends, skip messages without recipients.
+        Like Django's backends, skip messages without recipients. Every
+        message is checked before any is queued, so a bad address in one
+        (``InvalidAddress``) queues none of them.
         """
-        messages = [Message.for_email(email, priority=self.priority) for email in email_messages if email.recipients()]
+        checked = [(email, Message.for_email(email, priority=self.priority)) for email in email_messages]
+        messages = [message for email, message in checked if email.recipients()]
         Message.objects.bulk_create(messages, batch_size=conf.get_setting("MAILER_MESSAGES_BATCH_SIZE"))
         return len(messages)

@@ -31,6 +31,10 @@ class InvalidDeliveryMailer(ConfigurationError, InvalidMailer):
         ImproperlyConfigured.__init__(self, msg)
 
 
+class InvalidAddress(MailerError, ValueError):
+    """An address given to queue a message cannot be delivered; raised when it is queued, naming the field."""
+
+
 class UnstorableEmail(MailerError, ValueError):
     """A message holds something that cannot be stored exactly; raised when it is queued."""
 

@@ -17,6 +17,7 @@ from django.utils.timezone import now as datetime_now
 from django.utils.translation import gettext_lazy as _
 
 from mailer import conf
+from mailer.addresses import check_addresses
 from mailer.codec import SEARCH_COLUMNS, db_to_email, email_to_db, search_columns
 from mailer.message_id import ensure_message_id, get_message_id
 from mailer.priority import (
@@ -165,13 +166,15 @@ class Message(models.Model):
     def for_email(cls, email: EmailMessage, priority: int | None = None) -> "Message":
         """Return an unsaved ``Message`` queueing ``email``.
 
-        This is the one way into the queue: it drops recipients on the
-        don't-send list, gives the email its Message-ID, and renders it once
-        so that a malformed message fails here, in the caller, rather than
-        later in the sending job. ``email`` itself is left as it was: callers
+        This is the one way into the queue: it checks every address as the
+        delivering backend will (``InvalidAddress``, naming the field), drops
+        recipients on the don't-send list, gives the email its Message-ID,
+        and renders it once so that a malformed message fails here, in the
+        caller, rather than later in the sending job. ``email`` itself is left as it was: callers
         reuse emails and header dicts, and each queued copy needs its own
         Message-ID.
         """
+        check_addresses(email)
         email = copy.copy(email)
         email.extra_headers = dict(email.extra_headers or {})
         DontSendEntry.objects.remove_suppressed_recipients(email)

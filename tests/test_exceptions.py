@@ -8,6 +8,7 @@ import mailer
 from mailer.codec import decode
 from mailer.exceptions import (
     ConfigurationError,
+    InvalidAddress,
     InvalidDeliveryMailer,
     MailerError,
     RedactedError,
@@ -24,6 +25,7 @@ from mailer.exceptions import (
         (ConfigurationError, ImproperlyConfigured),
         (InvalidDeliveryMailer, ImproperlyConfigured),
         (UnstorableEmail, ValueError),
+        (InvalidAddress, ValueError),
         (UndecodableData, ValueError),
         (RefusedPickle, UndecodableData),
         (SentButNotRecorded, MailerError),

@@ -1,0 +1,158 @@
+"""Bad input is refused when mail is queued, in the caller, naming the field; nothing is written.
+
+Each address below is one Django accepts when the message is built but its
+SMTP backend refuses when it sends: queued, it would fail in the cron job,
+far from the code that made the mistake.
+"""
+
+import pytest
+from django.core import mail
+from django.core.mail import EmailMessage
+from django.core.mail.backends.smtp import EmailBackend as SMTPBackend
+
+import mailer
+from mailer.backend import DbBackend
+from mailer.exceptions import InvalidAddress, MailerError
+from mailer.models import Message
+
+pytestmark = pytest.mark.django_db
+
+BAD_ADDRESSES = {
+    "non-ASCII local part": ("jöhn@example.com", r"non-ASCII part before the @"),
+    "two addresses in one": ("a@example.com, b@example.com", r"must be one address"),
+    "not an address": ("not an address", r"is not a valid address|must be one address"),
+    "line break": ("a@example.com\nBcc: victim@example.com", r"contains a line break"),
+    "None": (None, r"is None, not an email address"),
+    "a number": (5, r"is 5, not an email address"),
+}
+
+
+def queue_with_recipient(way: str, recipient) -> int:
+    if way == "send_mail":
+        return mailer.send_mail("Subject", "Body", "from@example.com", ["ok@example.com", recipient])
+    if way == "send_html_mail":
+        return mailer.send_html_mail(
+            "Subject", "Body", "<p>Body</p>", "from@example.com", ["ok@example.com", recipient]
+        )
+    if way == "send_mass_mail":
+        return mailer.send_mass_mail([("Subject", "Body", "from@example.com", ["ok@example.com", recipient])])
+    if way == "DbBackend":
+        email = EmailMessage("Subject", "Body", "from@example.com", ["ok@example.com"], cc=[recipient])
+        return DbBackend().send_messages([EmailMessage("Good", "Body", "from@example.com", ["ok@example.com"]), email])
+    raise AssertionError(way)
+
+
+WAYS = ["send_mail", "send_html_mail", "send_mass_mail", "DbBackend"]
+
+
+@pytest.mark.parametrize("way", WAYS)
+@pytest.mark.parametrize("address, message", BAD_ADDRESSES.values(), ids=BAD_ADDRESSES.keys())
+def test_a_bad_recipient_is_refused_when_queued_and_nothing_is_written(way, address, message):
+    with pytest.raises(InvalidAddress, match=message) as refused:
+        queue_with_recipient(way, address)
+    assert isinstance(refused.value, ValueError) and isinstance(refused.value, MailerError)
+    assert "to[1]" in str(refused.value) or "cc[0]" in str(refused.value)
+    assert Message.objects.count() == 0
+    assert mail.outbox == []
+
+
+STRINGS_DJANGO_REFUSES = [address for address, _message in BAD_ADDRESSES.values() if isinstance(address, str)]
+
+
+@pytest.mark.skipif(not hasattr(SMTPBackend, "prep_address"), reason="Django 6.0 added prep_address")
+@pytest.mark.parametrize("address", STRINGS_DJANGO_REFUSES)
+def test_each_refused_address_is_one_djangos_smtp_backend_refuses_too(address):
+    """The check is no stricter than delivery: Django's SMTP backend refuses each one when it sends.
+
+    (Django 5.2's backend writes a non-ASCII local part as an encoded word
+    instead of refusing it; no mail server delivers to that, so mailer
+    refuses it on every version. ``None`` and numbers are refused by mailer
+    only: Django drops a ``None`` recipient silently, and sends to "5".)
+    """
+    backend = SMTPBackend.__new__(SMTPBackend)  # only its address handling is used: no settings, no connection
+    with pytest.raises(ValueError, match=r"Invalid address"):
+        backend.prep_address(address)
+
+
+@pytest.mark.parametrize(
+    "sender, message",
+    [
+        ("jöhn@example.com", r"from_email has a non-ASCII part"),
+        ("a@example.com, b@example.com", r"from_email must be one address"),
+    ],
+)
+def test_a_bad_sender_is_refused(sender, message):
+    with pytest.raises(InvalidAddress, match=message):
+        mailer.send_mail("Subject", "Body", sender, ["ok@example.com"])
+    assert Message.objects.count() == 0
+
+
+def test_a_bad_reply_to_is_refused():
+    email = EmailMessage("Subject", "Body", "from@example.com", ["ok@example.com"], reply_to=["a@x.com, b@y.com"])
+    with pytest.raises(InvalidAddress, match=r"reply_to\[0\] must be one address"):
+        DbBackend().send_messages([email])
+
+
+def test_a_bad_admins_entry_is_refused(settings):
+    settings.ADMINS = [("Ada", "ada@example.com"), ("Bob", "bob@example.com, eve@example.com")]
+    with pytest.raises(InvalidAddress, match=r"to\[1\] must be one address"):
+        mailer.mail_admins("Subject", "Body")
+    assert Message.objects.count() == 0
+
+
+@pytest.mark.parametrize(
+    "good",
+    [
+        "plain@example.com",
+        "Ada Lovelace <ada@example.com>",
+        '"Lovelace, Ada" <ada@example.com>',
+        "Zoë Ünicode <zoe@example.com>",
+        "user@exämple.com",
+        "webmaster",
+    ],
+)
+def test_good_addresses_are_queued(good):
+    assert mailer.send_mail("Subject", "Body", "from@example.com", [good]) == 1
+    assert Message.objects.get().to_addresses == [good]
+
+
+@pytest.mark.parametrize("recipients", [[], [""], ["", ""]], ids=["none", "empty", "two empty"])
+@pytest.mark.parametrize("way", ["send_mail", "send_html_mail", "send_mass_mail"])
+def test_a_message_without_recipients_is_not_queued_and_counts_0(way, recipients):
+    """As Django's own functions do: there is nobody to send it to."""
+    if way == "send_mail":
+        count = mailer.send_mail("Subject", "Body", "from@example.com", recipients)
+    elif way == "send_html_mail":
+        count = mailer.send_html_mail("Subject", "Body", "<p>Body</p>", "from@example.com", recipients)
+    else:
+        count = mailer.send_mass_mail([("Subject", "Body", "from@example.com", recipients)])
+    assert count == 0
+    assert Message.objects.count() == 0
+
+
+def test_db_backend_skips_messages_without_recipients_and_counts_the_rest():
+    emails = [
+        EmailMessage("One", "Body", "from@example.com", ["a@example.com"]),
+        EmailMessage("None", "Body", "from@example.com", []),
+    ]
+    assert DbBackend().send_messages(emails) == 1
+    assert list(Message.objects.values_list("subject", flat=True)) == ["One"]
+
+
+def test_a_header_with_a_line_break_is_refused_when_queued():
+    with pytest.raises(ValueError, match="newlines|linefeed or carriage return"):
+        mailer.send_html_mail(
+            "Subject", "Body", "<p>Body</p>", "from@example.com", ["a@example.com"], headers={"X-Tag": "a\nBcc: b"}
+        )
+    assert Message.objects.count() == 0
+
+
+def test_a_message_for_suppressed_recipients_only_is_still_queued(settings):
+    """It is logged as "don't send" when its turn comes, as before: the list is applied at send time too."""
+    from django.utils import timezone
+
+    from mailer.models import DontSendEntry
+
+    DontSendEntry.objects.create(to_address="blocked@example.com", when_added=timezone.now())
+    assert mailer.send_mail("Subject", "Body", "from@example.com", ["blocked@example.com"]) == 1
+    assert Message.objects.count() == 1
