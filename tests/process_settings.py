@@ -1,6 +1,9 @@
-"""Settings for ``tests/manage.py``: a SQLite file and a real SMTP server, both named by the environment.
+"""Settings for ``tests/manage.py``: a database and a real SMTP server, both named by the environment.
 
-- ``MAILER_PROCESS_DB``: path of the SQLite database file;
+- ``MAILER_PROCESS_DATABASE``: the database, as a JSON object in the form of
+  an entry of ``DATABASES`` (a SQLite file, or a database on the PostgreSQL
+  or MariaDB server; see ``tests/processes.py``);
+- ``MAILER_PROCESS_DB``: or only the path of a SQLite database file;
 - ``MAILER_PROCESS_SMTP_PORT``: port of the SMTP server on 127.0.0.1;
 - ``MAILER_PROCESS_LOCK_PATH``: the lock file (optional);
 - ``MAILER_PROCESS_EMPTY_QUEUE_SLEEP``: seconds between polls of ``runmailer`` (optional);
@@ -11,6 +14,7 @@ On Django 6.1 delivery is configured with MAILERS, before it with the
 EMAIL_* settings, as a django-mailer 2.x site has them.
 """
 
+import json
 import os
 
 import django
@@ -19,13 +23,16 @@ SECRET_KEY = "not-a-secret"
 USE_TZ = True
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 INSTALLED_APPS = ["django.contrib.contenttypes", "django.contrib.auth", "mailer"]
-DATABASES = {
-    "default": {
-        "ENGINE": "django.db.backends.sqlite3",
-        "NAME": os.environ["MAILER_PROCESS_DB"],
-        "OPTIONS": {"timeout": 20},
+if "MAILER_PROCESS_DATABASE" in os.environ:
+    DATABASES = {"default": json.loads(os.environ["MAILER_PROCESS_DATABASE"])}
+else:
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": os.environ["MAILER_PROCESS_DB"],
+            "OPTIONS": {"timeout": 20},
+        }
     }
-}
 
 _SMTP_HOST = "127.0.0.1"
 _SMTP_PORT = int(os.environ.get("MAILER_PROCESS_SMTP_PORT", "25"))

@@ -158,7 +158,7 @@ class ProcessDatabase:
             return psycopg.connect(
                 host=host, port=port, user=user, password=password, dbname=name or "postgres", connect_timeout=10
             )
-        import MySQLdb
+        import MySQLdb  # type: ignore[import-untyped,import-not-found,unused-ignore]  # no stubs
 
         options = {"database": name} if name else {}
         return MySQLdb.connect(

@@ -39,6 +39,7 @@ class Recorder:
     quits: int = 0
     hang_ups: int = 0
     rcpt_replies: dict[str, str] = field(default_factory=dict)
+    mail_replies: dict[str, str] = field(default_factory=dict)
     data_reply: str | None = None
     messages_per_session: int | None = None
     hang_up_after: int | None = None
@@ -59,6 +60,9 @@ class Recorder:
         if self.messages_per_session is not None and session.messages > self.messages_per_session:
             self._hang_up(server)
             return "421 4.7.0 Too many messages in this session, closing connection"
+        reply = self.mail_replies.get(address)
+        if reply:
+            return reply
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 OK"
@@ -157,6 +161,10 @@ class SMTPServer:
 
     def reject_recipient(self, address: str, reply: str = "550 5.1.1 No such user") -> None:
         self.recorder.rcpt_replies[address] = reply
+
+    def reject_sender(self, address: str, reply: str = "550 5.7.1 Sender rejected") -> None:
+        """Answer ``MAIL FROM:<address>`` with ``reply``."""
+        self.recorder.mail_replies[address] = reply
 
     def reply_to_data(self, reply: str | None) -> None:
         self.recorder.data_reply = reply

@@ -1,10 +1,19 @@
 """The migrations are django-mailer's, then ours, and match the models."""
 
+import base64
+import json
+import pickle
 from io import StringIO
 
 import pytest
+from django.core.mail import EmailMessage, EmailMultiAlternatives
 from django.core.management import call_command
+from django.db import connection
+from django.db.migrations.executor import MigrationExecutor
 from django.db.migrations.loader import MigrationLoader
+from django.utils import timezone
+
+from mailer.models import PRIORITY_MEDIUM, RESULT_SUCCESS, Message, MessageLog
 
 DJANGO_MAILER_MIGRATIONS = [
     "0001_initial",
@@ -20,7 +29,7 @@ DJANGO_MAILER_MIGRATIONS = [
 def test_history_starts_with_django_mailers_migrations_in_order():
     loader = MigrationLoader(None, ignore_no_migrations=True)
     names = []
-    node = ("mailer", max(name for app, name in loader.disk_migrations if app == "mailer"))
+    node: tuple[str, str] | None = ("mailer", max(name for app, name in loader.disk_migrations if app == "mailer"))
     while node:
         names.append(node[1])
         parents = [parent for parent in loader.graph.node_map[node].parents if parent[0] == "mailer"]
@@ -39,10 +48,160 @@ def test_models_and_migrations_agree():
 
 @pytest.mark.django_db
 def test_tables_are_django_mailers():
-    from mailer.models import DontSendEntry, Message, MessageLog
+    from mailer.models import DontSendEntry
 
     assert [m._meta.db_table for m in (Message, MessageLog, DontSendEntry)] == [
         "mailer_message",
         "mailer_messagelog",
         "mailer_dontsendentry",
     ]
+
+
+# --------------------------------------------------------------------------
+# Migration 0010: django-mailer's pickles become JSON
+# --------------------------------------------------------------------------
+
+BEFORE_CONVERSION = "0009_search_columns"
+
+
+def migrate_mailer(target: str) -> None:
+    """Apply or unapply mailer's migrations up to ``target`` on the test database, as ``migrate mailer`` does."""
+    executor = MigrationExecutor(connection)
+    executor.migrate([("mailer", target)])
+
+
+def latest_mailer_migration() -> str:
+    (leaf,) = MigrationLoader(None, ignore_no_migrations=True).graph.leaf_nodes("mailer")
+    return leaf[1]
+
+
+@pytest.fixture
+def before_conversion(transactional_db):
+    """The test database as django-mailer left it plus our columns: mailer migrated back to 0009.
+
+    Migration 0010 only rewrites rows, so the tables are those of today's
+    models. The test inserts rows, then applies 0010 itself; afterwards all
+    migrations are applied again whatever happened.
+    """
+    migrate_mailer(BEFORE_CONVERSION)
+    yield
+    migrate_mailer(latest_mailer_migration())
+
+
+def pickled_row(email, protocol: int = pickle.DEFAULT_PROTOCOL) -> str:
+    """An email as django-mailer 2.x stored it: base64 of its pickle."""
+    return base64.encodebytes(pickle.dumps(email, protocol=protocol)).decode("ascii")
+
+
+def legacy_email(subject: str, **kwargs) -> EmailMultiAlternatives:
+    email = EmailMultiAlternatives(
+        subject,
+        kwargs.pop("body", "Body"),
+        kwargs.pop("from_email", "Sender <s@example.com>"),
+        kwargs.pop("to", ["to@example.com"]),
+        **kwargs,
+    )
+    return email
+
+
+def test_migration_0010_rewrites_pickled_queue_rows_as_json_and_fills_the_search_columns(before_conversion):
+    """Each pickled row (django-mailer 2.x's base64, and the raw pickle of releases before 2.0) becomes JSON.
+
+    The JSON decodes to the same email, and subject, sender, recipients and
+    Message-ID, which 0009 added empty, now hold what the email says.
+    """
+    rich = legacy_email(
+        "Rich ✓",
+        cc=["cc@example.com"],
+        bcc=["bcc@example.com"],
+        headers={"Message-ID": "<rich@example.com>", "X-Campaign": "q3"},
+    )
+    rich.attach_alternative("<p>Html</p>", "text/html")
+    rich.attach("data.bin", b"\x00\x01\xff", "application/octet-stream")
+    old = EmailMessage("Before 2.0", "Old body", "old@example.com", ["old-to@example.com"])
+    base64_row = Message.objects.create(message_data=pickled_row(rich))
+    raw_row = Message.objects.create(message_data=pickle.dumps(old, protocol=0).decode("ascii"))
+    json_row = Message.for_email(EmailMessage("Already JSON", "B", "j@example.com", ["j-to@example.com"]))
+    json_row.save()
+    json_before = json_row.message_data
+
+    migrate_mailer("0010_convert_pickled_message_data")
+
+    base64_row.refresh_from_db()
+    assert json.loads(base64_row.message_data)["mailer"] == 1
+    assert (base64_row.subject, base64_row.from_email, base64_row.recipients, base64_row.message_id) == (
+        "Rich ✓",
+        "Sender <s@example.com>",
+        "to@example.com, cc@example.com, bcc@example.com",
+        "<rich@example.com>",
+    )
+    decoded = base64_row.email
+    assert (decoded.bcc, decoded.extra_headers["X-Campaign"], decoded.alternatives[0].content) == (
+        ["bcc@example.com"],
+        "q3",
+        "<p>Html</p>",
+    )
+    assert decoded.attachments[0].content == b"\x00\x01\xff"
+
+    raw_row.refresh_from_db()
+    assert json.loads(raw_row.message_data)["mailer"] == 1
+    assert (raw_row.subject, raw_row.from_email, raw_row.recipients) == (
+        "Before 2.0",
+        "old@example.com",
+        "old-to@example.com",
+    )
+    assert raw_row.message_id is None  # the email had none; the engine gives it one when sending
+    assert raw_row.email.body == "Old body"
+
+    json_row.refresh_from_db()
+    assert json_row.message_data == json_before
+
+
+def test_migration_0010_converts_the_log_but_keeps_each_rows_own_message_id(before_conversion):
+    """A log row's ``message_id`` is that of the attempt it records; the conversion fills only the other columns."""
+    email = legacy_email("Logged", headers={"Message-ID": "<in-the-pickle@example.com>"})
+    log = MessageLog.objects.create(
+        message_data=pickled_row(email),
+        message_id="<the-attempt@example.com>",
+        when_added=timezone.now(),
+        priority=PRIORITY_MEDIUM,
+        result=RESULT_SUCCESS,
+        log_message="",
+    )
+    without_data = MessageLog.objects.create(
+        message_data=None, when_added=timezone.now(), priority=PRIORITY_MEDIUM, result=RESULT_SUCCESS, log_message=""
+    )
+
+    migrate_mailer("0010_convert_pickled_message_data")
+
+    log.refresh_from_db()
+    assert json.loads(log.message_data)["mailer"] == 1
+    assert (log.subject, log.from_email, log.recipients, log.message_id) == (
+        "Logged",
+        "Sender <s@example.com>",
+        "to@example.com",
+        "<the-attempt@example.com>",
+    )
+    without_data.refresh_from_db()
+    assert (without_data.message_data, without_data.subject) == (None, None)
+
+
+def test_migration_0010_leaves_a_row_json_cannot_hold_as_it_was(before_conversion):
+    """A pickled email with a value JSON has no type for (a set) stays pickled, so migrate does not fail.
+
+    The engine reads such a row when its turn comes; the row beside it is
+    converted as usual.
+    """
+    tagged = legacy_email("Tagged")
+    tagged.tags = {"a", "b"}  # type: ignore[attr-defined]
+    unconvertible = Message.objects.create(message_data=pickled_row(tagged))
+    before = unconvertible.message_data
+    convertible = Message.objects.create(message_data=pickled_row(legacy_email("Plain")))
+
+    migrate_mailer("0010_convert_pickled_message_data")
+
+    unconvertible.refresh_from_db()
+    assert unconvertible.message_data == before
+    assert unconvertible.subject == ""
+    convertible.refresh_from_db()
+    assert (json.loads(convertible.message_data)["mailer"], convertible.subject) == (1, "Plain")

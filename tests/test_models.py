@@ -19,11 +19,26 @@ from mailer.models import (
 pytestmark = pytest.mark.django_db
 
 
-def test_message_str():
+def test_str_of_a_queued_message_names_when_subject_and_recipients():
     mailer.send_mail("Hello", "Body", "f@example.com", ["a@example.com", "b@example.com"])
     message = Message.objects.get()
+
     assert str(message) == f'On {message.when_added}, "Hello" to a@example.com, b@example.com'
-    assert str(Message(message_data="garbage")) == "<Message repr unavailable>"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param("garbage", id="neither-json-nor-pickle"),
+        pytest.param('{"mailer": 1, "email": {"class": "os.system"}}', id="json-naming-a-class-not-allowed"),
+        pytest.param(email_to_db({"plain": [1, 2]}), id="a-plain-value-not-an-email"),
+    ],
+)
+def test_str_of_a_row_that_is_not_an_email_says_so(data):
+    """The admin lists every row, so ``str()`` of one whose data is not an email must still give a text."""
+    message = Message(message_data=data)
+
+    assert str(message) == "<Message repr unavailable>"
 
 
 def test_undecodable_message_properties():
@@ -33,17 +48,25 @@ def test_undecodable_message_properties():
     assert message.subject == ""
 
 
-def test_message_log_str_and_properties(settings):
+def test_str_of_a_log_row_names_when_attempted_subject_and_recipients():
     mailer.send_mail("Logged", "Body", "f@example.com", ["a@example.com"])
-    message = Message.objects.get()
-    log = MessageLog.objects.log(message, RESULT_SUCCESS)
+    log = MessageLog.objects.log(Message.objects.get(), RESULT_SUCCESS)
+
     assert str(log) == f'On {log.when_attempted}, "Logged" to a@example.com'
     assert log.to_addresses == ["a@example.com"] and log.subject == "Logged"
 
+
+def test_str_of_a_log_row_kept_without_data_names_its_message_id(settings):
+    """With ``MAILER_EMAIL_LOG_MESSAGE_DATA`` off the row keeps no content; the Message-ID still identifies it."""
     settings.MAILER_EMAIL_LOG_MESSAGE_DATA = False
+    mailer.send_mail("Private", "Body", "f@example.com", ["a@example.com"])
+    message = Message.objects.get()
+
     bare = MessageLog.objects.log(message, RESULT_SUCCESS)
+
     assert bare.message_data is None
-    assert str(bare) == f'On {bare.when_attempted}, "{bare.message_id}"'
+    assert bare.message_id == message.message_id and bare.message_id.startswith("<")
+    assert str(bare) == f'On {bare.when_attempted}, "{message.message_id}"'
     assert bare.to_addresses is None and bare.subject is None
 
 

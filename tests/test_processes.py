@@ -1,18 +1,26 @@
-"""The management commands as real processes, as cron runs them."""
+"""The management commands as real processes, as cron runs them.
+
+Each test has a database of its own on the vendor of the run (a SQLite
+file, or a database on the PostgreSQL or MariaDB server), which the
+processes and the test share; see ``tests/processes.py``.
+"""
 
 import re
 
 import pytest
 
-from tests.processes import manage
+from tests.processes import fresh_database, manage
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
 def process_db(tmp_path):
-    db = tmp_path / "site.sqlite3"
-    result = manage("migrate", "-v", "0", db=db)
-    assert result.returncode == 0, result.stderr
-    return db
+    """A migrated database of its own, on this run's vendor."""
+    with fresh_database(tmp_path) as db:
+        result = manage("migrate", "-v", "0", db=db)
+        assert result.returncode == 0, result.stderr
+        yield db
 
 
 def queue_in_process(db, code: str):
@@ -37,6 +45,21 @@ def test_cron_send_mail_delivers_the_queue(process_db, smtp_server, tmp_path):
     assert result.returncode == 0, result.stderr
     assert sorted(r.message["Subject"] for r in smtp_server.received) == ["Html", "Plain"]
     assert "2 sent; 0 deferred" in result.stderr
+    # The database the test shares with the processes says the same.
+    assert process_db.query("SELECT COUNT(*) FROM mailer_message") == [(0,)]
+    assert sorted(process_db.query("SELECT subject, result FROM mailer_messagelog")) == [("Html", "1"), ("Plain", "1")]
+
+
+def test_the_processes_use_a_database_of_their_own_on_the_vendor_of_the_run(process_db):
+    """On PostgreSQL and MariaDB runs the commands must run there too, not on a SQLite file."""
+    from tests.processes import VENDOR
+
+    result = queue_in_process(
+        process_db,
+        "from django.db import connection; print('database:', connection.vendor, connection.settings_dict['NAME'])",
+    )
+
+    assert re.findall(r"^database: (\S+) (\S+)$", result.stdout, re.MULTILINE) == [(VENDOR, process_db.name)]
 
 
 def test_a_held_lock_makes_cron_send_mail_quit(process_db, smtp_server, tmp_path):
@@ -122,7 +145,7 @@ def test_concurrent_workers_without_the_lock_send_each_message_exactly_once(proc
     assert [worker.returncode for worker in workers] == [0, 0, 0], errors
     subjects = [r.message["Subject"] for r in smtp_server.received]
     assert sorted(subjects) == sorted(f"Message {n}" for n in range(30))
-    sent_per_worker = [int(re.search(r"(\d+) sent;", err).group(1)) for err in errors]
+    sent_per_worker = [sent_count(err) for err in errors]
     assert sum(sent_per_worker) == 30
     assert sum(1 for sent in sent_per_worker if sent) >= 2, f"the workers did not overlap: {sent_per_worker}"
 
@@ -165,9 +188,26 @@ def test_migrating_back_to_django_mailer_restores_pickles(process_db):
     assert data.startswith("{")
 
 
-def stored_message_data(db):
-    import sqlite3
-    from contextlib import closing
+def sent_count(stderr: str) -> int:
+    """How many messages a ``send_mail`` process says it sent."""
+    found = re.search(r"(\d+) sent;", stderr)
+    assert found, stderr
+    return int(found.group(1))
 
-    with closing(sqlite3.connect(db)) as connection:
-        return connection.execute("SELECT message_data FROM mailer_message").fetchall()
+
+def stored_message_data(db):
+    return db.query("SELECT message_data FROM mailer_message")
+
+
+def test_processes_import_the_same_mailer_as_the_tests(tmp_path):
+    """Under tox both import the installed wheel's mailer, never the checkout's (see tox.ini)."""
+    from pathlib import Path
+
+    import mailer
+
+    result = manage("shell", "-c", "import mailer; print('mailer at', mailer.__file__)", db=tmp_path / "site.sqlite3")
+
+    assert result.returncode == 0, result.stderr
+    found = re.search(r"^mailer at (.+)$", result.stdout, re.MULTILINE)
+    assert found, result.stdout
+    assert Path(found.group(1)).resolve() == Path(mailer.__file__).resolve()

@@ -7,37 +7,41 @@ is written by this project's code, so the test catches any difference in
 table layout, migration names or message encoding that a hand-made fixture
 would share with the code under test.
 
-This project then runs on that file as real ``manage.py`` processes, as a
-site does after swapping the package: ``migrate``, ``send_mail``,
-``retry_deferred``, ``send_mail``, delivering to a real SMTP server.
+It is made on the vendor of the run: a SQLite file, or a database of its own
+on the PostgreSQL or MariaDB server (the legacy virtualenv then holds that
+vendor's driver). Each test works on a copy of it. This project then runs on
+the copy as real ``manage.py`` processes, as a site does after swapping the
+package: ``migrate``, ``send_mail``, ``retry_deferred``, ``send_mail``,
+delivering to a real SMTP server.
 
-Building the virtualenv needs PyPI. Without it the tests skip, unless
-``MAILER_TEST_REQUIRE_DB=1`` or ``CI=true`` says the run must be complete:
-then they fail.
+Building the virtualenv needs PyPI. If pip cannot reach it, the tests skip
+on a developer's machine, and fail when ``CI`` or ``MAILER_TEST_REQUIRE_DB=1``
+says the run must be complete. Any other failure to build it fails.
 """
 
 import base64
 import json
-import os
+import pickle
 import re
-import shutil
-import sqlite3
-from contextlib import closing
 from pathlib import Path
 
 import pytest
 
 from mailer.models import (
     PRIORITY_DEFERRED,
+    PRIORITY_HIGH,
     PRIORITY_MEDIUM,
     RESULT_DONT_SEND,
     RESULT_FAILURE,
     RESULT_SUCCESS,
     MessageLog,
 )
-from tests.legacy.venv import LegacyVenvUnavailable, ensure_legacy_venv, run_legacy
-from tests.processes import manage
+from tests.legacy.venv import LegacyVenvUnavailable, ensure_legacy_venv, run_legacy, run_must_be_complete
+from tests.processes import VENDOR, ProcessDatabase, manage
 from tests.test_migrations import DJANGO_MAILER_MIGRATIONS
+from tests.test_storage_security import exec_writing
+
+pytestmark = pytest.mark.slow
 
 BUILD_SCRIPT = Path(__file__).parent / "legacy" / "build_legacy_db.py"
 
@@ -46,48 +50,58 @@ LEGACY_MIGRATIONS = DJANGO_MAILER_MIGRATIONS
 OUR_MIGRATIONS = ["0008_message_claim", "0009_search_columns", "0010_convert_pickled_message_data"]
 
 
-def must_not_skip() -> bool:
-    """Tell whether this run must be complete (CI), so a missing PyPI is a failure, not a skip."""
-    return os.environ.get("MAILER_TEST_REQUIRE_DB") == "1" or os.environ.get("CI", "").lower() == "true"
-
-
 @pytest.fixture(scope="module")
 def legacy_python():
-    """The python of the cached django-mailer 2.3.2 virtualenv (built on first use)."""
+    """The python of the cached django-mailer 2.3.2 virtualenv for this run's vendor (built on first use)."""
     try:
-        python, _info = ensure_legacy_venv()
+        python, _info = ensure_legacy_venv(VENDOR)
     except LegacyVenvUnavailable as exc:
-        message = f"cannot build the django-mailer 2.3.2 virtualenv (PyPI needed): {exc}"
-        if must_not_skip():
-            pytest.fail(f"{message}\n(MAILER_TEST_REQUIRE_DB=1 or CI=true: this must not be skipped)", pytrace=False)
-        pytest.skip(message)
+        message = f"cannot build the django-mailer 2.3.2 virtualenv for {VENDOR}: {exc}"
+        if exc.index_problem is None:
+            pytest.fail(f"{message}\n(pip reaches the package index: this is not a network problem)", pytrace=False)
+        if run_must_be_complete():
+            pytest.fail(
+                f"{message}\n{exc.index_problem}\n(CI or MAILER_TEST_REQUIRE_DB=1: this must not be skipped)",
+                pytrace=False,
+            )
+        pytest.skip(f"PyPI is unreachable, so django-mailer 2.3.2 cannot be installed: {exc.index_problem}")
     return python
 
 
 @pytest.fixture(scope="module")
 def legacy_site(legacy_python, tmp_path_factory):
-    """A database made by django-mailer 2.3.2, and the manifest of what it queued.
+    """A database made by django-mailer 2.3.2 on this run's vendor, and the manifest of what it queued.
 
     Built once per module; each test works on its own copy (``legacy_db``).
     A failure here is never a skip: the venv works, so the fault is ours.
     """
     workdir = tmp_path_factory.mktemp("legacy-site")
-    db = workdir / "site.sqlite3"
-    result = run_legacy(legacy_python, BUILD_SCRIPT, str(db), str(workdir / "send_mail"), cwd=workdir)
-    assert result.returncode == 0, f"build_legacy_db.py failed:\n{result.stderr}"
-    manifest = json.loads(result.stdout)
-    assert manifest["mailer_version"] == "2.3.2"
-    assert manifest["django_version"].startswith(("4.2", "5.0"))
-    return db, manifest
+    db = ProcessDatabase.create(workdir, "legacy")
+    try:
+        result = run_legacy(
+            legacy_python,
+            BUILD_SCRIPT,
+            str(workdir / "send_mail"),
+            cwd=workdir,
+            env={"MAILER_LEGACY_DATABASE": json.dumps(db.settings)},
+        )
+        assert result.returncode == 0, f"build_legacy_db.py failed:\n{result.stderr}"
+        manifest = json.loads(result.stdout)
+        assert manifest["mailer_version"] == "2.3.2"
+        assert manifest["django_version"].startswith(("4.2", "5.0"))
+        assert manifest["database_vendor"] == VENDOR
+        yield db, manifest
+    finally:
+        db.drop()
 
 
 @pytest.fixture
 def legacy_db(legacy_site, tmp_path):
     """A fresh copy of the legacy database for one test."""
     source, _manifest = legacy_site
-    db = tmp_path / "site.sqlite3"
-    shutil.copyfile(source, db)
-    return db
+    db = source.copy(tmp_path, "site")
+    yield db
+    db.drop()
 
 
 @pytest.fixture
@@ -95,25 +109,24 @@ def manifest(legacy_site):
     return legacy_site[1]
 
 
-def query(db: Path, sql: str, *params) -> list[tuple]:
-    """Read the database file directly, as an operator would, closing the connection at once."""
-    with closing(sqlite3.connect(db)) as connection:
-        return connection.execute(sql, params).fetchall()
+def query(db: ProcessDatabase, sql: str, *params) -> list[tuple]:
+    """Read the database directly, as an operator would (``%s`` placeholders on every vendor)."""
+    return db.query(sql, *params)
 
 
-def mailer_migrations(db: Path) -> dict[str, bool]:
+def mailer_migrations(db: ProcessDatabase) -> dict[str, bool]:
     """``showmigrations mailer`` as {name: applied}, from this project's point of view."""
     result = manage("showmigrations", "mailer", db=db)
     assert result.returncode == 0, result.stderr
     return {name: mark == "X" for mark, name in re.findall(r"\[( |X)\] (\S+)", result.stdout)}
 
 
-def migrate(db: Path) -> None:
+def migrate(db: ProcessDatabase) -> None:
     result = manage("migrate", "--no-input", db=db)
     assert result.returncode == 0, f"migrate failed on the django-mailer 2.3.2 database:\n{result.stderr}"
 
 
-def send_mail(db: Path, smtp_server, tmp_path: Path) -> str:
+def send_mail(db: ProcessDatabase, smtp_server, tmp_path: Path) -> str:
     result = manage(
         "send_mail", db=db, smtp_port=smtp_server.port, MAILER_PROCESS_LOCK_PATH=str(tmp_path / "send_mail")
     )
@@ -180,8 +193,9 @@ def test_database_of_django_mailer_2_3_2_is_recognised_and_migrates(legacy_db):
 
     after = mailer_migrations(legacy_db)
     assert after == dict.fromkeys(LEGACY_MIGRATIONS + OUR_MIGRATIONS, True)
-    columns = {row[1] for row in query(legacy_db, "PRAGMA table_info(mailer_message)")}
-    assert {"message_data", "when_added", "priority", "retry_count", "claimed_by", "claimed_until"} <= columns
+    assert {"message_data", "when_added", "priority", "retry_count", "claimed_by", "claimed_until"} <= (
+        legacy_db.columns("mailer_message")
+    )
 
 
 def test_pickled_rows_are_converted_to_json_once_and_made_searchable(legacy_db, manifest):
@@ -232,7 +246,7 @@ def test_queue_of_django_mailer_2_3_2_sends_intact_after_the_upgrade(legacy_db, 
     message_ids = {r.message["Subject"]: r.message["Message-ID"] for r in smtp_server.received}
     rows = query(
         legacy_db,
-        "SELECT message_data, message_id FROM mailer_messagelog WHERE result = ? AND id > ?",
+        "SELECT message_data, message_id FROM mailer_messagelog WHERE result = %s AND id > %s",
         RESULT_SUCCESS,
         manifest["sent_before"]["log_id"],
     )
@@ -250,7 +264,7 @@ def test_log_of_django_mailer_2_3_2_stays_readable(legacy_db, manifest):
         legacy_db,
         "SELECT id, result, message_data, message_id, log_message, subject FROM mailer_messagelog ORDER BY id",
     )
-    by_result = {}
+    by_result: dict[str, list[tuple]] = {}
     for log_id, result, data, message_id, log_message, subject in rows:
         # The subject column is filled by the migration that converts the pickles.
         log = MessageLog(message_data=data, subject=subject)
@@ -288,4 +302,49 @@ def test_dont_send_list_of_django_mailer_2_3_2_still_applies(legacy_db, manifest
 
     assert smtp_server.received == []
     assert query(legacy_db, "SELECT COUNT(*) FROM mailer_message") == [(0,)]
-    assert query(legacy_db, "SELECT COUNT(*) FROM mailer_messagelog WHERE result = ?", RESULT_DONT_SEND) == [(1,)]
+    assert query(legacy_db, "SELECT COUNT(*) FROM mailer_messagelog WHERE result = %s", RESULT_DONT_SEND) == [(1,)]
+
+
+def test_a_forged_row_in_the_old_queue_runs_nothing_and_is_set_aside(legacy_db, manifest, smtp_server, tmp_path):
+    """A pickle that runs code, written into django-mailer's queue before the upgrade, is never run.
+
+    ``migrate`` converts the genuine rows and leaves the forged one exactly
+    as it was; ``send_mail`` then defers it, with a failure log row that
+    names what it asked for, and delivers the rest. The payload would create
+    a marker file: its absence, checked after each process, is the proof.
+    """
+    marker = tmp_path / "pwned"
+    forged = base64.encodebytes(pickle.dumps(exec_writing(marker))).decode("ascii")
+    legacy_db.execute(
+        "INSERT INTO mailer_message (message_data, when_added, priority, retry_count) VALUES (%s, %s, %s, %s)",
+        forged,
+        "2024-01-01 00:00:00",
+        PRIORITY_HIGH,
+        0,
+    )
+    [(forged_id,)] = query(legacy_db, "SELECT id FROM mailer_message WHERE message_data = %s", forged)
+
+    migrate(legacy_db)
+
+    assert not marker.exists(), "migrate ran the forged row"
+    rows = dict(query(legacy_db, "SELECT id, message_data FROM mailer_message"))
+    assert rows.pop(forged_id) == forged
+    assert len(rows) == len(manifest["messages"])
+    assert all(json.loads(data)["mailer"] == 1 for data in rows.values()), "the genuine rows were not converted"
+    [(last_log_id,)] = query(legacy_db, "SELECT MAX(id) FROM mailer_messagelog")
+
+    send_mail(legacy_db, smtp_server, tmp_path)
+
+    assert not marker.exists(), "send_mail ran the forged row"
+    assert query(legacy_db, "SELECT message_data, priority FROM mailer_message WHERE id = %s", forged_id) == [
+        (forged, PRIORITY_DEFERRED)
+    ]
+    ready = [m for m in manifest["messages"] if m["priority"] != PRIORITY_DEFERRED]
+    assert sorted(r.message["Subject"] for r in smtp_server.received) == sorted(m["subject"] for m in ready)
+    failures = query(
+        legacy_db,
+        "SELECT log_message FROM mailer_messagelog WHERE result = %s AND id > %s",
+        RESULT_FAILURE,
+        last_log_id,
+    )
+    assert [log_message for (log_message,) in failures] == ["legacy pickle refused: it asks for builtins.exec"]

@@ -1,8 +1,11 @@
-"""Make a SQLite database the way a site running django-mailer 2.3.2 would.
+"""Make a database the way a site running django-mailer 2.3.2 would.
 
-Usage: ``python -I build_legacy_db.py DB_PATH LOCK_PATH``, with the python of
-the legacy virtualenv (see ``tests/legacy/venv.py``), from a directory where
-this project's ``mailer`` package is not importable.
+Usage: ``python -I build_legacy_db.py LOCK_PATH``, with the python of the
+legacy virtualenv (see ``tests/legacy/venv.py``), from a directory where
+this project's ``mailer`` package is not importable. The database is named
+by ``MAILER_LEGACY_DATABASE``, a JSON object in the form of an entry of
+Django's ``DATABASES``: a SQLite file, or an empty database on a PostgreSQL
+or MariaDB server (the venv then holds that vendor's driver).
 
 It migrates the database with django-mailer 2.3.2's own migrations, then
 fills it only through django-mailer 2.3.2's own API, as a site does:
@@ -28,7 +31,7 @@ import os
 import sys
 
 
-def configure(db_path: str, lock_path: str) -> None:
+def configure(database: dict, lock_path: str) -> None:
     from django.conf import settings
 
     settings.configure(
@@ -37,7 +40,7 @@ def configure(db_path: str, lock_path: str) -> None:
         TIME_ZONE="UTC",
         DEFAULT_AUTO_FIELD="django.db.models.BigAutoField",
         INSTALLED_APPS=["django.contrib.contenttypes", "django.contrib.auth", "mailer"],
-        DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": db_path}},
+        DATABASES={"default": database},
         # How a django-mailer 2.x site is set up: Django's mail API queues,
         # MAILER_EMAIL_BACKEND delivers (here to memory; only the one message
         # sent below goes through it).
@@ -59,7 +62,14 @@ def check_legacy_package() -> dict:
     location = os.path.dirname(os.path.abspath(mailer.__file__))
     if mailer.__version__ != "2.3.2" or "site-packages" not in location:
         raise SystemExit(f"expected django-mailer 2.3.2 from site-packages, got {mailer.__version__} at {location}")
-    return {"mailer_version": mailer.__version__, "mailer_location": location, "django_version": django.get_version()}
+    from django.db import connection
+
+    return {
+        "mailer_version": mailer.__version__,
+        "mailer_location": location,
+        "django_version": django.get_version(),
+        "database_vendor": connection.vendor,
+    }
 
 
 def attachment_entry(filename: str, content, mimetype: str) -> dict:
@@ -269,8 +279,8 @@ def queue_everything() -> dict:
 
 
 def main() -> None:
-    db_path, lock_path = sys.argv[1], sys.argv[2]
-    configure(db_path, lock_path)
+    (lock_path,) = sys.argv[1:]
+    configure(json.loads(os.environ["MAILER_LEGACY_DATABASE"]), lock_path)
     from django.core.management import call_command
 
     manifest = check_legacy_package()

@@ -6,10 +6,12 @@ this repository. The virtualenv is made with the test's own interpreter, so
 the pickles it writes are read by the same Python version that wrote them,
 as on a real site that upgrades the package but not Python.
 
-It is built once per Python version and per requirement set, in a cache
-folder outside the work tree, and reused by later runs. Two runs may build it
-at the same time: each builds in a private temporary folder and publishes it
-with one ``rename``; the loser throws its copy away and uses the winner's.
+It is built once per Python version and per requirement set (one per
+database vendor: the PostgreSQL and MariaDB ones hold that vendor's driver),
+in a cache folder outside the work tree, and reused by later runs. Two runs
+may build it at the same time: each builds in a private temporary folder and
+publishes it with one ``rename``; the loser throws its copy away and uses
+the winner's.
 """
 
 import hashlib
@@ -27,6 +29,18 @@ from pathlib import Path
 # picks the newest release below 5.1 that installs on this Python.
 REQUIREMENTS = ("django-mailer==2.3.2", "Django>=4.2,<5.1")
 
+# The database driver the legacy site needs on each vendor, in the versions
+# Django 5.0 supports. mysqlclient is built from source (a C compiler,
+# pkg-config and libmariadb-dev, which .ci/start-databases installs).
+DRIVERS = {
+    "sqlite": (),
+    "postgresql": ("psycopg[binary]>=3.1.8",),
+    "mysql": ("mysqlclient>=1.4.3",),
+}
+
+# What the probe asks for when the venv cannot be built: one small file.
+PROBE_REQUIREMENT = "django-mailer==2.3.2"
+
 READY_FILE = "mailer-legacy-venv.json"
 
 # Variables that could make the legacy process see this repository or this
@@ -42,7 +56,26 @@ _LEAKY_VARIABLES = (
 
 
 class LegacyVenvUnavailable(Exception):
-    """The virtualenv could not be made (no network, PyPI down, pip failed)."""
+    """The virtualenv could not be made (no network, PyPI down, pip failed).
+
+    ``index_problem`` says why pip cannot reach the package index when that
+    is the cause, and is None for any other failure.
+    """
+
+    def __init__(self, message: str, index_problem: str | None = None) -> None:
+        super().__init__(message)
+        self.index_problem = index_problem
+
+
+def run_must_be_complete() -> bool:
+    """Tell whether this run must be complete (CI), so that an unreachable PyPI is a failure, not a skip."""
+    ci = os.environ.get("CI", "").strip().lower()
+    return os.environ.get("MAILER_TEST_REQUIRE_DB") == "1" or ci not in ("", "0", "false", "no")
+
+
+def requirements(vendor: str = "sqlite") -> tuple[str, ...]:
+    """What the legacy venv for a database vendor holds: django-mailer 2.3.2, its Django, the vendor's driver."""
+    return REQUIREMENTS + DRIVERS[vendor]
 
 
 def cache_root() -> Path:
@@ -53,14 +86,14 @@ def cache_root() -> Path:
     return Path(base) / "mailer-tests"
 
 
-def venv_dir() -> Path:
+def venv_dir(vendor: str = "sqlite") -> Path:
     """The cache folder for this interpreter: named by Python version, plus a digest of what it holds.
 
     The digest covers the requirements and the base interpreter, so changing
     either gets a new folder instead of replacing one another run may be using.
     """
     version = f"py{sys.version_info.major}.{sys.version_info.minor}"
-    key = json.dumps([REQUIREMENTS, _base_interpreter()]).encode()
+    key = json.dumps([requirements(vendor), _base_interpreter()]).encode()
     return cache_root() / f"legacy-venv-{version}-{hashlib.sha256(key).hexdigest()[:10]}"
 
 
@@ -81,12 +114,12 @@ def clean_environment(**extra: str) -> dict[str, str]:
     return env
 
 
-def ensure_legacy_venv() -> tuple[Path, dict]:
-    """Return the python of a ready virtualenv and what it holds, building the venv if needed.
+def ensure_legacy_venv(vendor: str = "sqlite") -> tuple[Path, dict]:
+    """Return the python of a ready virtualenv for ``vendor`` and what it holds, building the venv if needed.
 
     Raises ``LegacyVenvUnavailable`` when it cannot be built.
     """
-    final = venv_dir()
+    final = venv_dir(vendor)
     info = _check(final)
     if info is not None:
         return python_of(final), info
@@ -102,7 +135,12 @@ def ensure_legacy_venv() -> tuple[Path, dict]:
     except OSError as exc:
         raise LegacyVenvUnavailable(f"cannot write the cache (set MAILER_TEST_CACHE_DIR): {exc}") from exc
     try:
-        info = _build(building)
+        try:
+            info = _build(building, requirements(vendor))
+        except LegacyVenvUnavailable as exc:
+            if not python_of(building).exists():
+                raise  # not even the venv could be made: nothing to do with the network
+            raise LegacyVenvUnavailable(str(exc), package_index_problem(python_of(building))) from exc
         try:
             os.rename(building, final)
         except OSError:
@@ -116,8 +154,8 @@ def ensure_legacy_venv() -> tuple[Path, dict]:
             shutil.rmtree(building, ignore_errors=True)
 
 
-def _build(target: Path) -> dict:
-    """Make the venv in ``target`` and install the requirements; return what it holds."""
+def _build(target: Path, wanted: tuple[str, ...]) -> dict:
+    """Make the venv in ``target`` and install ``wanted``; return what it holds."""
     env = clean_environment()
     _run([sys.executable, "-m", "venv", str(target)], "creating the virtualenv", env, timeout=300)
     _run(
@@ -132,9 +170,9 @@ def _build(target: Path) -> dict:
             "30",
             "--retries",
             "2",
-            *REQUIREMENTS,
+            *wanted,
         ],
-        f"pip install {' '.join(REQUIREMENTS)}",
+        f"pip install {' '.join(wanted)}",
         env,
         timeout=600,
     )
@@ -205,8 +243,48 @@ def _discard(venv: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def run_legacy(python: Path, script: Path, *args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run ``script`` with the legacy python in isolated mode (``-I``), from ``cwd``.
+def package_index_problem(python: Path) -> str | None:
+    """Say why ``python``'s pip cannot download from the package index (PyPI), or None if it can.
+
+    Asked after the venv failed to build, to tell "PyPI is unreachable" (a
+    skip is acceptable on a developer's machine) from every other failure
+    (never a skip). It asks the same pip, with the user's pip configuration
+    (index, proxy, certificates), for one small file.
+    """
+    with tempfile.TemporaryDirectory(prefix="mailer-pypi-probe-") as folder:
+        command = [
+            str(python),
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-cache-dir",
+            "--no-input",
+            "--disable-pip-version-check",
+            "--timeout",
+            "15",
+            "--retries",
+            "1",
+            "--dest",
+            folder,
+            PROBE_REQUIREMENT,
+        ]
+        try:
+            result = subprocess.run(
+                command, env=clean_environment(), cwd=folder, capture_output=True, text=True, timeout=120
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"pip download {PROBE_REQUIREMENT} failed: {exc}"
+        if result.returncode != 0:
+            tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-4:])
+            return f"pip download {PROBE_REQUIREMENT} failed (exit {result.returncode}):\n{tail}"
+    return None
+
+
+def run_legacy(
+    python: Path, script: Path, *args: str, cwd: Path, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``script`` with the legacy python in isolated mode (``-I``), from ``cwd``, with ``env`` added.
 
     ``-I`` keeps the script's folder, the working directory, PYTHONPATH and
     the user's site-packages off ``sys.path``; the clean environment and a
@@ -214,7 +292,7 @@ def run_legacy(python: Path, script: Path, *args: str, cwd: Path, timeout: float
     """
     return subprocess.run(
         [str(python), "-I", str(script), *args],
-        env=clean_environment(PYTHONIOENCODING="utf-8"),
+        env=clean_environment(PYTHONIOENCODING="utf-8", **(env or {})),
         cwd=str(cwd),
         capture_output=True,
         text=True,

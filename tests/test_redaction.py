@@ -1,0 +1,332 @@
+"""With ``MAILER_EMAIL_LOG_MESSAGE_DATA = False``, no address, display name or subject of a message is written anywhere.
+
+Real refusals from a real SMTP server, whose replies name the addresses as
+mail servers do, are sent through a real pass. Then every place mailer
+writes is read: the MessageLog columns, ``log_message``, the records of
+mailer's loggers at every level, and the text of whatever mailer raises
+(with its ``__cause__`` and ``__context__``). With the setting on (the
+default) the same events keep the addresses: that is what makes the
+redacted runs mean something.
+"""
+
+import base64
+import logging
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+from django.core.mail import EmailMessage
+from django.core.mail.backends.smtp import EmailBackend as SMTPBackend
+
+from mailer import engine
+from mailer.exceptions import RedactedError
+from mailer.models import PRIORITY_DEFERRED, RESULT_FAILURE, Message, MessageLog
+from mailer.redaction import REDACTED
+from tests.smtp import SMTPServer
+
+pytestmark = pytest.mark.django_db
+
+
+@dataclass
+class Scenario:
+    """A message, how the server refuses it, and every form of its secrets that must not be written."""
+
+    email: EmailMessage
+    refuse: Callable[[SMTPServer], None]  # tells the server how to refuse it
+    secrets: list[str]
+    # The form in which the server's reply names the message when nothing is redacted.
+    shown: str
+    legacy: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def email(subject="Quarterly figures", to=("ada@example.com",), **kwargs) -> EmailMessage:
+    kwargs.setdefault("from_email", "sender@example.com")
+    return EmailMessage(subject, "Body", to=list(to), **kwargs)
+
+
+def sender_refused() -> Scenario:
+    return Scenario(
+        email(from_email="Sender Person <sender@example.com>"),
+        lambda server: server.reject_sender(
+            "sender@example.com", "550 5.7.1 <sender@example.com> (Sender Person): sender address rejected"
+        ),
+        ["sender@example.com", "Sender Person"],
+        "sender@example.com",
+    )
+
+
+def idn_recipient_refused() -> Scenario:
+    # The server sees (and names) the punycode form Django sends.
+    return Scenario(
+        email(to=["john@exämple.com"]),
+        lambda server: server.reject_recipient(
+            "john@xn--exmple-cua.com", "550 5.1.1 <john@xn--exmple-cua.com>: recipient address rejected"
+        ),
+        ["john@exämple.com", "john@xn--exmple-cua.com"],
+        "john@xn--exmple-cua.com",
+    )
+
+
+def idn_local_part_refused() -> Scenario:
+    """An address international in its local part too, in a row django-mailer queued (mailer refuses to queue one).
+
+    Django 5.2 hands smtplib the address with the local part as an RFC 2047
+    encoded word, and smtplib names the refused recipients as it was given
+    them.
+    """
+    encoded = "=?utf-8?b?asO2aG4=?=@xn--exmple-cua.com"
+    return Scenario(
+        email(to=["jöhn@exämple.com"], headers={"Message-ID": "<idn@example.com>"}),
+        lambda server: server.reject_recipient("jöhn@xn--exmple-cua.com", "550 5.1.1 recipient address rejected"),
+        ["jöhn@exämple.com", "jöhn@xn--exmple-cua.com", encoded],
+        encoded,
+        legacy=True,
+    )
+
+
+def named_recipient_refused() -> Scenario:
+    return Scenario(
+        email(to=["Ada Lovelace <ada@example.com>"]),
+        lambda server: server.reject_recipient(
+            "ada@example.com", "550 5.1.1 <ada@example.com> (Ada Lovelace): no such user"
+        ),
+        ["ada@example.com", "Ada Lovelace"],
+        "ada@example.com",
+    )
+
+
+def reply_to_refused() -> Scenario:
+    """The server refuses the content, naming the Reply-To address and the subject."""
+    return Scenario(
+        email(subject="Salary review 2026", reply_to=["help.desk@example.com"]),
+        lambda server: server.reply_to_data(
+            "554 5.7.1 Reply-To <help.desk@example.com> of 'Salary review 2026' is not allowed"
+        ),
+        ["help.desk@example.com", "Salary review 2026"],
+        "help.desk@example.com",
+    )
+
+
+def other_case_refused() -> Scenario:
+    """The address queued in mixed case; the server answers in upper case."""
+    return Scenario(
+        email(to=["Grace.Hopper@Example.com"]),
+        lambda server: server.reject_recipient(
+            "Grace.Hopper@Example.com", "550 5.1.1 <GRACE.HOPPER@EXAMPLE.COM>: no such user"
+        ),
+        ["grace.hopper@example.com"],
+        "GRACE.HOPPER@EXAMPLE.COM",
+    )
+
+
+def legacy_row_refused() -> Scenario:
+    """A row django-mailer pickled: its search columns are empty, so the email itself says what to blank out."""
+    message = email(
+        subject="Legacy secret subject",
+        to=["Legacy User <legacy.user@example.com>"],
+        headers={"Message-ID": "<legacy@example.com>"},
+    )
+    return Scenario(
+        message,
+        lambda server: server.reject_recipient(
+            "legacy.user@example.com", "550 5.1.1 <legacy.user@example.com> (Legacy User): gone"
+        ),
+        ["legacy.user@example.com", "Legacy User"],
+        "legacy.user@example.com",
+        legacy=True,
+    )
+
+
+SCENARIOS = {
+    "sender-refused": sender_refused,
+    "idn-recipient-refused": idn_recipient_refused,
+    "named-recipient-refused": named_recipient_refused,
+    "reply-to-and-subject-in-reply": reply_to_refused,
+    "other-letter-case": other_case_refused,
+    "legacy-row-with-empty-columns": legacy_row_refused,
+}
+
+
+def queue(scenario: Scenario) -> Message:
+    if scenario.legacy:
+        data = base64.encodebytes(pickle.dumps(scenario.email)).decode("ascii")
+        # As django-mailer left it: inserted without save(), so no search column is filled.
+        (row,) = Message.objects.bulk_create([Message(message_data=data)])
+        message = Message.objects.get(pk=row.pk)
+        assert (message.subject, message.from_email, message.recipients) == ("", "", "")
+        return message
+    message = Message.for_email(scenario.email)
+    message.save()
+    return message
+
+
+def written_texts(caplog) -> list[str]:
+    """Every text mailer wrote: its log rows (every column) and its log records (every level)."""
+    texts = []
+    for log in MessageLog.objects.all():
+        texts += [log.log_message, log.subject, log.from_email, log.recipients, log.message_data]
+    for record in caplog.records:
+        if record.name == "mailer" or record.name.startswith("mailer."):
+            texts.append(record.getMessage())
+            if record.exc_info:
+                texts.append(logging.Formatter().formatException(record.exc_info))
+    return [text for text in texts if text]
+
+
+def exception_texts(exc: BaseException) -> list[str]:
+    """The text of ``exc`` and of every exception chained to it, as a traceback or an error tracker may show them."""
+    texts: list[str] = []
+    seen = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        texts += [str(current), repr(current)]
+        current = current.__cause__ or current.__context__
+    return texts
+
+
+def found(secret: str, texts: list[str]) -> list[str]:
+    return [text for text in texts if secret.lower() in text.lower()]
+
+
+@pytest.fixture
+def mailer_logs(caplog):
+    caplog.set_level(logging.DEBUG, logger="mailer")
+    return caplog
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_with_message_data_off_a_refusal_names_nobody_anywhere(name, settings, deliver_to_smtp, mailer_logs):
+    settings.MAILER_EMAIL_LOG_MESSAGE_DATA = False
+    scenario = SCENARIOS[name]()
+    scenario.refuse(deliver_to_smtp)
+    message = queue(scenario)
+
+    assert engine.send_all() == {"deferred": 1}
+
+    message.refresh_from_db()
+    assert message.priority == PRIORITY_DEFERRED
+    log = MessageLog.objects.get()
+    assert (log.result, log.subject, log.from_email, log.recipients, log.message_data) == (
+        RESULT_FAILURE,
+        None,
+        None,
+        None,
+        None,
+    )
+    # The server's reply is there, with the secrets blanked out.
+    assert REDACTED in log.log_message
+    assert "550" in log.log_message or "554" in log.log_message
+    texts = written_texts(mailer_logs)
+    for secret in scenario.secrets:
+        assert found(secret, texts) == [], f"{secret!r} was written"
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_with_message_data_on_the_same_refusal_keeps_the_addresses(name, settings, deliver_to_smtp, mailer_logs):
+    """The control: the redacted run above would pass for nothing if the address never reached the log."""
+    settings.MAILER_EMAIL_LOG_MESSAGE_DATA = True
+    scenario = SCENARIOS[name]()
+    scenario.refuse(deliver_to_smtp)
+    message = queue(scenario)
+
+    assert engine.send_all() == {"deferred": 1}
+
+    log = MessageLog.objects.get()
+    assert scenario.shown in log.log_message
+    assert log.message_data == Message.objects.get(pk=message.pk).message_data
+    assert found(scenario.shown, [r.getMessage() for r in mailer_logs.records if r.name.startswith("mailer")])
+    assert REDACTED not in log.log_message
+
+
+class HandlerGaveUp(Exception):
+    pass
+
+
+def raising_error_handler(connection, message, exc):
+    """A site's MAILER_ERROR_HANDLER that gives up, saying what it was given (as handlers do)."""
+    raise HandlerGaveUp(f"cannot handle {exc}")
+
+
+@pytest.mark.parametrize("name", ["named-recipient-refused", "legacy-row-with-empty-columns"])
+def test_an_error_mailer_raises_again_names_nobody(name, settings, deliver_to_smtp, mailer_logs):
+    settings.MAILER_EMAIL_LOG_MESSAGE_DATA = False
+    settings.MAILER_ERROR_HANDLER = f"{__name__}.raising_error_handler"
+    scenario = SCENARIOS[name]()
+    scenario.refuse(deliver_to_smtp)
+    queue(scenario)
+
+    with pytest.raises(RedactedError, match=r"HandlerGaveUp: cannot handle .*<redacted>") as raised:
+        engine.send_all()
+
+    assert raised.value.__cause__ is None
+    assert raised.value.__suppress_context__
+    texts = [str(raised.value), repr(raised.value), *written_texts(mailer_logs)]
+    for secret in scenario.secrets:
+        assert found(secret, texts) == [], f"{secret!r} was written"
+    assert Message.objects.get().priority == PRIORITY_DEFERRED
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding: engine._send_message raises RedactedError(...) from None inside the except block, which sets "
+    "__cause__ to None and hides the context when printed, but __context__ still holds the site's exception and, "
+    "through it, smtplib's: both name the addresses, for any code (an error tracker, a test) that walks the chain",
+)
+def test_the_redacted_error_carries_no_chained_exception(settings, deliver_to_smtp):
+    settings.MAILER_EMAIL_LOG_MESSAGE_DATA = False
+    settings.MAILER_ERROR_HANDLER = f"{__name__}.raising_error_handler"
+    scenario = named_recipient_refused()
+    scenario.refuse(deliver_to_smtp)
+    queue(scenario)
+
+    with pytest.raises(RedactedError, match=r"<redacted>") as raised:
+        engine.send_all()
+
+    assert raised.value.__context__ is None
+    for secret in scenario.secrets:
+        assert found(secret, exception_texts(raised.value)) == []
+
+
+def test_with_message_data_on_the_error_is_raised_again_as_it_was(settings, deliver_to_smtp):
+    settings.MAILER_ERROR_HANDLER = f"{__name__}.raising_error_handler"
+    scenario = named_recipient_refused()
+    scenario.refuse(deliver_to_smtp)
+    queue(scenario)
+
+    with pytest.raises(HandlerGaveUp, match=r"ada@example\.com"):
+        engine.send_all()
+
+
+# Django 6 checks each envelope address itself (prep_address) and refuses a
+# non-ASCII local part; Django 5.2 sends it as an RFC 2047 encoded word.
+DJANGO_CHECKS_ENVELOPE = hasattr(SMTPBackend, "prep_address")
+
+
+@pytest.mark.xfail(
+    not DJANGO_CHECKS_ENVELOPE,
+    strict=True,
+    reason="finding (Django 5.2): redaction.secrets_of knows an address as written and with its domain in IDNA, but "
+    "not as Django 5.2 hands a non-ASCII local part to smtplib, an RFC 2047 encoded word "
+    "('=?utf-8?b?asO2aG4=?=@xn--exmple-cua.com'), which is how SMTPRecipientsRefused names it: the log keeps it, "
+    "and it decodes to the address",
+)
+def test_an_address_with_a_non_ascii_local_part_names_nobody(settings, deliver_to_smtp, mailer_logs):
+    settings.MAILER_EMAIL_LOG_MESSAGE_DATA = False
+    scenario = idn_local_part_refused()
+    scenario.refuse(deliver_to_smtp)
+    queue(scenario)
+
+    if DJANGO_CHECKS_ENVELOPE:
+        with pytest.raises(RedactedError, match=r"ValueError: Invalid address '<redacted>'") as raised:
+            engine.send_all()
+        texts = [str(raised.value), *written_texts(mailer_logs)]
+    else:
+        assert engine.send_all() == {"deferred": 1}
+        texts = written_texts(mailer_logs)
+
+    assert Message.objects.get().priority == PRIORITY_DEFERRED
+    for secret in scenario.secrets:
+        assert found(secret, texts) == [], f"{secret!r} was written"
