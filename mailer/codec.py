@@ -146,6 +146,9 @@ def check_email(message: EmailMessage) -> None:
     for name in ("subject", "body"):
         _require(isinstance(getattr(message, name), str), f"{name} is not text")
     _require(isinstance(message.from_email, (str, type(None))), "from_email is not text")
+    _require(isinstance(message.encoding, (str, type(None))), "encoding is not text")
+    for name in ("content_subtype", "mixed_subtype", "alternative_subtype"):
+        _require(isinstance(getattr(message, name, ""), str), f"{name} is not text")
     for name in ("to", "cc", "bcc", "reply_to"):
         addresses = getattr(message, name)
         _require(isinstance(addresses, list), f"{name} is not a list")
@@ -153,9 +156,16 @@ def check_email(message: EmailMessage) -> None:
     headers = message.extra_headers
     _require(isinstance(headers, dict), "extra_headers is not a dict")
     _require(all(isinstance(name, str) for name in headers), "a header name is not text")
+    _require(all(legacy.is_header_value(value) for value in headers.values()), "a header value is not text")
     _require(isinstance(message.attachments, list), "attachments is not a list")
     for attachment in message.attachments:
         if isinstance(attachment, email.message.Message):
+            try:
+                attachment.as_bytes()  # as sending will; a part that cannot be rendered is refused now
+            except Exception as exc:
+                raise UndecodableData(
+                    f"message data is damaged: a MIME attachment cannot be rendered: {exc!r:.200}"
+                ) from exc
             continue
         _require(isinstance(attachment, tuple) and len(attachment) == 3, "an attachment is not (name, content, type)")
         filename, content, mimetype = attachment
@@ -165,6 +175,8 @@ def check_email(message: EmailMessage) -> None:
             "an attachment's content is neither text, bytes nor a message",
         )
         _require(isinstance(mimetype, (str, type(None))), "an attachment's type is not text")
+        if isinstance(content, EmailMessage):
+            check_email(content)
     if isinstance(message, EmailMultiAlternatives):
         _require(isinstance(message.alternatives, list), "alternatives is not a list")
         for alternative in message.alternatives:

@@ -242,7 +242,7 @@ def _claim_messages(queryset: Any, token: str) -> Iterator[Message]:
 
 
 def _read_email(message: Message) -> EmailMessage | None:
-    """Return the email ``message`` holds; or defer the message, saying why, and return None.
+    """Return the email ``message`` holds, with its Message-ID; or defer the message, saying why, and return None.
 
     A row that cannot be read is never lost and never run: it waits,
     deferred, for a human to decide, and does not stop the messages behind it.
@@ -256,6 +256,13 @@ def _read_email(message: Message) -> EmailMessage | None:
         if not isinstance(email, EmailMessage):
             raise UndecodableData(f"message data holds a {type(email).__name__}, not an email")
         email.recipients()  # the fields the engine relies on are usable
+        if get_message_id(email) is None:
+            # Queued by django-mailer or by assigning Message.email: give it its
+            # Message-ID now, and keep it, so every attempt carries the same one.
+            ensure_message_id(email)
+            message.email = email
+            message.save(update_fields=["message_data"])  # and the search columns, from it
+            del message.__dict__["message_data"]  # held once, as the email
         return email
     except Exception as exc:
         reason = (
@@ -284,13 +291,6 @@ def _send_message(
     if email is None:
         return connection, "deferred"
 
-    if get_message_id(email) is None:
-        # Queued by django-mailer or by assigning Message.email: give it its
-        # Message-ID now, and keep it, so every attempt carries the same one.
-        ensure_message_id(email)
-        message.email = email
-        message.save(update_fields=["message_data"])  # and the search columns, from it
-
     # The list may have grown since the message was queued.
     suppressed = DontSendEntry.objects.remove_suppressed_recipients(email)
     if suppressed and suppressed == email.recipients():
@@ -300,6 +300,7 @@ def _send_message(
     reused = connection is not None
     if connection is None:
         connection = get_delivery_connection(message)
+    redacted: RedactedError | None = None
     try:
         attributes = dict(vars(email))
         try:
@@ -325,11 +326,16 @@ def _send_message(
                 _set_aside(message, exc)
                 if keeps_message_data():
                     raise
-                # Its text may name the message's addresses, and so may its cause.
-                raise RedactedError(loggable(f"{type(raised).__name__}: {raised}", message)) from None
-            if new_connection is not connection:
-                _close_quietly(connection)
-            return new_connection, outcome
+                # Its text may name the message's addresses, and so may the
+                # errors chained to it: the replacement is raised outside these
+                # blocks, with neither cause nor context.
+                redacted = RedactedError(loggable(f"{type(raised).__name__}: {raised}", message))
+            else:
+                if new_connection is not connection:
+                    _close_quietly(connection)
+                return new_connection, outcome
+        if redacted is not None:
+            raise redacted
 
         if vars(email) != attributes:
             # The backend changed the message (an email service noting its own

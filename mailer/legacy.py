@@ -34,7 +34,6 @@ import email.message
 import email.policy
 import inspect
 import pickletools
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,7 +46,7 @@ from mailer.compat import detach_connection
 from mailer.exceptions import RefusedPickle, UndecodableData
 from mailer.mime import StoredMIMEBase
 
-__all__ = ["LIMITS", "Limits", "is_behaviour", "loads"]
+__all__ = ["LIMITS", "Limits", "is_behaviour", "is_header_value", "loads"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +65,9 @@ class Limits:
     #: time it is referred to (so shared references cannot multiply it unseen),
     #: beyond the size of the input itself.
     output_slack: int = 1024 * 1024
+    #: Containers and objects rebuilt, beyond one for each opcode: a value the
+    #: pickle refers to more than once is rebuilt (and counted) each time.
+    node_slack: int = 10_000
 
 
 LIMITS = Limits()
@@ -102,8 +104,8 @@ class Record:
     dict_items: list[tuple[Any, Any]] = field(default_factory=list)
 
 
-def read_tree(raw: bytes, limits: Limits = LIMITS) -> Any:
-    """Return the tree of plain values and records that the pickle ``raw`` describes.
+def read_tree(raw: bytes, limits: Limits) -> tuple[Any, int]:
+    """Return the tree of plain values and records that the pickle ``raw`` describes, and its opcode count.
 
     Raise UndecodableData if it is not a readable pickle or asks for more
     than ``limits`` allow, RefusedPickle if it uses what no email pickle
@@ -119,7 +121,7 @@ def read_tree(raw: bytes, limits: Limits = LIMITS) -> Any:
             if opcode.name == "STOP":
                 if len(stack) != 1:
                     raise UndecodableData("message data is not a readable pickle: the stack is not one value at STOP")
-                return stack[0]
+                return stack[0], count
             _step(opcode.name, arg, stack, marks, memo)
             if len(memo) > limits.memo_size:
                 raise RefusedPickle(f"legacy pickle refused: more than {limits.memo_size} memo entries")
@@ -173,15 +175,23 @@ def _add_items(target: Any, items: list[Any]) -> None:
         raise RefusedPickle(f"legacy pickle refused: it appends to a {type(target).__name__}")
 
 
-def _key(value: Any, depth: int = 0) -> Any:
+# A dict key or set item must hash cheaply: no int past what hashes to
+# itself (larger ones can be chosen to collide), short tuples only.
+LARGEST_KEY_INT = 2**31
+LONGEST_KEY_TUPLE = 4
+
+
+def _key(value: Any, nested: bool = False) -> Any:
     """Return ``value`` if it may be a dict key or set item: hashing it must stay cheap and shallow."""
-    if value is None or isinstance(value, (str, bytes, int, float, Global, Record)):
+    if value is None or isinstance(value, (str, bytes, Global, Record)):
         return value
-    if isinstance(value, tuple) and depth < 2:
+    if isinstance(value, int) and -LARGEST_KEY_INT < value < LARGEST_KEY_INT:
+        return value
+    if isinstance(value, tuple) and not nested and len(value) <= LONGEST_KEY_TUPLE:
         for item in value:
-            _key(item, depth + 1)
+            _key(item, nested=True)
         return value
-    raise RefusedPickle(f"legacy pickle refused: a {type(value).__name__} as a dict key or set item")
+    raise RefusedPickle(f"legacy pickle refused: a {type(value).__name__} of this kind as a dict key or set item")
 
 
 def _set_items(target: Any, pairs: list[tuple[Any, Any]]) -> None:
@@ -404,14 +414,16 @@ SUBTYPE_FIELDS = ("content_subtype", "mixed_subtype", "alternative_subtype")
 ADDRESS_FIELDS = ("to", "cc", "bcc", "reply_to")
 DROPPED_FIELDS = {"connection", "_connection"}
 
-CHARSET_NAME = re.compile(r"^[A-Za-z0-9_.:+-]{1,40}$")
+# The charsets the email package knows by name (and so needs no codec search for).
+KNOWN_CHARSETS = set(email.charset.CHARSETS) | set(email.charset.ALIASES) | set(email.charset.CODEC_MAP)
 
 
 class _Rebuilder:
     """Turn a tree from ``read_tree`` into an email, or plain values, checking every step."""
 
-    def __init__(self, budget: int, limits: Limits) -> None:
+    def __init__(self, budget: int, nodes: int, limits: Limits) -> None:
         self.budget = budget
+        self.nodes = nodes
         self.limits = limits
         self.in_progress: set[int] = set()
 
@@ -423,6 +435,9 @@ class _Rebuilder:
             raise RefusedPickle("legacy pickle refused: it describes more data than the row holds")
 
     def enter(self, node: Any, depth: int) -> None:
+        self.nodes -= 1
+        if self.nodes < 0:
+            raise RefusedPickle("legacy pickle refused: it refers to the same values over and over")
         if depth > self.limits.depth:
             raise RefusedPickle(f"legacy pickle refused: nested more than {self.limits.depth} deep")
         if id(node) in self.in_progress:
@@ -511,18 +526,23 @@ class _Rebuilder:
 
     def reconstructed(self, node: Record, depth: int) -> Any:
         """``copyreg`` rebuilds an object of the class given first: read it as that class's record."""
+        return self.value(self.resolved(node), depth + 1)
+
+    def resolved(self, node: Any) -> Any:
+        """Return ``node`` with a ``copyreg`` reconstructor (protocols 0 and 1) replaced by the record it makes."""
+        if not (isinstance(node, Record) and isinstance(node.target, Global) and node.target.path in RECONSTRUCTORS):
+            return node
         if not node.args or not isinstance(node.args[0], Global):
             raise RefusedPickle("legacy pickle refused: copyreg without a class")
         rest = node.args[1:]
-        if self.target_path(node) == "copyreg.__newobj__":
+        if node.target.path == "copyreg.__newobj__":
             args = rest
         else:
             # _reconstructor(cls, base, state): state is the base's value (str for SafeString).
             args = (rest[1],) if len(rest) == 2 and rest[1] is not None else ()
             if args and isinstance(rest[0], Global) and rest[0].path == "builtins.tuple":
                 args = _as_args(rest[1])  # a named tuple: its fields
-        record = Record(node.args[0], args, node.kwargs, node.state, node.list_items, node.dict_items)
-        return self.record(record, depth)
+        return Record(node.args[0], args, node.kwargs, node.state, node.list_items, node.dict_items)
 
     def encoded_bytes(self, node: Record, depth: int) -> bytes:
         """How protocol 2 stores bytes: ``_codecs.encode(text, "latin1")``; no other codec."""
@@ -577,7 +597,12 @@ class _Rebuilder:
         return state
 
     def charset(self, node: Any, depth: int) -> str | None:
-        """A charset, given as a name or as a pickled ``email.charset.Charset``: return its name."""
+        """A charset, given as a name or as a pickled ``email.charset.Charset``: return its name.
+
+        Only the charsets the ``email`` package knows by name are read: any
+        other name would make the codec machinery look for (import) a codec.
+        """
+        node = self.resolved(node)
         if node is None or isinstance(node, str):
             name = node
         elif isinstance(node, Record) and self.target_path(node) == "email.charset.Charset":
@@ -586,8 +611,8 @@ class _Rebuilder:
             raise RefusedPickle("legacy pickle refused: a charset is neither a name nor a Charset")
         if name is None:
             return None
-        if not (isinstance(name, str) and CHARSET_NAME.match(name)):
-            raise RefusedPickle("legacy pickle refused: an unusable charset name")
+        if not (isinstance(name, str) and name.lower() in KNOWN_CHARSETS):
+            raise RefusedPickle(f"legacy pickle refused: a charset the email package does not know: {name!r:.40}")
         self.spend(len(name))
         return name
 
@@ -653,8 +678,8 @@ class _Rebuilder:
         for key, item in node.items():
             name = self.text(key, "a header name", depth + 1)
             value = self.value(item, depth + 1)
-            if not isinstance(value, (str, int)) or isinstance(value, bool):
-                raise RefusedPickle(f"legacy pickle refused: header {name} is a {type(value).__name__}")
+            if not is_header_value(value):
+                raise RefusedPickle(f"legacy pickle refused: header {name} is not text")
             headers[name] = value
         self.spend(1)
         return headers
@@ -662,6 +687,12 @@ class _Rebuilder:
     def attachment(self, node: Any, depth: int) -> Any:
         item = self.value(node, depth)
         if isinstance(item, email.message.Message):
+            try:
+                item.as_bytes()  # what sending will do; a part that cannot be rendered is refused now
+            except Exception as exc:
+                raise RefusedPickle(
+                    f"legacy pickle refused: a MIME attachment cannot be rendered: {exc!r:.200}"
+                ) from exc
             return item
         if not (isinstance(item, tuple) and len(item) == 3):
             raise RefusedPickle("legacy pickle refused: an attachment is neither (name, content, type) nor MIME")
@@ -695,7 +726,7 @@ class _Rebuilder:
         """Rebuild a MIME object from its pickled state: headers, payload, charset; nothing else."""
         state = self.state_dict(node)
         kind = MIME_CLASSES.get(path, "mimebase")
-        policy_node = state.get("policy")
+        policy_node = self.resolved(state.get("policy"))
         if isinstance(policy_node, Record) and self.target_path(policy_node).startswith("email.policy."):
             kind = "part"
         part: email.message.Message
@@ -717,12 +748,11 @@ class _Rebuilder:
             )
         payload = state.get("_payload")
         if isinstance(payload, list):
+            if part.get_content_maintype() not in ("multipart", "message"):
+                raise RefusedPickle("legacy pickle refused: a list of parts in a part that is not multipart")
             part._payload = [self.mime_part(item, depth + 1) for item in payload]  # type: ignore[attr-defined]
         elif payload is not None:
-            value = self.value(payload, depth + 1)
-            if not isinstance(value, (str, bytes)):
-                raise RefusedPickle("legacy pickle refused: a MIME payload of unexpected type")
-            part._payload = value  # type: ignore[attr-defined]
+            part._payload = self.text(payload, "a MIME payload", depth + 1)  # type: ignore[attr-defined]
         charset = self.charset(state.get("_charset"), depth + 1)
         if charset is not None:
             part._charset = email.charset.Charset(charset)  # type: ignore[attr-defined]
@@ -754,6 +784,16 @@ def _is_extra(cls: type[EmailMessage], name: str) -> bool:
     )
 
 
+def is_header_value(value: Any) -> bool:
+    """Return whether ``value`` may be the value of an extra header.
+
+    Text; a number Django writes out (5.2); a datetime Django 6 writes as a date.
+    """
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, (str, datetime.datetime)) or (isinstance(value, int) and -(2**63) < value < 2**63)
+
+
 def is_behaviour(cls: type, name: str) -> bool:
     """Return whether ``name`` is code on ``cls`` (a method, a property) that data must not replace."""
     if name.startswith("__"):
@@ -780,27 +820,29 @@ def _import_legacy_class(path: str) -> type[EmailMessage]:
 # The way in --------------------------------------------------------------
 
 
-def loads(data: str, limits: Limits = LIMITS) -> Any:
+def loads(data: str, limits: Limits | None = None) -> Any:
     """Read a django-mailer row: base64 of a pickle, or (before 2.0) the pickle itself.
 
     Return the email (or the plain value) it holds. Raise RefusedPickle
     when it asks for what no email is made of or passes a bound of
-    ``limits``, and UndecodableData when it is not a pickle at all.
+    ``limits`` (``LIMITS`` by default), and UndecodableData when it is not a
+    pickle at all.
     """
+    limits = limits or LIMITS
     if len(data) > limits.input_size:
         raise RefusedPickle(f"legacy pickle refused: message data is larger than {limits.input_size} characters")
     try:
         raw = base64.b64decode(data.encode("ascii"))
-        tree = read_tree(raw, limits)
+        tree, opcodes = read_tree(raw, limits)
     except RefusedPickle:
         raise
     except (UnicodeEncodeError, binascii.Error, UndecodableData):
         try:
             raw = data.encode("latin-1")
-            tree = read_tree(raw, limits)
+            tree, opcodes = read_tree(raw, limits)
         except RefusedPickle:
             raise
         except (UnicodeEncodeError, UndecodableData) as exc:
             raise UndecodableData("message data is neither JSON nor a django-mailer pickle") from exc
-    rebuilder = _Rebuilder(budget=len(raw) + limits.output_slack, limits=limits)
+    rebuilder = _Rebuilder(budget=len(raw) + limits.output_slack, nodes=opcodes + limits.node_slack, limits=limits)
     return rebuilder.value(tree)

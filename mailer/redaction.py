@@ -10,6 +10,7 @@ and the exceptions it raises again. Everything that writes such a text asks
 import contextlib
 import re
 from collections.abc import Iterable
+from email.header import Header
 from email.utils import getaddresses, parseaddr
 from typing import Any, Protocol
 
@@ -87,8 +88,12 @@ def _address_forms(texts: Iterable[str]) -> set[str]:
         local, _, domain = address.rpartition("@")
         if local and domain:
             with contextlib.suppress(UnicodeError):  # not a domain IDNA can write
-                # What a mail server reports for an international domain.
-                forms.add(f"{local}@{domain.encode('idna').decode('ascii')}")
+                # What a mail server reports for an international domain; and
+                # the encoded word Django 5.2 makes of a non-ASCII local part.
+                ascii_domain = domain.encode("idna").decode("ascii")
+                forms.add(f"{local}@{ascii_domain}")
+                if not local.isascii():
+                    forms.add(f"{Header(local, 'utf-8').encode()}@{ascii_domain}")
     return forms
 
 

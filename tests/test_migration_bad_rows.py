@@ -173,11 +173,6 @@ def test_migration_0010_converts_the_good_rows_leaves_every_bad_row_and_the_engi
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: an 18-level billion-laughs row (250 bytes) is read as a plain list of 524,287 lists, so "
-    "migration 0010 rewrites it as about 1 MB of JSON after 3 s or more, instead of leaving it as it was",
-)
 @pytest.mark.usefixtures("before_conversion")
 def test_migration_0010_leaves_a_billion_laughs_row_as_it_was_quickly():
     data = crafted.billion_laughs(18).decode("latin-1")
