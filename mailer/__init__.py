@@ -9,6 +9,7 @@ from collections.abc import Iterable, Sequence
 from django.conf import settings
 from django.core.mail import EmailMessage, EmailMultiAlternatives
 from django.utils.encoding import force_str
+from django.utils.functional import Promise
 
 from mailer.exceptions import ConfigurationError
 from mailer.priority import get_priority
@@ -26,11 +27,11 @@ __all__ = [
 
 
 def send_mail(
-    subject: str,
-    message: str,
+    subject: "str | Promise",
+    message: "str | Promise",
     from_email: str | None,
     recipient_list: Sequence[str],
-    priority: int | None = None,
+    priority: int | str | None = None,
     fail_silently: bool = False,
     auth_user: str | None = None,
     auth_password: str | None = None,
@@ -46,12 +47,12 @@ def send_mail(
 
 
 def send_html_mail(
-    subject: str,
-    message: str,
-    message_html: str,
+    subject: "str | Promise",
+    message: "str | Promise",
+    message_html: "str | Promise",
     from_email: str | None,
     recipient_list: Sequence[str],
-    priority: int | None = None,
+    priority: int | str | None = None,
     fail_silently: bool = False,
     auth_user: str | None = None,
     auth_password: str | None = None,
@@ -63,7 +64,7 @@ def send_html_mail(
     return _queue(email, priority)
 
 
-def _queue(email: EmailMessage, priority: int | None) -> int:
+def _queue(email: EmailMessage, priority: int | str | None) -> int:
     """Queue ``email``; return 1, or 0 (queueing nothing) when it has no recipients.
 
     Its addresses are checked first, so a ``None`` among the recipients is an
@@ -94,7 +95,7 @@ def mail_admins(
     message: str,
     fail_silently: bool = False,
     connection: object = None,
-    priority: int | None = None,
+    priority: int | str | None = None,
 ) -> int:
     """Queue an email to the ``ADMINS``; return how many were queued (0 when there are none)."""
     return _mail_site_staff("ADMINS", subject, message, priority)
@@ -105,13 +106,13 @@ def mail_managers(
     message: str,
     fail_silently: bool = False,
     connection: object = None,
-    priority: int | None = None,
+    priority: int | str | None = None,
 ) -> int:
     """Queue an email to the ``MANAGERS``; return how many were queued (0 when there are none)."""
     return _mail_site_staff("MANAGERS", subject, message, priority)
 
 
-def _mail_site_staff(setting_name: str, subject: str, message: str, priority: int | None) -> int:
+def _mail_site_staff(setting_name: str, subject: str, message: str, priority: int | str | None) -> int:
     entries = getattr(settings, setting_name)
     if not entries:
         return 0

@@ -20,7 +20,7 @@ class DbBackend(BaseEmailBackend):
     queued through this mailer.
     """
 
-    def __init__(self, *args: Any, deliver_using: str | None = None, priority: int | None = None, **kwargs: Any):
+    def __init__(self, *args: Any, deliver_using: str | None = None, priority: int | str | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.deliver_using = deliver_using
         # Checked now so that a wrong OPTIONS value fails at start-up, not per message.

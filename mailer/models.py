@@ -163,7 +163,7 @@ class Message(models.Model):
         super().save(*args, **kwargs)
 
     @classmethod
-    def for_email(cls, email: EmailMessage, priority: int | None = None) -> "Message":
+    def for_email(cls, email: EmailMessage, priority: int | str | None = None) -> "Message":
         """Return an unsaved ``Message`` queueing ``email``.
 
         This is the one way into the queue: it checks every address as the
@@ -222,7 +222,7 @@ def make_message(
     bcc: Sequence[str] | None = None,
     attachments: list[Any] | None = None,
     headers: dict[str, str] | None = None,
-    priority: int | None = None,
+    priority: int | str | None = None,
 ) -> Message:
     """Return an unsaved ``Message`` for a plain email; call ``save()`` to queue it.
 

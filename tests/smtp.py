@@ -5,11 +5,13 @@ the way real mail servers do, so the tests see the same ``smtplib``
 exceptions a real mail server would cause.
 """
 
+import asyncio
 import email
 import email.policy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 from aiosmtpd.controller import Controller
 
@@ -110,7 +112,7 @@ class LoopbackController(Controller):
     async def _create_server(self):
         server = await super()._create_server()
         # start() then connects to self.port to check the server answers.
-        self.port = server.sockets[0].getsockname()[1]
+        self.port = cast(asyncio.Server, server).sockets[0].getsockname()[1]
         return server
 
 

@@ -29,7 +29,9 @@ def test_workers_without_the_lock_send_each_message_exactly_once(settings, deliv
     def work():
         try:
             start.wait()
-            sent.append(engine.send_all()["sent"])
+            counts = engine.send_all()
+            assert counts is not None
+            sent.append(counts["sent"])
         except Exception as exc:  # reported below, with the others
             errors.append(exc)
         finally:

@@ -127,6 +127,7 @@ def test_a_session_the_server_ends_with_421_is_reopened_without_deferring_the_me
 
     with caplog.at_level(logging.INFO, logger="mailer.engine"):
         counts = engine.send_all()
+        assert counts is not None
 
     assert (counts["sent"], counts["deferred"]) == (5, 0)
     assert [(r.message["Subject"], r.session) for r in deliver_to_smtp.received] == [
@@ -149,6 +150,7 @@ def test_a_session_the_server_closed_without_a_word_is_reopened_without_deferrin
 
     with caplog.at_level(logging.INFO, logger="mailer.engine"):
         counts = engine.send_all()
+        assert counts is not None
 
     assert (counts["sent"], counts["deferred"]) == (5, 0)
     assert [r.session for r in deliver_to_smtp.received] == [1, 1, 2, 2, 3]
@@ -165,6 +167,8 @@ def test_a_421_on_a_new_session_defers_the_message_rather_than_reconnecting_agai
     mailer.send_mail("Refused", "Body", "from@example.com", ["to@example.com"])
 
     counts = engine.send_all()
+
+    assert counts is not None
 
     assert (counts["sent"], counts["deferred"]) == (0, 1)
     assert deliver_to_smtp.connections == 1

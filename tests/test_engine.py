@@ -102,6 +102,8 @@ def test_a_failed_message_is_tried_once_per_pass_even_if_still_selected(settings
 
     counts = engine.send_all(Message.objects.all())
 
+    assert counts is not None
+
     assert counts["deferred"] == 1
     assert deliver_to_smtp.connections == 1  # each try after a failure opens a new one
     assert MessageLog.objects.filter(result=RESULT_FAILURE).count() == 1
@@ -144,6 +146,7 @@ def test_throttle_spaces_out_deliveries_whatever_their_outcome(settings, deliver
 
     started = time.monotonic()
     counts = engine.send_all()
+    assert counts is not None
     elapsed = time.monotonic() - started
 
     assert (counts["sent"], counts["deferred"]) == (2, 1)
@@ -288,6 +291,7 @@ def test_send_all_reports_what_it_did(deliver_to_smtp):
     deliver_to_smtp.reject_recipient("to1@example.com")
     queue(3)
     counts = engine.send_all()
+    assert counts is not None
     assert (counts["sent"], counts["deferred"]) == (2, 1)
 
 

@@ -33,6 +33,7 @@ class Runmailer:
         self.reader.start()
 
     def _read(self):
+        assert self.process.stderr is not None
         for line in self.process.stderr:
             self.lines.append((time.monotonic(), line.rstrip("\n")))
 
