@@ -34,6 +34,7 @@ from pathlib import Path
 import django.core.mail.backends.smtp  # noqa: F401 -- imported by a send pass; imported here, before it
 import pytest
 from django.core.mail import EmailAlternative, EmailAttachment, EmailMessage, EmailMultiAlternatives
+from django.db import connection
 from django.utils.safestring import SafeString
 
 import mailer
@@ -220,6 +221,8 @@ def test_a_send_pass_defers_every_trap_with_its_reason_and_delivers_the_mail_beh
     for trap in traps.values():
         for storage in STORAGES:
             data = as_row(trap.pickle(), storage)
+            if "\x00" in data and connection.vendor == "postgresql":
+                continue  # a text column there cannot hold NUL: no such raw row can exist on PostgreSQL
             rows[(trap.id, storage)] = Message.objects.create(message_data=data, priority=PRIORITY_HIGH)
     for number in range(10):
         mailer.send_mail(f"Genuine {number}", "Body", "from@example.com", [f"to{number}@example.com"])
