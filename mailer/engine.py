@@ -34,7 +34,7 @@ from django.core.mail.backends.base import BaseEmailBackend
 from django.db import DatabaseError, transaction
 from django.utils.module_loading import import_string
 
-from mailer import conf
+from mailer import conf, stopping
 from mailer.codec import decode
 from mailer.delivery import check_delivery_route, get_delivery_connection
 from mailer.exceptions import RedactedError, SentButNotRecorded, UndecodableData, UnstorableEmail
@@ -61,6 +61,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# How often a sleeping send_loop looks whether it has been asked to stop.
+STOP_CHECK_INTERVAL = 0.2
 
 # How many queued ids a pass reads at a time; the rows themselves are read
 # one by one, so memory stays flat however long the queue is.
@@ -181,17 +184,19 @@ def send_loop() -> None:
     held elsewhere, every message claimed by other workers), rather than
     asking the database again at once.
     """
-    while True:
-        while not Message.objects.non_deferred().exists():
-            _sleep_before_checking_again()
-        if not send_all():
-            _sleep_before_checking_again()
+    while not stopping.stop_requested():
+        if Message.objects.non_deferred().exists() and send_all():
+            continue
+        _sleep_before_checking_again()
 
 
 def _sleep_before_checking_again() -> None:
     sleep = conf.get_setting("MAILER_EMPTY_QUEUE_SLEEP")
     logger.debug("sleeping for %s seconds before checking queue again", sleep)
-    time.sleep(sleep)
+    # In short steps, so that a request to stop is seen within one.
+    deadline = time.monotonic() + sleep
+    while not stopping.stop_requested() and (remaining := deadline - time.monotonic()) > 0:
+        time.sleep(min(remaining, STOP_CHECK_INTERVAL))
 
 
 def _send_queued(queryset: Any, error_handler: ErrorHandler) -> Counter[str]:
@@ -209,6 +214,9 @@ def _send_queued(queryset: Any, error_handler: ErrorHandler) -> Counter[str]:
                 Message.objects.filter(pk=message.pk).update(claimed_until=None)
                 raise
             counts[outcome] += 1
+            if stopping.stop_requested():
+                logger.info("asked to stop: ending the pass")
+                break
             limit_reached = _limit_reached(counts)
             _throttle()
             if limit_reached:

@@ -1,3 +1,4 @@
+import contextlib
 import logging
 import sys
 from datetime import datetime
@@ -6,6 +7,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandParser
 
 from mailer import engine
+from mailer.stopping import stopping_on_signals
 
 
 class Command(BaseCommand):
@@ -21,7 +23,8 @@ class Command(BaseCommand):
         self.stdout.write("Starting django-mailer send loop.")
         quit_command = "CTRL-BREAK" if sys.platform == "win32" else "CONTROL-C"
         self.stdout.write(f"Quit the loop with {quit_command}.")
-        try:
+        # SIGTERM, SIGINT (Ctrl-C) and SIGHUP end the loop after the message in
+        # flight; a second one ends it at once.
+        with stopping_on_signals(), contextlib.suppress(KeyboardInterrupt):
             engine.send_loop()
-        except KeyboardInterrupt:
-            self.stdout.write("Stopped.")
+        self.stdout.write("Stopped.")

@@ -5,6 +5,7 @@ from django.core.management.base import BaseCommand, CommandParser
 
 from mailer import engine
 from mailer.management.commands._cron import add_cron_argument, warn_if_cron_given
+from mailer.stopping import stopping_on_signals
 
 logger = logging.getLogger(__name__)
 
@@ -18,4 +19,7 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         warn_if_cron_given("send_mail", options)
         logger.info("-" * 72)
-        engine.send_all()
+        # SIGTERM, SIGINT and SIGHUP end the pass after the message in flight,
+        # which is recorded; the lock is released and the command exits 0.
+        with stopping_on_signals():
+            engine.send_all()
