@@ -9,7 +9,6 @@ and the exceptions it raises again. Everything that writes such a text asks
 
 import contextlib
 import re
-from collections.abc import Iterable
 from email.header import Header
 from email.utils import getaddresses, parseaddr
 from typing import Any, Protocol
@@ -52,14 +51,19 @@ def address_of(recipient: str) -> str:
     return (parseaddr(recipient)[1] or recipient).lower()
 
 
+# Anything shaped like an address, in text that does not parse as one.
+ADDRESS_LIKE = re.compile(r"[^\s<>(),;:\"']+@[^\s<>(),;:\"']+")
+
+
 def secrets_of(message: Searchable) -> set[str]:
     """Return every form in which the addresses, names and subject of ``message`` may appear in a text.
 
     They are read from the stored email as well as from the search columns,
-    which are empty for a row no version of mailer has saved yet.
+    which are empty for a row no version of mailer has saved yet. Each text
+    is read on its own, so one that does not parse costs nothing else.
     """
     subjects = [message.subject]
-    address_texts = [message.from_email, *(message.recipients or "").split(", ")]
+    address_texts = [message.from_email, message.recipients]
     try:
         email = message.email
     except Exception:  # an unreadable row: its columns are all there is
@@ -72,19 +76,40 @@ def secrets_of(message: Searchable) -> set[str]:
         headers = email.extra_headers if isinstance(email.extra_headers, dict) else {}
         subjects.extend(value for name, value in headers.items() if str(name).lower() == "subject")
         address_texts.extend(value for name, value in headers.items() if str(name).lower() in ADDRESS_HEADERS)
-    secrets = {str(subject) for subject in subjects if subject}
-    secrets.update(_address_forms(str(text) for text in address_texts if text))
+    secrets: set[str] = set()
+    for subject in filter(None, subjects):
+        secrets.update(_subject_forms(str(subject)))
+    for text in filter(None, address_texts):
+        secrets.update(_address_forms(str(text)))
     return secrets
 
 
-def _address_forms(texts: Iterable[str]) -> set[str]:
-    forms = set()
-    for name, address in getaddresses(list(texts)):
+def _subject_forms(subject: str) -> set[str]:
+    """The subject as written, and the encoded words and folded lines it becomes in a message's header."""
+    forms = {subject, *(line.strip() for line in subject.splitlines())}
+    with contextlib.suppress(Exception):  # no charset can write it: it cannot be sent either
+        encoded = Header(subject, "utf-8").encode()
+        forms.update(word for word in encoded.split() if len(word) >= 8)
+    return {form for form in forms if form}
+
+
+def _address_forms(text: str) -> set[str]:
+    """Each address in ``text``: as written, its display name, and the forms a mail server reports.
+
+    What does not parse as addresses is taken as it is, with anything in it
+    shaped like an address.
+    """
+    forms = set(ADDRESS_LIKE.findall(text))
+    pairs = getaddresses([text])
+    if pairs == [("", "")]:
+        forms.add(text)  # Python refuses to guess at it: take it all
+        pairs = []
+    for name, address in pairs:
         if len(name) >= SHORTEST_NAME:
             forms.add(name)
-        if not address:
-            continue
-        forms.add(address)
+        if address:
+            forms.add(address)
+    for address in list(forms):
         local, _, domain = address.rpartition("@")
         if local and domain:
             with contextlib.suppress(UnicodeError):  # not a domain IDNA can write

@@ -22,7 +22,7 @@ from django.core.mail.backends.smtp import EmailBackend as SMTPBackend
 from mailer import engine
 from mailer.exceptions import RedactedError
 from mailer.models import PRIORITY_DEFERRED, RESULT_FAILURE, Message, MessageLog
-from mailer.redaction import REDACTED
+from mailer.redaction import REDACTED, redact
 from tests.smtp import SMTPServer
 
 pytestmark = pytest.mark.django_db
@@ -315,3 +315,40 @@ def test_an_address_with_a_non_ascii_local_part_names_nobody(settings, deliver_t
     assert Message.objects.get().priority == PRIORITY_DEFERRED
     for secret in scenario.secrets:
         assert found(secret, texts) == [], f"{secret!r} was written"
+
+
+@pytest.mark.parametrize(
+    "sender, recipients, secret_forms",
+    [
+        ("f@example.com", ['"Doe, John" <john@example.com>', "bob@example.com"], ["john@example.com", "Doe, John"]),
+        ("refuse-sender@example.com (Doe, John)", ["bob@example.com"], ["refuse-sender@example.com"]),
+        ("f@example.com", ["x@[127.0.0.1]", "bob@example.com"], ["x@[127.0.0.1]", "bob@example.com"]),
+        ("f@example.com", ["bob@example.com, carol@example.com"], ["bob@example.com", "carol@example.com"]),
+    ],
+    ids=["quoted comma", "comment with a comma", "IP literal", "two in one (a legacy row)"],
+)
+def test_addresses_that_do_not_parse_together_are_each_redacted(sender, recipients, secret_forms):
+    """One address that Python will not split cleanly must not switch redaction off for the others."""
+    message = Message(priority=PRIORITY_DEFERRED)
+    message.email = EmailMessage("Subject", "Body", sender, recipients)
+    server_reply = f"{{'{recipients[0]}': (550, b'5.1.1 <{secret_forms[0]}> ({secret_forms[-1]}): no such user')}}"
+
+    redacted = redact(server_reply + " from " + sender, message)
+
+    for secret in secret_forms + ["bob@example.com"]:
+        assert secret.lower() not in redacted.lower(), redacted
+    assert "<redacted>" in redacted
+
+
+def test_the_subject_is_redacted_in_its_encoded_form_too():
+    """A server quoting the Subject header shows it as encoded words, and folded."""
+    from email.header import Header
+
+    subject = "Grüße an Jürgen, mit einem langen Betreff, der gefaltet wird, weil er so lang ist"
+    message = Message(priority=PRIORITY_DEFERRED)
+    message.email = EmailMessage(subject, "Body", "f@example.com", ["t@example.com"])
+    quoted = "550 rejected: Subject: " + Header(subject, "utf-8").encode()
+
+    redacted = redact(quoted, message)
+
+    assert "=?utf-8?" not in redacted, redacted
