@@ -15,19 +15,29 @@ from django.core.mail import EmailMessage
 
 from mailer.exceptions import InvalidAddress
 
-ADDRESS_FIELDS = ("to", "cc", "bcc", "reply_to")
+ENVELOPE_FIELDS = ("to", "cc", "bcc")
 
 # Django accepts a local mailbox such as "webmaster" as a sender (#15042).
 ALLOWED_DEFECTS = {"addr-spec local part with no domain"}
 
 
 def check_addresses(email: EmailMessage) -> None:
-    """Raise InvalidAddress, naming the field, unless every address of ``email`` can be delivered."""
+    """Raise InvalidAddress, naming the field, unless every address of ``email`` can be delivered.
+
+    The sender and the recipients go into the SMTP envelope, one address
+    each; Reply-To is only a header, so it need only be text without a line
+    break (a group, or several addresses in one entry, are fine there).
+    """
     check_address(email.from_email, "from_email")
-    for field in ADDRESS_FIELDS:
+    for field in ENVELOPE_FIELDS:
         for index, address in enumerate(_as_list(getattr(email, field), field)):
             if address != "":  # Django skips empty strings, and so does delivery
                 check_address(address, f"{field}[{index}]")
+    for index, address in enumerate(_as_list(email.reply_to, "reply_to")):
+        if not isinstance(address, str):
+            raise InvalidAddress(f"reply_to[{index}] is {address!r}, not an email address")
+        if "\r" in address or "\n" in address:
+            raise InvalidAddress(f"reply_to[{index}] contains a line break: {address!r}")
 
 
 def check_address(address: Any, where: str) -> None:
@@ -38,7 +48,12 @@ def check_address(address: Any, where: str) -> None:
         raise InvalidAddress(f"{where} contains a line break: {address!r}")
     parsed = AddressHeader.value_parser(address)
     for mailbox in parsed.all_mailboxes:
-        if not mailbox.local_part.isascii():
+        # The parser leaves them None (typeshed says str) for "<>", "a@b@c", "a@x..y".
+        local_part: str | None = mailbox.local_part
+        domain: str | None = mailbox.domain
+        if local_part is None or (domain is None and "@" in address):
+            raise InvalidAddress(f"{where} is not a valid address: {address!r}")
+        if not local_part.isascii():
             raise InvalidAddress(f"{where} has a non-ASCII part before the @, which SMTP cannot carry: {address!r}")
     defects = sorted({str(defect) for defect in parsed.all_defects} - ALLOWED_DEFECTS)
     if defects:

@@ -104,7 +104,9 @@ class MessageAdmin(StoredEmailDisplay, admin.ModelAdmin):
     list_filter = ["priority"]
     fields = ["priority", "when_added", "retry_count", "subject", "from_email", "recipients", "message_id"]
     fields += ["email_headers", "plain_text_body", "alternatives", "attachments"]
-    readonly_fields = ["when_added", "retry_count", "subject", "from_email", "recipients", "message_id"]
+    # The priority too: moving a deferred message back would bypass MAILER_EMAIL_MAX_RETRIES; the
+    # actions (defer, retry) change it. With nothing to edit, no save can write an old copy back.
+    readonly_fields = ["priority", "when_added", "retry_count", "subject", "from_email", "recipients", "message_id"]
     readonly_fields += ["email_headers", "plain_text_body", "alternatives", "attachments"]
     date_hierarchy = "when_added"
     actions = ["send_messages", "defer_messages", "retry_messages"]
@@ -122,7 +124,13 @@ class MessageAdmin(StoredEmailDisplay, admin.ModelAdmin):
         """
         ready = queryset.non_deferred()
         deferred_before = queryset.count() - ready.count()
-        counts = engine.send_all(ready)
+        try:
+            counts = engine.send_all(ready)
+        except Exception as exc:  # the pass has set the message aside and logged why: say so, not a 500
+            self.message_user(
+                request, gettext("The pass stopped: %(error)s") % {"error": type(exc).__name__}, messages.ERROR
+            )
+            return
         if counts is None:
             self.message_user(
                 request, _("Nothing was sent: sending is paused, or another process is sending."), messages.WARNING

@@ -20,6 +20,7 @@ only email classes and plain containers.
 """
 
 import binascii
+import codecs
 import datetime
 import decimal
 import email.message
@@ -144,9 +145,10 @@ def check_email(message: EmailMessage) -> None:
     is refused here, with the field named, rather than crashing later.
     """
     for name in ("subject", "body"):
-        _require(isinstance(getattr(message, name), str), f"{name} is not text")
+        _require(isinstance(getattr(message, name), str) and _encodable(getattr(message, name)), f"{name} is not text")
+    _require("\n" not in message.subject and "\r" not in message.subject, "subject contains a line break")
     _require(isinstance(message.from_email, (str, type(None))), "from_email is not text")
-    _require(isinstance(message.encoding, (str, type(None))), "encoding is not text")
+    _require(message.encoding is None or _is_text_encoding(message.encoding), "encoding is not a text encoding")
     for name in ("content_subtype", "mixed_subtype", "alternative_subtype"):
         _require(isinstance(getattr(message, name, ""), str), f"{name} is not text")
     for name in ("to", "cc", "bcc", "reply_to"):
@@ -169,12 +171,17 @@ def check_email(message: EmailMessage) -> None:
             continue
         _require(isinstance(attachment, tuple) and len(attachment) == 3, "an attachment is not (name, content, type)")
         filename, content, mimetype = attachment
-        _require(isinstance(filename, (str, type(None))), "an attachment name is not text")
+        _require(
+            filename is None or (isinstance(filename, str) and "\n" not in filename and "\r" not in filename),
+            "an attachment name is not one line of text",
+        )
         _require(
             isinstance(content, (str, bytes, EmailMessage, email.message.Message)),
             "an attachment's content is neither text, bytes nor a message",
         )
-        _require(isinstance(mimetype, (str, type(None))), "an attachment's type is not text")
+        _require(
+            mimetype is None or (isinstance(mimetype, str) and "/" in mimetype), "an attachment's type is not a type"
+        )
         if isinstance(content, EmailMessage):
             check_email(content)
     if isinstance(message, EmailMultiAlternatives):
@@ -187,6 +194,23 @@ def check_email(message: EmailMessage) -> None:
                 and isinstance(alternative[1], str),
                 "an alternative is not (content, mimetype)",
             )
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: no mail can carry it
+        return False
+    return True
+
+
+def _is_text_encoding(name: Any) -> bool:
+    if not isinstance(name, str) or len(name) > 40:
+        return False
+    try:
+        return codecs.lookup(name)._is_text_encoding
+    except LookupError:
+        return False
 
 
 def _require(condition: bool, problem: str) -> None:
@@ -202,12 +226,14 @@ def search_columns(value: Any) -> dict[str, str | None]:
     if not isinstance(value, EmailMessage):
         return {"subject": "", "from_email": "", "recipients": "", "message_id": None}
     message_id = get_message_id(value)
-    return {
+    columns = {
         "subject": str(value.subject or ""),
         "from_email": str(value.from_email or ""),
         "recipients": ", ".join(map(str, value.recipients())),
         "message_id": str(message_id) if message_id is not None else None,
     }
+    # Copies for searching: a NUL (which PostgreSQL refuses in text) is dropped.
+    return {name: text.replace("\x00", "") if text else text for name, text in columns.items()}
 
 
 def is_legacy(data: str | None) -> bool:

@@ -38,6 +38,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import django
 from django.core.mail import EmailAlternative, EmailAttachment, EmailMessage, EmailMultiAlternatives
 from django.utils.module_loading import import_string
 
@@ -787,11 +788,13 @@ def _is_extra(cls: type[EmailMessage], name: str) -> bool:
 def is_header_value(value: Any) -> bool:
     """Return whether ``value`` may be the value of an extra header.
 
-    Text; a number Django writes out (5.2); a datetime Django 6 writes as a date.
+    Text; a number, which Django 5.2 writes out; a datetime, which Django 6 writes as a date.
     """
     if isinstance(value, bool):
         return False
-    return isinstance(value, (str, datetime.datetime)) or (isinstance(value, int) and -(2**63) < value < 2**63)
+    if isinstance(value, int):
+        return django.VERSION < (6, 0) and -(2**63) < value < 2**63  # Django 6 refuses a number
+    return isinstance(value, (str, datetime.datetime))
 
 
 def is_behaviour(cls: type, name: str) -> bool:

@@ -139,6 +139,8 @@ class Message(models.Model):
         verbose_name_plural = _("messages")
 
     def __str__(self) -> str:
+        if not keeps_message_data():  # the admin's own history keeps this text
+            return f"Message {self.pk} {self.message_id or ''}".rstrip()
         email = self.email
         if not isinstance(email, EmailMessage):
             return "<Message repr unavailable>"

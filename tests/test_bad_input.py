@@ -87,9 +87,9 @@ def test_a_bad_sender_is_refused(sender, message):
     assert Message.objects.count() == 0
 
 
-def test_a_bad_reply_to_is_refused():
-    email = EmailMessage("Subject", "Body", "from@example.com", ["ok@example.com"], reply_to=["a@x.com, b@y.com"])
-    with pytest.raises(InvalidAddress, match=r"reply_to\[0\] must be one address"):
+def test_a_reply_to_with_a_line_break_is_refused():
+    email = EmailMessage("Subject", "Body", "from@example.com", ["ok@example.com"], reply_to=["a@x.com\nBcc: b@y.com"])
+    with pytest.raises(InvalidAddress, match=r"reply_to\[0\] contains a line break"):
         DbBackend().send_messages([email])
 
 
@@ -156,3 +156,52 @@ def test_a_message_for_suppressed_recipients_only_is_still_queued(settings):
     DontSendEntry.objects.create(to_address="blocked@example.com", when_added=timezone.now())
     assert mailer.send_mail("Subject", "Body", "from@example.com", ["blocked@example.com"]) == 1
     assert Message.objects.count() == 1
+
+
+@pytest.mark.parametrize(
+    "address", ["a@example.com.", "a@example..com", "a@.example.com", "a@b@c.com", "Name <>", "<>"]
+)
+def test_malformed_domains_and_empty_brackets_are_refused_as_invalid_addresses(address):
+    """A view that catches ValueError on a user's typo must get one, not an AttributeError."""
+    with pytest.raises(InvalidAddress, match=r"to\[0\] is not a valid address"):
+        mailer.send_mail("Subject", "Body", "from@example.com", [address])
+
+
+@pytest.mark.parametrize(
+    "reply_to", ["a@example.com, b@example.com", "undisclosed-recipients:;", "Zoë <zoë@example.com>"]
+)
+def test_reply_to_is_a_header_only_and_takes_what_django_delivers(reply_to):
+    email = EmailMessage("Subject", "Body", "from@example.com", ["ok@example.com"], reply_to=[reply_to])
+    assert DbBackend().send_messages([email]) == 1
+
+
+def stored_row_with(**fields) -> str:
+    """The JSON row of a good email, with ``fields`` changed in the stored document (as a forged row would)."""
+    import json
+
+    from mailer.codec import email_to_db
+
+    document = json.loads(email_to_db(EmailMessage("Subject", "Body", "from@example.com", ["to@example.com"])))
+    document["email"].update(fields)
+    return json.dumps(document)
+
+
+@pytest.mark.parametrize(
+    "fields, problem",
+    [
+        ({"encoding": "rot13"}, "encoding is not a text encoding"),
+        ({"encoding": "no-such-codec"}, "encoding is not a text encoding"),
+        ({"subject": "Two\nlines"}, "subject contains a line break"),
+        ({"body": "lone \ud800 surrogate"}, "body is not text"),
+        ({"attachments": [{"filename": "a.txt", "content": "x", "mimetype": "nonsense"}]}, "type is not a type"),
+        ({"attachments": [{"filename": "a\n.txt", "content": "x", "mimetype": "text/plain"}]}, "not one line"),
+    ],
+    ids=["rot13", "unknown codec", "subject line break", "lone surrogate", "mimetype", "filename line break"],
+)
+def test_a_stored_row_django_could_not_send_is_refused_when_read(fields, problem):
+    """Refused as undecodable (and so deferred with the reason), rather than failing inside the send pass."""
+    from mailer.codec import decode
+    from mailer.exceptions import UndecodableData
+
+    with pytest.raises(UndecodableData, match=problem):
+        decode(stored_row_with(**fields))

@@ -16,6 +16,7 @@ import time
 
 import pytest
 from django.core.mail import EmailMessage, EmailMultiAlternatives
+from django.db import connection
 from django.urls import reverse
 from django.utils import timezone
 
@@ -185,3 +186,22 @@ def test_migration_0010_leaves_a_billion_laughs_row_as_it_was_quickly():
     row.refresh_from_db()
     assert row.message_data == data
     assert seconds < 1
+
+
+@pytest.mark.usefixtures("before_conversion")
+def test_a_nul_in_a_subject_does_not_stop_the_conversion():
+    """PostgreSQL refuses a NUL in a text column: the JSON escapes it, and the search column drops it."""
+    nul = EmailMessage("NUL \x00 inside", "Body", "f@example.com", ["t@example.com"])
+    with connection.cursor() as cursor:  # as django-mailer wrote it: no search columns to derive
+        cursor.execute(
+            "INSERT INTO mailer_message (message_data, when_added, priority, retry_count, subject, from_email,"
+            " recipients) VALUES (%s, %s, %s, 0, '', '', '')",
+            [base64_pickle(nul), timezone.now(), PRIORITY_MEDIUM],
+        )
+
+    migrate_mailer(MIGRATION)
+
+    message = Message.objects.get()
+    assert json.loads(message.message_data)["mailer"] == 1
+    assert message.subject == "NUL  inside"
+    assert decode(message.message_data).subject == "NUL \x00 inside"

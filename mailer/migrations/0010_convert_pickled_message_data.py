@@ -21,7 +21,7 @@ from typing import Any
 
 from django.apps.registry import Apps
 from django.core.mail import EmailMessage
-from django.db import migrations
+from django.db import DatabaseError, migrations, transaction
 from django.db.backends.base.schema import BaseDatabaseSchemaEditor
 
 from mailer.codec import decode, email_to_db
@@ -44,7 +44,8 @@ def search_columns(email: EmailMessage) -> dict[str, Any]:
     for name, value in (email.extra_headers or {}).items():
         if str(name).lower() == "message-id":
             columns["message_id"] = str(value)
-    return columns
+    # Copies for searching: a NUL (which PostgreSQL refuses in text) is dropped.
+    return {name: text.replace("\x00", "") for name, text in columns.items()}
 
 
 def convert_to_json(apps: Apps, schema_editor: BaseDatabaseSchemaEditor) -> None:
@@ -64,7 +65,15 @@ def convert_to_json(apps: Apps, schema_editor: BaseDatabaseSchemaEditor) -> None
                 continue
             if model_name == "MessageLog":
                 columns.pop("message_id", None)  # the log row has its own, from the attempt
-            rows.filter(pk=pk).update(message_data=json_data, **columns)
+            try:
+                # In a savepoint: a value the database refuses (a NUL on
+                # PostgreSQL, an emoji in a utf8mb3 table, a row past
+                # max_allowed_packet) leaves this row, not the migration.
+                with transaction.atomic(using=schema_editor.connection.alias):
+                    rows.filter(pk=pk).update(message_data=json_data, **columns)
+            except DatabaseError:
+                left += 1
+                continue
             converted += 1
     if left:
         print(  # migrate's own output: where an operator reads it
@@ -89,7 +98,11 @@ def convert_to_pickle(apps: Apps, schema_editor: BaseDatabaseSchemaEditor) -> No
             except Exception:  # no row's content may stop migrate
                 left += 1
                 continue
-            rows.filter(pk=pk).update(message_data=pickled)
+            try:
+                with transaction.atomic(using=schema_editor.connection.alias):
+                    rows.filter(pk=pk).update(message_data=pickled)
+            except DatabaseError:
+                left += 1
     if left:
         print(f"\n  mailer: {left} row(s) left as JSON, which django-mailer cannot read", end="")
 
