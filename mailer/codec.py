@@ -39,7 +39,7 @@ from mailer import conf, legacy
 from mailer.compat import detach_connection
 from mailer.exceptions import UndecodableData, UnstorableEmail
 from mailer.message_id import get_message_id
-from mailer.mime import StoredMIMEBase
+from mailer.mime import StoredMIMEBase, check_bounds
 
 __all__ = [
     "FORMAT_VERSION",
@@ -163,6 +163,7 @@ def check_email(message: EmailMessage) -> None:
     for attachment in message.attachments:
         if isinstance(attachment, email.message.Message):
             try:
+                check_bounds(attachment)
                 attachment.as_bytes()  # as sending will; a part that cannot be rendered is refused now
             except Exception as exc:
                 raise UndecodableData(

@@ -45,7 +45,7 @@ from django.utils.module_loading import import_string
 from mailer import conf
 from mailer.compat import detach_connection
 from mailer.exceptions import RefusedPickle, UndecodableData
-from mailer.mime import StoredMIMEBase
+from mailer.mime import StoredMIMEBase, check_bounds
 
 __all__ = ["LIMITS", "Limits", "is_behaviour", "is_header_value", "loads"]
 
@@ -689,6 +689,7 @@ class _Rebuilder:
         item = self.value(node, depth)
         if isinstance(item, email.message.Message):
             try:
+                check_bounds(item)
                 item.as_bytes()  # what sending will do; a part that cannot be rendered is refused now
             except Exception as exc:
                 raise RefusedPickle(

@@ -15,3 +15,26 @@ class StoredMIMEBase(MIMEBase):
 
     def __init__(self, policy: Any = email.policy.compat32) -> None:
         email.message.Message.__init__(self, policy=policy)
+
+
+# Python's email package folds and parses some headers in quadratic time, and
+# walks nested parts line by line at every level: a stored MIME object must
+# stay within these before it is rendered.
+MAX_PARTS = 200
+MAX_HEADER_LENGTH = 4096
+MAX_HEADERS_LENGTH = 32768
+
+
+def check_bounds(part: email.message.Message) -> None:
+    """Raise ValueError if ``part`` has more parts, or longer headers, than a stored attachment may have."""
+    total = 0
+    for count, each in enumerate(part.walk(), start=1):
+        if count > MAX_PARTS:
+            raise ValueError(f"a MIME attachment of more than {MAX_PARTS} parts")
+        for name, value in each.raw_items():
+            length = len(str(value))
+            total += length
+            if length > MAX_HEADER_LENGTH:
+                raise ValueError(f"a MIME header ({name!s:.40}) longer than {MAX_HEADER_LENGTH} characters")
+            if total > MAX_HEADERS_LENGTH:
+                raise ValueError(f"MIME headers longer than {MAX_HEADERS_LENGTH} characters in all")

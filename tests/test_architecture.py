@@ -39,10 +39,25 @@ def imported_modules(name: str) -> set[str]:
             # "from mailer import conf" imports the module mailer.conf;
             # "from mailer.models import Message" imports mailer.models.
             targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base for alias in node.names]
+        elif isinstance(node, ast.Call) and _calls_import_module(node):
+            # importlib.import_module("mailer.x") and import_string("mailer.x.Name") import too.
+            literal = node.args[0].value if node.args and isinstance(node.args[0], ast.Constant) else ""
+            targets = [target for target in _prefixes(str(literal)) if target in MODULES]
         else:
             continue
         found.update(target for target in targets if target in MODULES and target != name)
     return found
+
+
+def _calls_import_module(node: ast.Call) -> bool:
+    function = node.func
+    called = function.attr if isinstance(function, ast.Attribute) else getattr(function, "id", "")
+    return called in ("import_module", "import_string", "__import__")
+
+
+def _prefixes(path: str) -> list[str]:
+    parts = path.split(".")
+    return [".".join(parts[:end]) for end in range(len(parts), 0, -1)][:2]
 
 
 GRAPH = {name: imported_modules(name) for name in MODULES}
@@ -83,6 +98,15 @@ def test_the_graph_is_read_from_the_source():
 
 def test_no_module_imports_one_that_imports_it_back():
     assert find_cycle() is None, " -> ".join(find_cycle() or [])
+
+
+def test_a_dynamic_import_counts_as_an_import(tmp_path):
+    """importlib.import_module("mailer.engine") inside a function must not hide a cycle from this test."""
+    tree = ast.parse('def f():\n    import importlib\n    return importlib.import_module("mailer.engine")\n')
+    (call,) = [node for node in ast.walk(tree) if isinstance(node, ast.Call)]
+    argument = call.args[0]
+    assert isinstance(argument, ast.Constant) and _calls_import_module(call)
+    assert "mailer.engine" in _prefixes(str(argument.value))
 
 
 def test_the_cycle_finder_finds_a_cycle():

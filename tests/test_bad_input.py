@@ -205,3 +205,29 @@ def test_a_stored_row_django_could_not_send_is_refused_when_read(fields, problem
 
     with pytest.raises(UndecodableData, match=problem):
         decode(stored_row_with(**fields))
+
+
+@pytest.mark.parametrize(
+    "headers, problem",
+    [
+        (b"To: " + b"\\" * 64000 + b"\n", r"longer than 4096 characters"),
+        (b"".join(b"X-H%d: " % n + b"\\" * 4000 + b"\n" for n in range(10)), r"longer than 32768 characters in all"),
+    ],
+    ids=["one long header", "many long headers"],
+)
+def test_a_stored_mime_attachment_with_headers_python_folds_slowly_is_refused_at_once(headers, problem):
+    """Python's email package folds such headers in quadratic time: a row could take minutes to render."""
+    import base64
+    import json
+    import time
+
+    from mailer.codec import decode
+    from mailer.exceptions import UndecodableData
+
+    raw = b"Content-Type: text/plain\n" + headers + b"\nbody\n"
+    row = json.loads(stored_row_with())
+    row["email"]["attachments"] = [{"mime": {"kind": "part", "bytes": base64.b64encode(raw).decode("ascii")}}]
+    started = time.perf_counter()
+    with pytest.raises(UndecodableData, match=problem):
+        decode(json.dumps(row))
+    assert time.perf_counter() - started < 1
