@@ -28,11 +28,14 @@ class StoredEmailDisplay:
     """Read-only fields that show the email a row stores: headers, text body, alternatives, attachments."""
 
     def _email(self, instance: Message | MessageLog) -> tuple[Any, str]:
-        """Return the stored email and, when it cannot be read, why."""
-        try:
-            return decode(instance.message_data), ""
-        except UndecodableData as exc:
-            return None, str(exc)
+        """Return the stored email and, when it cannot be read, why; read once per page."""
+        if "_decoded_for_admin" not in instance.__dict__:
+            try:
+                instance.__dict__["_decoded_for_admin"] = (decode(instance.message_data), "")
+            except UndecodableData as exc:
+                instance.__dict__["_decoded_for_admin"] = (None, str(exc))
+        decoded: tuple[Any, str] = instance.__dict__["_decoded_for_admin"]
+        return decoded
 
     @admin.display(description=_("headers"))
     def email_headers(self, instance: Message | MessageLog) -> SafeString | str:

@@ -118,3 +118,14 @@ def hold_lock(lock_path):
     yield hold
     for holder in holders:
         holder.release()
+
+
+@pytest.fixture
+def process_db(tmp_path):
+    """A migrated database of its own, on this run's vendor, shared with the ``manage.py`` processes a test starts."""
+    from tests.processes import fresh_database, manage
+
+    with fresh_database(tmp_path) as db:
+        result = manage("migrate", "-v", "0", db=db)
+        assert result.returncode == 0, result.stderr
+        yield db

@@ -13,7 +13,7 @@ from django.utils import timezone
 import mailer
 from mailer import engine
 from mailer.models import Message
-from tests.processes import MANAGE_PY, VENDOR, fresh_database, manage, process_environment
+from tests.processes import MANAGE_PY, VENDOR, manage, process_environment
 
 
 class ClaimRecordingBackend(LocmemBackend):
@@ -41,15 +41,6 @@ def test_a_pass_claims_each_message_for_claim_timeout_seconds_before_sending_it(
     assert claimed_by
     claim = datetime.timedelta(seconds=120)
     assert claimed_until is not None and before + claim <= claimed_until <= after + claim
-
-
-@pytest.fixture
-def process_db(tmp_path):
-    """A migrated database of its own, on this run's vendor, shared with the processes."""
-    with fresh_database(tmp_path) as db:
-        result = manage("migrate", "-v", "0", db=db)
-        assert result.returncode == 0, result.stderr
-        yield db
 
 
 def read_claims(db):

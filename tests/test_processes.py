@@ -9,18 +9,9 @@ import re
 
 import pytest
 
-from tests.processes import fresh_database, manage
+from tests.processes import manage
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def process_db(tmp_path):
-    """A migrated database of its own, on this run's vendor."""
-    with fresh_database(tmp_path) as db:
-        result = manage("migrate", "-v", "0", db=db)
-        assert result.returncode == 0, result.stderr
-        yield db
 
 
 def queue_in_process(db, code: str):

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.processes import MANAGE_PY, fresh_database, manage, process_environment
+from tests.processes import MANAGE_PY, manage, process_environment
 
 pytestmark = pytest.mark.slow
 
@@ -62,15 +62,6 @@ class Runmailer:
             self.reader.join(10)
         assert not self.reader.is_alive()
         return out
-
-
-@pytest.fixture
-def process_db(tmp_path):
-    """A migrated database of its own, on this run's vendor, shared with the processes."""
-    with fresh_database(tmp_path) as db:
-        result = manage("migrate", "-v", "0", db=db)
-        assert result.returncode == 0, result.stderr
-        yield db
 
 
 def queue_in_process(db, code: str) -> None:

@@ -13,17 +13,9 @@ import time
 
 import pytest
 
-from tests.processes import MANAGE_PY, fresh_database, manage, process_environment
+from tests.processes import MANAGE_PY, manage, process_environment
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def process_db(tmp_path):
-    with fresh_database(tmp_path) as db:
-        result = manage("migrate", "-v", "0", db=db)
-        assert result.returncode == 0, result.stderr
-        yield db
 
 
 def run_in_process(db, code: str) -> str:
