@@ -13,6 +13,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
@@ -112,8 +113,17 @@ class ProcessDatabase:
         if self.vendor == "sqlite":
             Path(self.name).unlink(missing_ok=True)
         elif self.vendor == "postgresql":
-            # FORCE: a child process killed by a failing test may still be connected.
-            self._on_server(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+            # FORCE: a child process killed by a failing test may still be connected. An
+            # autovacuum worker (the server's own role, which FORCE may not end) can be
+            # visiting the new database: it is gone within moments, so try again.
+            for attempt in range(20):
+                try:
+                    self._on_server(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+                    return
+                except Exception as exc:
+                    if "pg_signal_backend" not in str(exc) or attempt == 19:
+                        raise
+                    time.sleep(0.25)
         else:
             self._on_server(f"DROP DATABASE IF EXISTS `{self.name}`")
 
