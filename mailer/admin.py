@@ -102,17 +102,19 @@ def _describe_all(email: EmailMessage) -> list[str]:
 
 @admin.register(Message)
 class MessageAdmin(StoredEmailDisplay, admin.ModelAdmin):
-    list_display = ["id", "recipients", "subject", "when_added", "priority", "retry_count"]
+    list_display = ["id", "recipients", "subject", "when_added", "priority", "failed_permanently", "retry_count"]
     search_fields = ["subject", "from_email", "recipients", "message_id"]
-    list_filter = ["priority"]
-    fields = ["priority", "when_added", "retry_count", "subject", "from_email", "recipients", "message_id"]
+    list_filter = ["priority", "failed_permanently"]
+    fields = ["priority", "failed_permanently", "retry_after", "when_added", "retry_count"]
+    fields += ["subject", "from_email", "recipients", "message_id"]
     fields += ["email_headers", "plain_text_body", "alternatives", "attachments"]
     # The priority too: moving a deferred message back would bypass MAILER_EMAIL_MAX_RETRIES; the
     # actions (defer, retry) change it. With nothing to edit, no save can write an old copy back.
-    readonly_fields = ["priority", "when_added", "retry_count", "subject", "from_email", "recipients", "message_id"]
+    readonly_fields = ["priority", "failed_permanently", "retry_after", "when_added", "retry_count"]
+    readonly_fields += ["subject", "from_email", "recipients", "message_id"]
     readonly_fields += ["email_headers", "plain_text_body", "alternatives", "attachments"]
     date_hierarchy = "when_added"
-    actions = ["send_messages", "defer_messages", "retry_messages"]
+    actions = ["send_messages", "defer_messages", "retry_messages", "requeue_failed_messages"]
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # mail is queued by code, never typed in as data
@@ -139,9 +141,13 @@ class MessageAdmin(StoredEmailDisplay, admin.ModelAdmin):
                 request, _("Nothing was sent: sending is paused, or another process is sending."), messages.WARNING
             )
             return
-        text = _("Message(s) sent: %(sent)d sent, %(deferred)d deferred, %(dont_send)d not sent (don't send list).") % {
+        text = _(
+            "Message(s) sent: %(sent)d sent, %(deferred)d deferred, %(failed)d failed permanently, "
+            "%(dont_send)d not sent (don't send list)."
+        ) % {
             "sent": counts["sent"],
             "deferred": counts["deferred"],
+            "failed": counts["failed"],
             "dont_send": counts["dont_send"],
         }
         if deferred_before:
@@ -165,6 +171,12 @@ class MessageAdmin(StoredEmailDisplay, admin.ModelAdmin):
     def retry_messages(self, request: HttpRequest, queryset: MessageQuerySet) -> None:
         """Put the selected deferred messages back in the queue, within ``MAILER_EMAIL_MAX_RETRIES``."""
         count = queryset.retry_deferred()
+        self.message_user(request, ngettext("%d message queued again.", "%d messages queued again.", count) % count)
+
+    @admin.action(description=_("Requeue selected permanent failures"), permissions=["change"])
+    def requeue_failed_messages(self, request: HttpRequest, queryset: MessageQuerySet) -> None:
+        """Put messages the mail server refused for good back in the queue: a human has decided to try again."""
+        count = queryset.requeue_failed()
         self.message_user(request, ngettext("%d message queued again.", "%d messages queued again.", count) % count)
 
 

@@ -233,8 +233,18 @@ def search_columns(value: Any) -> dict[str, str | None]:
         "recipients": ", ".join(map(str, value.recipients())),
         "message_id": str(message_id) if message_id is not None else None,
     }
-    # Copies for searching: a NUL (which PostgreSQL refuses in text) is dropped.
-    return {name: text.replace("\x00", "") if text else text for name, text in columns.items()}
+    return {name: storable_text(text) for name, text in columns.items()}
+
+
+def storable_text(text: str | None) -> str | None:
+    """Return ``text`` as every database can store it: NULs (PostgreSQL refuses them) dropped, lone
+    surrogates (no encoding accepts them) written as ``\\udcxx`` escapes.
+
+    For copies and log texts only: a row that cannot be stored stops nothing.
+    """
+    if not text:
+        return text
+    return text.replace("\x00", "").encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def is_legacy(data: str | None) -> bool:

@@ -20,11 +20,13 @@ from typing import Any
 
 from django.conf import settings
 from django.core.mail.backends.base import BaseEmailBackend
+from django.core.mail.backends.smtp import EmailBackend as DjangoSMTPBackend
 from django.utils.module_loading import import_string
 
 from mailer import conf
 from mailer.backend import DbBackend
 from mailer.exceptions import ConfigurationError, InvalidDeliveryMailer
+from mailer.smtp import EmailBackend as KeepingRefusalsBackend
 
 DB_BACKEND = "mailer.backend.DbBackend"
 DJANGO_DEFAULT_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
@@ -117,13 +119,21 @@ def get_delivery_connection(message: object = None) -> BaseEmailBackend:
 
     Every queued message leaves the same way today; ``message`` is where
     routing a message to the mailer it was queued for will hook in.
+
+    Where Django's SMTP backend delivers, its subclass in ``mailer.smtp``
+    does, with the same options, so that refused recipients are logged.
     """
     route = check_delivery_route()
-    connection: BaseEmailBackend
+    backend_class = import_string(route.backend_path)
+    if backend_class is DjangoSMTPBackend:
+        backend_class = KeepingRefusalsBackend
     if route.alias is None:
-        connection = import_string(route.backend_path)()
-    else:
-        from django.core.mail import mailers  # Django 6.1 and later; the route has an alias only there
+        connection: BaseEmailBackend = backend_class()
+        return connection
+    if backend_class is KeepingRefusalsBackend:
+        return KeepingRefusalsBackend(alias=route.alias, **_mailer_config(route.alias).get("OPTIONS", {}))
 
-        connection = mailers[route.alias]
+    from django.core.mail import mailers  # Django 6.1 and later; the route has an alias only there
+
+    connection = mailers[route.alias]
     return connection

@@ -12,6 +12,13 @@ priority order. Each message is
 3. recorded in its own short transaction: a log row and the deletion, or a
    deferral.
 
+Whatever goes wrong with one message is recorded on that message (deferred,
+or failed for good after a 5xx refusal, with a failure log row saying why)
+and the pass goes on to the next; a mail server that cannot be reached ends
+the pass at once; an error that concerns no single message (the database,
+the configuration) ends it and is raised. ``mailer.failures`` says which
+error is which.
+
 Code written for django-mailer 2.x patches ``send_all``, ``prioritize``,
 ``acquire_lock``, ``release_lock``, ``logger``, ``lockfile.FileLock`` and
 ``time.sleep``; they are all looked up when called.
@@ -21,33 +28,26 @@ import contextlib
 import datetime
 import logging
 import smtplib
-import socket
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import lockfile
+from django.core.exceptions import ImproperlyConfigured
 from django.core.mail import EmailMessage
 from django.core.mail.backends.base import BaseEmailBackend
-from django.db import DatabaseError, transaction
+from django.db import DatabaseError, DataError, IntegrityError, connections
 from django.utils.module_loading import import_string
 
-from mailer import conf, stopping
+from mailer import conf, failures, stopping
 from mailer.codec import decode
-from mailer.delivery import check_delivery_route, get_delivery_connection
-from mailer.exceptions import RedactedError, SentButNotRecorded, UndecodableData, UnstorableEmail
+from mailer.delivery import check_delivery_route, delivery_route, get_delivery_connection
+from mailer.exceptions import SentButNotRecorded, UndecodableData, UnstorableEmail
 from mailer.message_id import ensure_message_id, get_message_id
-from mailer.models import (
-    RESULT_DONT_SEND,
-    RESULT_FAILURE,
-    RESULT_SUCCESS,
-    DontSendEntry,
-    Message,
-    MessageLog,
-    datetime_now,
-)
+from mailer.models import RESULT_DONT_SEND, RESULT_SUCCESS, DontSendEntry, Message, datetime_now
 from mailer.redaction import keeps_message_data, loggable
 
 __all__ = [
@@ -102,10 +102,11 @@ def acquire_lock() -> tuple[bool, Any]:
     try:
         lock.acquire(conf.get_setting("MAILER_LOCK_WAIT_TIMEOUT"))
     except lockfile.AlreadyLocked:
-        logger.error("lock already in place. quitting.")
+        # The normal overlap of two cron runs, not an error.
+        logger.info("lock already in place. quitting.")
         return False, lock
     except lockfile.LockTimeout:
-        logger.error("waiting for the lock timed out. quitting.")
+        logger.info("waiting for the lock timed out. quitting.")
         return False, lock
     logger.debug("acquired.")
     return True, lock
@@ -120,33 +121,53 @@ def release_lock(lock: Any) -> None:
 def handle_delivery_exception(
     connection: BaseEmailBackend | None, message: Message, exc: Exception
 ) -> tuple[BaseEmailBackend | None, str]:
-    """Defer ``message`` after a delivery error the mail server reported; re-raise anything else.
+    """Record why ``message`` could not be delivered; never raise.
 
-    Return the connection to go on with (None: open a new one) and
-    "sent" or "deferred". ``MAILER_ERROR_HANDLER`` may name a replacement
-    with the same contract.
+    A refusal for good (5xx) sets the message aside as a permanent failure,
+    which ``retry_deferred`` leaves alone; anything else defers it, or, with
+    ``MAILER_RETRY_BACKOFF`` set, schedules its next attempt. Return the
+    connection to go on with (None: open a new one) and "failed" or
+    "deferred". ``MAILER_ERROR_HANDLER`` may name a replacement with the same
+    contract.
     """
-    deferrable = (
-        smtplib.SMTPAuthenticationError,
-        smtplib.SMTPDataError,
-        smtplib.SMTPRecipientsRefused,
-        smtplib.SMTPSenderRefused,
-        socket.error,
-    )
-    if not isinstance(exc, deferrable):
-        raise exc
-    message.defer()
-    logger.info("message deferred due to failure: %s", loggable(str(exc), message))
-    MessageLog.objects.log(message, RESULT_FAILURE, log_message=str(exc))
-    return None, "deferred"
+    failure = failures.understand(exc)
+    if failure.permanent:
+        message.fail_permanently(failure.reason)
+        logger.warning("message failed permanently: %s", loggable(failure.reason, message))
+        status = "failed"
+    else:
+        retry_at = _automatic_retry_time(message)
+        if retry_at is None:
+            message.defer(failure.reason)
+            logger.info("message deferred due to failure: %s", loggable(failure.reason, message))
+        else:
+            message.retry_later(failure.reason, retry_at)
+            logger.info("message will be tried again at %s: %s", retry_at, loggable(failure.reason, message))
+        status = "deferred"
+    # After a refusal smtplib has reset the session, which can go on; after
+    # anything else it may be in any state.
+    refusals = (smtplib.SMTPRecipientsRefused, smtplib.SMTPSenderRefused, smtplib.SMTPDataError)
+    return (connection if isinstance(exc, refusals) else None), status
+
+
+def _automatic_retry_time(message: Message) -> datetime.datetime | None:
+    """Return when ``message`` should be tried again by itself, or None to wait for ``retry_deferred``."""
+    first_delay = conf.get_setting("MAILER_RETRY_BACKOFF")
+    if not first_delay or message.retry_count >= conf.get_setting("MAILER_RETRY_MAX_ATTEMPTS"):
+        return None
+    delay = min(first_delay * 2**message.retry_count, conf.get_setting("MAILER_RETRY_BACKOFF_MAX"))
+    return datetime_now() + datetime.timedelta(seconds=delay)
 
 
 def send_all(queryset: Any = None) -> Counter[str] | None:
     """Make one pass over the queue (or over ``queryset``), under the lock file.
 
-    Return how many messages ended each way ("sent", "deferred",
-    "dont_send"), or None when the pass did not run because
-    sending is paused or another process holds the lock.
+    Return how many messages ended each way ("sent", "deferred", "failed",
+    "dont_send"), or None when the pass did not run because sending is
+    paused or another process holds the lock. A message that cannot be sent
+    never stops the pass; an error that concerns no single message (the
+    database is gone, the configuration is wrong) ends it and is raised,
+    after every claim and the lock are given back.
     """
     check_delivery_route()
     if conf.get_setting("MAILER_PAUSE_SEND"):
@@ -161,15 +182,16 @@ def send_all(queryset: Any = None) -> Counter[str] | None:
             return None
     started = time.monotonic()
     try:
-        counts = _send_queued(queryset, error_handler)
+        counts = SendingPass(queryset, error_handler).run()
     finally:
         if use_file_lock:
             release_lock(lock)
     duration = time.monotonic() - started
     logger.info(
-        "%d sent; %d deferred; %d not sent (don't send list); done in %.2f seconds",
+        "%d sent; %d deferred; %d failed permanently; %d not sent (don't send list); done in %.2f seconds",
         counts["sent"],
         counts["deferred"],
+        counts["failed"],
         counts["dont_send"],
         duration,
         extra={"sent": counts["sent"], "deferred": counts["deferred"], "duration": duration},
@@ -178,16 +200,37 @@ def send_all(queryset: Any = None) -> Counter[str] | None:
 
 
 def send_loop() -> None:
-    """Send forever: a pass whenever the queue has something to send, else sleep ``MAILER_EMPTY_QUEUE_SLEEP``.
+    """Send until asked to stop: a pass whenever a message is due, else sleep ``MAILER_EMPTY_QUEUE_SLEEP``.
 
     It also sleeps after a pass that did nothing (sending paused, the lock
     held elsewhere, every message claimed by other workers), rather than
-    asking the database again at once.
+    asking the database again at once, and after a pass that failed: the
+    error is logged and the loop goes on, so a database restart or a
+    mistake in the settings fixed on the fly does not need a restart.
     """
     while not stopping.stop_requested():
-        if Message.objects.non_deferred().exists() and send_all():
-            continue
+        _drop_broken_database_connections()
+        try:
+            if Message.objects.due(datetime_now()).exists() and send_all():
+                continue
+        except Exception:
+            logger.error(
+                "the sending pass failed; trying again in %s seconds",
+                conf.get_setting("MAILER_EMPTY_QUEUE_SLEEP"),
+                exc_info=True,
+            )
         _sleep_before_checking_again()
+
+
+def _drop_broken_database_connections() -> None:
+    """Let Django replace database connections that broke (a database restart) or grew too old.
+
+    What Django does around each web request; a connection inside a
+    transaction (a test, a caller's atomic block) is left alone.
+    """
+    for connection in connections.all(initialized_only=True):
+        if not connection.in_atomic_block:
+            connection.close_if_unusable_or_obsolete()
 
 
 def _sleep_before_checking_again() -> None:
@@ -199,170 +242,253 @@ def _sleep_before_checking_again() -> None:
         time.sleep(min(remaining, STOP_CHECK_INTERVAL))
 
 
-def _send_queued(queryset: Any, error_handler: ErrorHandler) -> Counter[str]:
-    counts: Counter[str] = Counter()
-    connection = None
-    try:
-        for message in _claim_messages(queryset, token=uuid.uuid4().hex):
-            try:
-                connection, outcome = _send_message(message, connection, error_handler)
-            except SentButNotRecorded:
-                raise  # it went out: its claim must hold
-            except BaseException:
-                # The pass is over (a configuration error, an interrupt):
-                # free the message now rather than when its claim lapses.
-                Message.objects.filter(pk=message.pk).update(claimed_until=None)
-                raise
-            counts[outcome] += 1
-            if stopping.stop_requested():
-                logger.info("asked to stop: ending the pass")
-                break
-            limit_reached = _limit_reached(counts)
-            _throttle()
-            if limit_reached:
-                break
-    finally:
-        _close_quietly(connection)
-    return counts
+@dataclass(frozen=True)
+class Outcome:
+    """How one message ended in a pass: "sent", "deferred", "failed" or "dont_send"."""
+
+    status: str
+    # The mail server cannot be reached: the rest of the queue waits for the next pass.
+    ends_pass: bool = False
 
 
-def _claim_messages(queryset: Any, token: str) -> Iterator[Message]:
-    """Yield the messages of the queue, each claimed for this pass, in sending order.
+class SendingPass:
+    """One pass over the queue: its token (which marks its claims), its delivery connection, its counts.
 
-    A message this pass has already tried keeps its ``claimed_by`` token, so
-    a failure that leaves it in ``queryset`` is not tried twice in one pass.
+    Each message is handled in isolation: whatever goes wrong with it is
+    recorded on it (deferred, with a failure log row) and the pass goes on.
     """
-    while True:
-        candidates = list(
-            prioritize(queryset)
-            .claimable(datetime_now())
-            .exclude(claimed_by=token)
-            .values_list("pk", flat=True)[:CANDIDATES_PER_QUERY]
-        )
-        if not candidates:
-            return
-        for pk in candidates:
-            if not Message.objects.claim(pk, token, until=_claim_expiry()):
-                continue  # another worker has it
-            message = Message.objects.filter(pk=pk).first()
-            if message is not None:
-                yield message
+
+    def __init__(self, queryset: Any, error_handler: ErrorHandler) -> None:
+        self.queryset = queryset
+        self.error_handler = error_handler
+        self.token = uuid.uuid4().hex
+        self.connection: BaseEmailBackend | None = None
+        self.connection_open = False
+        self.counts: Counter[str] = Counter()
+
+    def run(self) -> Counter[str]:
+        try:
+            for message in self._claimed_messages():
+                outcome = self._handle(message)
+                self.counts[outcome.status] += 1
+                if outcome.ends_pass:
+                    break
+                if stopping.stop_requested():
+                    logger.info("asked to stop: ending the pass")
+                    break
+                limit_reached = _limit_reached(self.counts)
+                _throttle()
+                if limit_reached:
+                    break
+        finally:
+            self._drop_connection()
+        return self.counts
+
+    def _claimed_messages(self) -> Iterator[Message]:
+        """Yield the due messages of the queue, each claimed for this pass, in sending order.
+
+        A message this pass has already tried keeps its ``claimed_by`` token,
+        so a failure that leaves it in the queue is not tried twice in one pass.
+        """
+        while True:
+            now = datetime_now()
+            candidates = list(
+                prioritize(self.queryset)
+                .filter(pk__in=Message.objects.due(now).values("pk"))
+                .claimable(now)
+                .exclude(claimed_by=self.token)
+                .values_list("pk", flat=True)[:CANDIDATES_PER_QUERY]
+            )
+            if not candidates:
+                return
+            for pk in candidates:
+                if not Message.objects.claim(pk, self.token, until=_claim_expiry()):
+                    continue  # another worker has it
+                message = Message.objects.filter(pk=pk).first()
+                if message is not None:
+                    yield message
+
+    def _handle(self, message: Message) -> Outcome:
+        """Send one claimed message and record how it went."""
+        sent = False
+        try:
+            if self.connection is None:
+                # Outside the message's own isolation: a backend that cannot
+                # even be made fails every message alike.
+                self.connection = get_delivery_connection(message)
+            try:
+                try:
+                    email = _read_email(message)
+                except Exception as exc:
+                    _set_aside_unreadable(message, exc)
+                    return Outcome("deferred")
+                # The list may have grown since the message was queued.
+                suppressed = DontSendEntry.objects.remove_suppressed_recipients(email)
+                if suppressed and suppressed == email.recipients():
+                    message.record(RESULT_DONT_SEND, _dont_send_reason(suppressed))
+                    return Outcome("dont_send")
+
+                attributes = dict(vars(email))
+                outcome, refused = self._deliver(message, email)
+                if outcome is not None:
+                    return outcome
+                sent = True
+                if vars(email) != attributes:
+                    # The backend changed the message (an email service noting its
+                    # own id, say): log it as the backend left it, as django-mailer did.
+                    with contextlib.suppress(UnstorableEmail):  # not plain data: log it as queued
+                        message.email = email
+                _record_sent(message, refused)
+                return Outcome("sent")
+            except (SentButNotRecorded, ImproperlyConfigured):
+                raise
+            except Exception as exc:
+                if sent:
+                    raise SentButNotRecorded(f"{type(exc).__name__}: {loggable(str(exc), message)}") from exc
+                if isinstance(exc, DatabaseError) and not isinstance(exc, DataError | IntegrityError):
+                    raise  # the database itself is in trouble, not this row: end the pass
+                _set_aside(message, exc)
+                return Outcome("deferred")
+        except BaseException:
+            if not sent:
+                _release_quietly(message)
+            raise
+
+    def _deliver(self, message: Message, email: EmailMessage) -> tuple[Outcome | None, dict[str, Any]]:
+        """Hand ``email`` to the delivering connection; return None and the refused recipients if it went out.
+
+        Otherwise return the outcome the error handler decided.
+        """
+        _log_sending(email)
+        connecting = not self.connection_open
+        try:
+            try:
+                self._send_over_connection(email)
+            except Exception as exc:
+                if connecting or not _session_ended(exc):
+                    raise
+                # The server ended the session the pass was reusing (idle
+                # timeout, a per-session limit): the message was never tried.
+                logger.info("the mail server ended the session (%s); opening a new one", loggable(str(exc), message))
+                self._drop_connection()
+                connecting = True
+                self._send_over_connection(email, get_delivery_connection(message))
+        except Exception as exc:
+            return self._failed(message, exc, while_connecting=connecting and not self.connection_open), {}
+        refused = getattr(self.connection, "refused_recipients", None)
+        return None, (refused() if callable(refused) else {})
+
+    def _send_over_connection(self, email: EmailMessage, connection: BaseEmailBackend | None = None) -> None:
+        """Send ``email`` over the pass's connection (or ``connection``, which becomes the pass's), opened once."""
+        if connection is not None:
+            self.connection = connection
+        if self.connection is None:
+            raise RuntimeError("the pass has no delivery connection")
+        if not self.connection_open:
+            self.connection.open()
+            self.connection_open = True
+        self.connection.send_messages([email])
+
+    def _failed(self, message: Message, exc: Exception, while_connecting: bool) -> Outcome:
+        connection = self.connection
+        try:
+            new_connection, status = self.error_handler(connection, message, exc)
+        except Exception as raised:
+            # The contract of django-mailer 2.x: a handler raises what it does
+            # not know. Raised here, it would stop every later pass on this
+            # message: the message is set aside, the pass goes on.
+            _set_aside(message, exc, handler_error=raised)
+            new_connection, status = None, "deferred"
+        if new_connection is not connection:
+            self._drop_connection()
+            self.connection = new_connection
+        failure = failures.understand(exc, while_connecting=while_connecting)
+        if failure.outage:
+            logger.error(
+                "the mail server %s cannot be reached (%s): the pass ends, the other messages wait for the next one",
+                _server_name(connection),
+                loggable(failure.reason, message),
+            )
+        return Outcome(status, ends_pass=failure.outage)
+
+    def _drop_connection(self) -> None:
+        if self.connection is not None:
+            try:
+                self.connection.close()
+            except Exception:
+                logger.debug("closing the delivery connection failed", exc_info=True)
+        self.connection = None
+        self.connection_open = False
 
 
-def _read_email(message: Message) -> EmailMessage | None:
-    """Return the email ``message`` holds, with its Message-ID; or defer the message, saying why, and return None.
+def _read_email(message: Message) -> EmailMessage:
+    """Return the email ``message`` holds, with its Message-ID kept on the row.
 
-    A row that cannot be read is never lost and never run: it waits,
-    deferred, for a human to decide, and does not stop the messages behind it.
+    Raise if the row cannot be read: the caller sets it aside.
     """
     # Take the stored text off the instance: a large message is then held
     # once (as the email) while the backend renders it, not twice. Django
     # reloads the field if anything asks for it again.
     data = message.__dict__.pop("message_data")
-    try:
-        email = decode(data)
-        if not isinstance(email, EmailMessage):
-            raise UndecodableData(f"message data holds a {type(email).__name__}, not an email")
-        email.recipients()  # the fields the engine relies on are usable
-        if get_message_id(email) is None:
-            # Queued by django-mailer or by assigning Message.email: give it its
-            # Message-ID now, and keep it, so every attempt carries the same one.
-            ensure_message_id(email)
-            message.email = email
-            message.save(update_fields=["message_data"])  # and the search columns, from it
-            del message.__dict__["message_data"]  # held once, as the email
-        return email
-    except Exception as exc:
-        reason = (
-            str(exc) if isinstance(exc, UndecodableData) else f"message data is damaged: {type(exc).__name__}: {exc}"
-        )
+    email = decode(data)
+    if not isinstance(email, EmailMessage):
+        raise UndecodableData(f"message data holds a {type(email).__name__}, not an email")
+    email.recipients()  # the fields the engine relies on are usable
+    if get_message_id(email) is None:
+        # Queued by django-mailer or by assigning Message.email: give it its
+        # Message-ID now, and keep it, so every attempt carries the same one.
+        ensure_message_id(email)
+        message.email = email
+        message.save(update_fields=["message_data"])  # and the search columns, from it
+        del message.__dict__["message_data"]  # held once, as the email
+    return email
+
+
+def _set_aside_unreadable(message: Message, exc: Exception) -> None:
+    """Defer a row that cannot be read: it is never lost and never run, and waits for a human."""
+    reason = str(exc)
+    if not isinstance(exc, UndecodableData):
+        reason = f"message data is damaged: {type(exc).__name__}: {exc}"
     logger.warning(
         "message deferred due to failure in converting from DB (%s). Added on '%s' with priority '%s'",
         loggable(reason, message),
         message.when_added,
         message.priority,
     )
-    message.defer()
-    MessageLog.objects.log(message, RESULT_FAILURE, log_message=reason)
-    return None
+    message.defer(reason)
+
+
+def _set_aside(message: Message, exc: BaseException, handler_error: Exception | None = None) -> None:
+    """Defer ``message`` after an error nothing else handled, and log why at ERROR."""
+    reason = f"{type(exc).__name__}: {exc}"
+    if handler_error is not None:
+        reason += f" (MAILER_ERROR_HANDLER raised {type(handler_error).__name__}: {handler_error})"
+    message.defer(reason)
+    logger.error(
+        "message deferred after an unexpected error: %s",
+        loggable(reason, message),
+        exc_info=keeps_message_data(),  # a traceback may quote the message's addresses
+    )
+
+
+def _release_quietly(message: Message) -> None:
+    """Give the claim back at once, rather than when it lapses: the pass is ending."""
+    try:
+        Message.objects.filter(pk=message.pk, claimed_by=message.claimed_by).update(claimed_until=None)
+    except Exception:
+        logger.debug("releasing the claim of message %s failed; it lapses by itself", message.pk, exc_info=True)
+
+
+def _server_name(connection: BaseEmailBackend | None) -> str:
+    """Name the mail server a connection talks to, for the log: host:port, and the MAILERS alias if any."""
+    host, port = getattr(connection, "host", None), getattr(connection, "port", None)
+    alias = getattr(connection, "alias", None)
+    name = f"{host}:{port}" if host is not None else delivery_route().describe()
+    return f"{name} (MAILERS[{alias!r}])" if alias and host is not None else name
 
 
 def _claim_expiry() -> datetime.datetime:
     return datetime_now() + datetime.timedelta(seconds=conf.get_setting("MAILER_CLAIM_TIMEOUT"))
-
-
-def _send_message(
-    message: Message, connection: BaseEmailBackend | None, error_handler: ErrorHandler
-) -> tuple[BaseEmailBackend | None, str]:
-    """Send one claimed message; return the connection to go on with and the outcome."""
-    email = _read_email(message)
-    if email is None:
-        return connection, "deferred"
-
-    # The list may have grown since the message was queued.
-    suppressed = DontSendEntry.objects.remove_suppressed_recipients(email)
-    if suppressed and suppressed == email.recipients():
-        _record(message, RESULT_DONT_SEND, _dont_send_reason(suppressed))
-        return connection, "dont_send"
-
-    reused = connection is not None
-    if connection is None:
-        connection = get_delivery_connection(message)
-    redacted: RedactedError | None = None
-    try:
-        attributes = dict(vars(email))
-        try:
-            _log_sending(email)
-            try:
-                _deliver(connection, email, opening=not reused)
-            except Exception as exc:
-                if not (reused and _session_ended(exc)):
-                    raise
-                # The server ended the session the pass was reusing (idle
-                # timeout, a per-session limit): the message was never tried.
-                logger.info("the mail server ended the session (%s); opening a new one", loggable(str(exc), message))
-                _close_quietly(connection)
-                connection = get_delivery_connection(message)
-                _deliver(connection, email, opening=True)
-        except Exception as exc:
-            try:
-                new_connection, outcome = error_handler(connection, message, exc)
-            except Exception as raised:
-                # The handler re-raises what it does not know, so that the error
-                # is seen. Set the message aside first: left in the queue, it
-                # would come first again and stop every later pass.
-                _set_aside(message, exc)
-                if keeps_message_data():
-                    raise
-                # Its text may name the message's addresses, and so may the
-                # errors chained to it: the replacement is raised outside these
-                # blocks, with neither cause nor context.
-                redacted = RedactedError(loggable(f"{type(raised).__name__}: {raised}", message))
-            else:
-                if new_connection is not connection:
-                    _close_quietly(connection)
-                return new_connection, outcome
-        if redacted is not None:
-            raise redacted
-
-        if vars(email) != attributes:
-            # The backend changed the message (an email service noting its own
-            # id, say): log it as the backend left it, as django-mailer did.
-            with contextlib.suppress(UnstorableEmail):  # not plain data: log the message as queued
-                message.email = email
-        _record_sent(message)
-        return connection, "sent"
-    except BaseException:
-        # The pass ends here: close what this message opened, or the server
-        # never gets its QUIT.
-        _close_quietly(connection)
-        raise
-
-
-def _deliver(connection: BaseEmailBackend, email: EmailMessage, opening: bool) -> None:
-    if opening:
-        connection.open()
-    connection.send_messages([email])
 
 
 def _session_ended(exc: Exception) -> bool:
@@ -375,15 +501,17 @@ def _session_ended(exc: Exception) -> bool:
 RECORD_ATTEMPTS = 3
 
 
-def _record_sent(message: Message) -> None:
+def _record_sent(message: Message, refused: dict[str, Any]) -> None:
     """Record a delivered message, trying again briefly: a failure here risks sending it twice.
 
     If it still fails, the message keeps its claim, so no pass sends it again
-    before ``MAILER_CLAIM_TIMEOUT`` has passed.
+    before ``MAILER_CLAIM_TIMEOUT`` has passed. Recipients the server refused
+    while it accepted others are named in the log row.
     """
+    note = ("sent; recipients refused: " + failures.describe_refusals(refused)) if refused else ""
     for attempt in range(1, RECORD_ATTEMPTS + 1):
         try:
-            _record(message, RESULT_SUCCESS)
+            message.record(RESULT_SUCCESS, note)
             return
         except DatabaseError as exc:
             if attempt == RECORD_ATTEMPTS:
@@ -395,25 +523,6 @@ def _record_sent(message: Message) -> None:
                 )
                 raise SentButNotRecorded(str(exc)) from exc
             time.sleep(0.5 * attempt)
-
-
-def _record(message: Message, result: str, log_message: str = "") -> None:
-    """Log the final outcome of ``message`` and take it off the queue, together."""
-    if "message_data" in message.get_deferred_fields():
-        # Read it before the transaction, which must begin by writing: SQLite
-        # cannot turn a reading transaction into a writing one while another
-        # process writes ("database is locked").
-        message.refresh_from_db(fields=["message_data"])
-    with transaction.atomic(using=message._state.db):
-        MessageLog.objects.log(message, result, log_message=log_message)
-        message.delete()
-
-
-def _set_aside(message: Message, exc: Exception) -> None:
-    """Defer ``message`` and log why, after an error the error handler did not handle."""
-    message.defer()
-    MessageLog.objects.log(message, RESULT_FAILURE, log_message=f"{type(exc).__name__}: {exc}")
-    logger.error("message deferred after an unexpected error: %s: %s", type(exc).__name__, loggable(str(exc), message))
 
 
 def _dont_send_reason(suppressed: list[str]) -> str:
@@ -435,7 +544,7 @@ def _limit_reached(counts: Counter[str]) -> bool:
         logger.info("EMAIL_MAX_BATCH (%s) reached, stopping for this round", max_batch)
         return True
     max_deferred = conf.get_setting("MAILER_EMAIL_MAX_DEFERRED")
-    if max_deferred is not None and counts["deferred"] >= max_deferred:
+    if max_deferred is not None and counts["deferred"] + counts["failed"] >= max_deferred:
         logger.warning("EMAIL_MAX_DEFERRED (%s) reached, stopping for this round", max_deferred)
         return True
     return False
@@ -446,12 +555,3 @@ def _throttle() -> None:
     if throttle:
         logger.debug("Throttling email delivery. Sleeping %s seconds", throttle)
         time.sleep(throttle)
-
-
-def _close_quietly(connection: BaseEmailBackend | None) -> None:
-    if connection is None:
-        return
-    try:
-        connection.close()
-    except Exception:
-        logger.debug("closing the delivery connection failed", exc_info=True)

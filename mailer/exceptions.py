@@ -47,14 +47,5 @@ class RefusedPickle(UndecodableData):
     """A legacy pickle asks for something an email is not made of."""
 
 
-class RedactedError(MailerError):
-    """Raised in place of an error whose text named a message's addresses or subject.
-
-    With ``MAILER_EMAIL_LOG_MESSAGE_DATA`` off, the original error (and its
-    chain, which would be printed with it) is not raised again: this one
-    carries its type and its text with the addresses and subject blanked out.
-    """
-
-
 class SentButNotRecorded(MailerError):
     """A message went out but its log row and deletion could not be written."""

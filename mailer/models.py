@@ -11,14 +11,14 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from django.core.mail import EmailMessage
-from django.db import models
+from django.db import models, transaction
 from django.db.models.functions import Lower
 from django.utils.timezone import now as datetime_now
 from django.utils.translation import gettext_lazy as _
 
 from mailer import conf
 from mailer.addresses import check_addresses
-from mailer.codec import SEARCH_COLUMNS, db_to_email, email_to_db, search_columns
+from mailer.codec import SEARCH_COLUMNS, db_to_email, email_to_db, search_columns, storable_text
 from mailer.message_id import ensure_message_id, get_message_id
 from mailer.priority import (
     PRIORITIES,
@@ -87,16 +87,37 @@ class MessageQuerySet(models.QuerySet["Message", "Message"]):
         return self.filter(priority=PRIORITY_DEFERRED)
 
     def retry_deferred(self, new_priority: int = PRIORITY_MEDIUM) -> int:
-        """Put deferred messages back in the queue, within ``MAILER_EMAIL_MAX_RETRIES``; return how many."""
-        queryset = self.deferred()
+        """Put deferred messages back in the queue, within ``MAILER_EMAIL_MAX_RETRIES``; return how many.
+
+        Permanent failures stay where they are: the server refused them for
+        good, and only a human (``requeue_failed``) may decide otherwise.
+        """
+        queryset = self.deferred().filter(failed_permanently=False)
         max_retries = conf.get_setting("MAILER_EMAIL_MAX_RETRIES")
         if max_retries is not None:
             queryset = queryset.filter(retry_count__lt=max_retries)
-        return queryset.update(priority=new_priority, retry_count=models.F("retry_count") + 1)
+        return queryset.update(priority=new_priority, retry_count=models.F("retry_count") + 1, retry_after=None)
+
+    def failed_permanently(self) -> "MessageQuerySet":
+        """The messages the mail server refused for good (a 5xx reply), kept for a human to read."""
+        return self.filter(failed_permanently=True)
+
+    def requeue_failed(self, new_priority: int = PRIORITY_MEDIUM) -> int:
+        """Put permanent failures back in the queue, whatever their retry count; return how many."""
+        return self.failed_permanently().update(
+            priority=new_priority,
+            failed_permanently=False,
+            retry_count=models.F("retry_count") + 1,
+            retry_after=None,
+        )
 
     def claimable(self, now: datetime.datetime) -> "MessageQuerySet":
         """The messages no worker holds: never claimed, released, or whose claim has lapsed."""
         return self.filter(models.Q(claimed_until__isnull=True) | models.Q(claimed_until__lte=now))
+
+    def due(self, now: datetime.datetime) -> "MessageQuerySet":
+        """The messages a pass may send now: not deferred, not waiting for an automatic retry."""
+        return self.non_deferred().filter(models.Q(retry_after__isnull=True) | models.Q(retry_after__lte=now))
 
     def claim(self, pk: int, token: str, until: datetime.datetime) -> bool:
         """Take message ``pk`` for the pass ``token`` until ``until``; return whether it was free.
@@ -125,6 +146,10 @@ class Message(models.Model):
     # leaves a claim that lapses by itself, so nothing waits for a cleanup.
     claimed_by = models.CharField(max_length=64, null=True, blank=True, editable=False)
     claimed_until = models.DateTimeField(null=True, blank=True, editable=False)
+    # After a temporary failure, with automatic retries on: not before then.
+    retry_after = models.DateTimeField(null=True, blank=True, editable=False)
+    # The mail server refused it for good; ``retry_deferred`` leaves it alone.
+    failed_permanently = models.BooleanField(default=False, db_default=False, editable=False)
     # Copies of what is inside message_data, so that the admin and plain SQL
     # can search and filter; derived from it whenever it is saved (``save``).
     subject = models.TextField(blank=True, default="", editable=False)
@@ -191,11 +216,40 @@ class Message(models.Model):
             setattr(self, column, column_value)
         self._columns_of = self.message_data
 
-    def defer(self) -> None:
-        """Move the message aside until ``retry_deferred``, and release it."""
+    def defer(self, reason: str | None = None) -> None:
+        """Move the message aside until ``retry_deferred``, and release it; with a ``reason``, log the failure."""
         self.priority = PRIORITY_DEFERRED
+        self._change_state(["priority"], reason)
+
+    def fail_permanently(self, reason: str) -> None:
+        """Set the message aside for good, for a human to read and perhaps requeue, and log why."""
+        self.priority = PRIORITY_DEFERRED
+        self.failed_permanently = True
+        self._change_state(["priority", "failed_permanently"], reason)
+
+    def retry_later(self, reason: str, when: datetime.datetime) -> None:
+        """Keep the message in the queue but send it no sooner than ``when``, and log why."""
+        self.retry_after = when
+        self.retry_count += 1
+        self._change_state(["retry_after", "retry_count"], reason)
+
+    def record(self, result: str, log_message: str = "") -> None:
+        """Log the final outcome of the message and take it off the queue, together."""
+        if "message_data" in self.get_deferred_fields():
+            # Read it before the transaction, which must begin by writing: SQLite
+            # cannot turn a reading transaction into a writing one while another
+            # process writes ("database is locked").
+            self.refresh_from_db(fields=["message_data"])
+        with transaction.atomic(using=self._state.db):
+            MessageLog.objects.log(self, result, log_message=log_message)
+            self.delete()
+
+    def _change_state(self, fields: list[str], reason: str | None) -> None:
         self.claimed_until = None
-        self.save(update_fields=["priority", "claimed_until"])
+        with transaction.atomic(using=self._state.db):
+            self.save(update_fields=[*fields, "claimed_until"])
+            if reason is not None:
+                MessageLog.objects.log(self, RESULT_FAILURE, log_message=reason)
 
     @property
     def email(self) -> Any:
@@ -305,14 +359,14 @@ class MessageLogManager(models.Manager["MessageLog"]):
         keep_data = keeps_message_data()
         return self.create(
             message_data=message.message_data if keep_data else None,
-            subject=message.subject if keep_data else None,
-            from_email=message.from_email if keep_data else None,
-            recipients=message.recipients if keep_data else None,
-            message_id=message.message_id or get_message_id(message.email),
+            subject=storable_text(message.subject) if keep_data else None,
+            from_email=storable_text(message.from_email) if keep_data else None,
+            recipients=storable_text(message.recipients) if keep_data else None,
+            message_id=storable_text(message.message_id or get_message_id(message.email)),
             when_added=message.when_added,
             priority=message.priority,
             result=result_code,
-            log_message=loggable(log_message, message),
+            log_message=storable_text(loggable(log_message, message)) or "",
         )
 
     def purge_old_entries(self, days: int, result_codes: Iterable[str] | None = None) -> int:

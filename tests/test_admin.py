@@ -273,7 +273,9 @@ def test_send_action_delivers_only_the_selected_message_and_says_so(admin_client
 
     response = send_action(admin_client, chosen)
 
-    assert user_messages(response) == [("info", "Message(s) sent: 1 sent, 0 deferred, 0 not sent (don't send list).")]
+    assert user_messages(response) == [
+        ("info", "Message(s) sent: 1 sent, 0 deferred, 0 failed permanently, 0 not sent (don't send list).")
+    ]
     [received] = deliver_to_smtp.received
     assert (received.message["Subject"], received.rcpt_tos) == ("Chosen", ["a@example.com"])
     assert [r["subject"] for r in list_rows(response)] == ["Not chosen"]
@@ -281,14 +283,16 @@ def test_send_action_delivers_only_the_selected_message_and_says_so(admin_client
 
 
 def test_send_action_counts_a_refused_message_as_deferred(admin_client, deliver_to_smtp):
-    """One accepted and one refused by the mail server: the counts say so, and the refused one stays, deferred."""
-    deliver_to_smtp.reject_recipient("bad@example.com")
+    """One accepted and one refused for now by the mail server: the counts say so, and the refused one stays, deferred."""
+    deliver_to_smtp.reject_recipient("bad@example.com", "450 4.2.1 Mailbox busy, try again later")
     good = queue("Good", ["good@example.com"])
     bad = queue("Bad", ["bad@example.com"])
 
     response = send_action(admin_client, good, bad)
 
-    assert user_messages(response) == [("info", "Message(s) sent: 1 sent, 1 deferred, 0 not sent (don't send list).")]
+    assert user_messages(response) == [
+        ("info", "Message(s) sent: 1 sent, 1 deferred, 0 failed permanently, 0 not sent (don't send list).")
+    ]
     assert [r.message["Subject"] for r in deliver_to_smtp.received] == ["Good"]
     assert [(r["subject"], r["priority"]) for r in list_rows(response)] == [("Bad", "deferred")]
 
@@ -544,7 +548,7 @@ def test_send_action_sends_no_deferred_message_even_past_max_retries(client, set
     assert user_messages(response) == [
         (
             "info",
-            "Message(s) sent: 1 sent, 0 deferred, 0 not sent (don't send list). 1 deferred message was left as it was.",
+            "Message(s) sent: 1 sent, 0 deferred, 0 failed permanently, 0 not sent (don't send list). 1 deferred message was left as it was.",
         )
     ]
     assert Message.objects.get().priority == PRIORITY_DEFERRED
@@ -560,7 +564,9 @@ def test_send_action_reports_a_message_kept_from_the_dont_send_list(admin_client
     response = send_action(admin_client, blocked)
 
     assert deliver_to_smtp.received == [] and Message.objects.count() == 0
-    assert user_messages(response) == [("info", "Message(s) sent: 0 sent, 0 deferred, 1 not sent (don't send list).")]
+    assert user_messages(response) == [
+        ("info", "Message(s) sent: 0 sent, 0 deferred, 0 failed permanently, 1 not sent (don't send list).")
+    ]
 
 
 def test_send_action_waits_for_no_one_when_another_process_holds_the_lock(admin_client, deliver_to_smtp, lock_path):

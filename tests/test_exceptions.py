@@ -11,7 +11,6 @@ from mailer.exceptions import (
     InvalidAddress,
     InvalidDeliveryMailer,
     MailerError,
-    RedactedError,
     RefusedPickle,
     SentButNotRecorded,
     UndecodableData,
@@ -29,7 +28,6 @@ from mailer.exceptions import (
         (UndecodableData, ValueError),
         (RefusedPickle, UndecodableData),
         (SentButNotRecorded, MailerError),
-        (RedactedError, MailerError),
     ],
 )
 def test_every_error_is_a_mailer_error_and_what_callers_already_catch(error, also):

@@ -58,7 +58,11 @@ from mailer.models import (
     email_to_db,
 )
 from tests.test_admin import change_page, changelist
-from tests.test_migrations import before_conversion, migrate_mailer  # noqa: F401 -- before_conversion is a fixture
+from tests.test_migrations import (  # noqa: F401 -- before_conversion is a fixture
+    before_conversion,
+    migrate_mailer,
+    models_before_conversion,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -865,12 +869,13 @@ def test_migration_0010_converts_genuine_rows_and_leaves_every_trap_as_it_was(tm
     never created: the engine defers it with the reason when its turn comes.
     """
     traps = []
+    old = models_before_conversion()
     catalogue = [(trap, storage) for trap in TRAPS for storage in trap.storages]
     for index, (trap, storage) in enumerate(catalogue):
         ctx = TrapContext(tmp_path / f"pwned-{index}", tmp_path / "modules", monkeypatch, request)
         data, _evidence = trap.build(ctx)
-        message = Message.objects.create(message_data=store(data, storage))
-        log = MessageLog.objects.create(
+        message = old.Message.objects.create(message_data=store(data, storage))
+        log = old.MessageLog.objects.create(
             message_data=store(data, storage),
             when_added=timezone.now(),
             priority=PRIORITY_MEDIUM,
@@ -879,8 +884,8 @@ def test_migration_0010_converts_genuine_rows_and_leaves_every_trap_as_it_was(tm
         )
         traps.append((f"{trap.id}-{storage}", ctx.marker, message, log))
     genuine = EmailMessage("Genuine ✓", "Body", "from@example.com", ["to@example.com"], cc=["cc@example.com"])
-    genuine_message = Message.objects.create(message_data=base64.encodebytes(pickle.dumps(genuine)).decode("ascii"))
-    genuine_log = MessageLog.objects.create(
+    genuine_message = old.Message.objects.create(message_data=base64.encodebytes(pickle.dumps(genuine)).decode("ascii"))
+    genuine_log = old.MessageLog.objects.create(
         message_data=pickle.dumps(genuine, protocol=0).decode("ascii"),
         when_added=timezone.now(),
         priority=PRIORITY_MEDIUM,

@@ -47,7 +47,12 @@ BUILD_SCRIPT = Path(__file__).parent / "legacy" / "build_legacy_db.py"
 
 # The migrations django-mailer 2.3.2 ships, which a database it built has applied.
 LEGACY_MIGRATIONS = DJANGO_MAILER_MIGRATIONS
-OUR_MIGRATIONS = ["0008_message_claim", "0009_search_columns", "0010_convert_pickled_message_data"]
+OUR_MIGRATIONS = [
+    "0008_message_claim",
+    "0009_search_columns",
+    "0010_convert_pickled_message_data",
+    "0011_retry_after_failed_permanently",
+]
 
 
 @pytest.fixture(scope="module")
