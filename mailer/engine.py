@@ -211,7 +211,7 @@ def send_loop() -> None:
     while not stopping.stop_requested():
         _drop_broken_database_connections()
         try:
-            if Message.objects.due(datetime_now()).exists() and send_all():
+            if Message.objects.non_deferred().due(datetime_now()).exists() and send_all():
                 continue
         except Exception:
             logger.error(
@@ -294,7 +294,7 @@ class SendingPass:
             now = datetime_now()
             candidates = list(
                 prioritize(self.queryset)
-                .filter(pk__in=Message.objects.due(now).values("pk"))
+                .due(now)
                 .claimable(now)
                 .exclude(claimed_by=self.token)
                 .values_list("pk", flat=True)[:CANDIDATES_PER_QUERY]

@@ -116,8 +116,8 @@ class MessageQuerySet(models.QuerySet["Message", "Message"]):
         return self.filter(models.Q(claimed_until__isnull=True) | models.Q(claimed_until__lte=now))
 
     def due(self, now: datetime.datetime) -> "MessageQuerySet":
-        """The messages a pass may send now: not deferred, not waiting for an automatic retry."""
-        return self.non_deferred().filter(models.Q(retry_after__isnull=True) | models.Q(retry_after__lte=now))
+        """The messages not waiting for an automatic retry (``MAILER_RETRY_BACKOFF``) at ``now``."""
+        return self.filter(models.Q(retry_after__isnull=True) | models.Q(retry_after__lte=now))
 
     def claim(self, pk: int, token: str, until: datetime.datetime) -> bool:
         """Take message ``pk`` for the pass ``token`` until ``until``; return whether it was free.

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import cast
 
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult
 
 
 @dataclass
@@ -106,8 +107,8 @@ class LoopbackController(Controller):
     processes on a busy CI machine; binding port 0 cannot collide.
     """
 
-    def __init__(self, handler) -> None:
-        super().__init__(handler, hostname="127.0.0.1", port=0)
+    def __init__(self, handler, **smtp_options) -> None:
+        super().__init__(handler, hostname="127.0.0.1", port=0, **smtp_options)
 
     async def _create_server(self):
         server = await super()._create_server()
@@ -117,12 +118,29 @@ class LoopbackController(Controller):
 
 
 class SMTPServer:
-    """An aiosmtpd server on 127.0.0.1 and a port of its own, for one test."""
+    """An aiosmtpd server on 127.0.0.1 and a port of its own, for one test.
 
-    def __init__(self) -> None:
+    With ``login=(username, password)`` it takes mail only after AUTH with
+    them (over plain text: it is loopback): a client that does not log in
+    gets 530, one that logs in with anything else 535.
+    """
+
+    def __init__(self, login: tuple[str, str] | None = None) -> None:
         self.recorder = Recorder()
         self.host = "127.0.0.1"
-        self.controller = LoopbackController(self.recorder)
+        options = {}
+        if login is not None:
+            options = {
+                "auth_required": True,
+                "auth_require_tls": False,
+                # handled=False: aiosmtpd answers a refusal with 535 itself.
+                "authenticator": lambda server, session, envelope, mechanism, auth_data: AuthResult(
+                    success=(auth_data.login.decode(), auth_data.password.decode()) == login, handled=False
+                ),
+            }
+        # aiosmtpd warns that AUTH without TLS is unsafe (pyproject.toml lets it pass):
+        # on loopback, in a test, it is what is wanted.
+        self.controller = LoopbackController(self.recorder, **options)
         self.running = False
 
     @property
