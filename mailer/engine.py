@@ -268,8 +268,10 @@ class SendingPass:
 
     def run(self) -> Counter[str]:
         try:
-            for message in self._claimed_messages():
-                outcome = self._handle(message)
+            for pk in self._claimed_ids():
+                outcome = self._handle(pk)
+                if outcome is None:
+                    continue  # deleted since it was claimed
                 self.counts[outcome.status] += 1
                 if outcome.ends_pass:
                     break
@@ -284,8 +286,8 @@ class SendingPass:
             self._drop_connection()
         return self.counts
 
-    def _claimed_messages(self) -> Iterator[Message]:
-        """Yield the due messages of the queue, each claimed for this pass, in sending order.
+    def _claimed_ids(self) -> Iterator[int]:
+        """Yield the ids of the due messages of the queue, each claimed for this pass, in sending order.
 
         A message this pass has already tried keeps its ``claimed_by`` token,
         so a failure that leaves it in the queue is not tried twice in one pass.
@@ -302,16 +304,21 @@ class SendingPass:
             if not candidates:
                 return
             for pk in candidates:
-                if not Message.objects.claim(pk, self.token, until=_claim_expiry()):
-                    continue  # another worker has it
-                message = Message.objects.filter(pk=pk).first()
-                if message is not None:
-                    yield message
+                if Message.objects.claim(pk, self.token, until=_claim_expiry()):
+                    yield pk
+                # else another worker has it
 
-    def _handle(self, message: Message) -> Outcome:
-        """Send one claimed message and record how it went."""
+    def _handle(self, pk: int) -> Outcome | None:
+        """Send the claimed message ``pk`` and record how it went; None if it is gone."""
         sent = False
         try:
+            try:
+                message = Message.objects.filter(pk=pk).first()
+            except DatabaseError as exc:
+                _set_aside_unloadable(pk, exc)
+                return Outcome("deferred")
+            if message is None:
+                return None
             if self.connection is None:
                 # Outside the message's own isolation: a backend that cannot
                 # even be made fails every message alike.
@@ -351,7 +358,7 @@ class SendingPass:
                 return Outcome("deferred")
         except BaseException:
             if not sent:
-                _release_quietly(message)
+                _release_quietly(pk, self.token)
             raise
 
     def _deliver(self, message: Message, email: EmailMessage) -> tuple[Outcome | None, dict[str, Any]]:
@@ -458,6 +465,19 @@ def _set_aside_unreadable(message: Message, exc: Exception) -> None:
     message.defer(reason)
 
 
+def _set_aside_unloadable(pk: int, exc: DatabaseError) -> None:
+    """Defer a row the database cannot even return (SQLite text that is not UTF-8, say).
+
+    If it can be read without its ``message_data``, the data is what is
+    wrong; otherwise the database is, and the error ends the pass.
+    """
+    message = Message.objects.defer("message_data").filter(pk=pk).first()
+    if message is None:
+        return
+    message.message_data = ""  # what cannot be read cannot be copied into the log
+    _set_aside_unreadable(message, exc)
+
+
 def _set_aside(message: Message, exc: BaseException, handler_error: Exception | None = None) -> None:
     """Defer ``message`` after an error nothing else handled, and log why at ERROR."""
     reason = f"{type(exc).__name__}: {exc}"
@@ -471,12 +491,12 @@ def _set_aside(message: Message, exc: BaseException, handler_error: Exception | 
     )
 
 
-def _release_quietly(message: Message) -> None:
+def _release_quietly(pk: int, token: str) -> None:
     """Give the claim back at once, rather than when it lapses: the pass is ending."""
     try:
-        Message.objects.filter(pk=message.pk, claimed_by=message.claimed_by).update(claimed_until=None)
+        Message.objects.filter(pk=pk, claimed_by=token).update(claimed_until=None)
     except Exception:
-        logger.debug("releasing the claim of message %s failed; it lapses by itself", message.pk, exc_info=True)
+        logger.debug("releasing the claim of message %s failed; it lapses by itself", pk, exc_info=True)
 
 
 def _server_name(connection: BaseEmailBackend | None) -> str:

@@ -7,11 +7,11 @@ database keeps working; the claim columns on ``Message`` are ours.
 import copy
 import datetime
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from django.core.mail import EmailMessage
-from django.db import models, transaction
+from django.db import DataError, IntegrityError, models, transaction
 from django.db.models.functions import Lower
 from django.utils.timezone import now as datetime_now
 from django.utils.translation import gettext_lazy as _
@@ -240,16 +240,32 @@ class Message(models.Model):
             # cannot turn a reading transaction into a writing one while another
             # process writes ("database is locked").
             self.refresh_from_db(fields=["message_data"])
-        with transaction.atomic(using=self._state.db):
-            MessageLog.objects.log(self, result, log_message=log_message)
-            self.delete()
+        self._change_with_log_row(self.delete, result, log_message)
 
     def _change_state(self, fields: list[str], reason: str | None) -> None:
         self.claimed_until = None
-        with transaction.atomic(using=self._state.db):
+        if reason is None:
             self.save(update_fields=[*fields, "claimed_until"])
-            if reason is not None:
-                MessageLog.objects.log(self, RESULT_FAILURE, log_message=reason)
+            return
+        self._change_with_log_row(lambda: self.save(update_fields=[*fields, "claimed_until"]), RESULT_FAILURE, reason)
+
+    def _change_with_log_row(self, change: Callable[[], Any], result: str, log_message: str) -> None:
+        """Write the log row and make ``change``, in one transaction.
+
+        If the log row cannot hold the copies of this message (a MySQL table
+        whose character set cannot store its subject, a date that SQLite
+        cannot read back), it is written without them: otherwise the change
+        could never be made, and the message would stop every pass.
+        """
+        try:
+            with transaction.atomic(using=self._state.db):
+                MessageLog.objects.log(self, result, log_message=log_message)
+                change()
+        except (DataError, IntegrityError) as exc:
+            logger.warning("the log row of message %s is written without its copies: %s", self.pk, exc)
+            with transaction.atomic(using=self._state.db):
+                MessageLog.objects.log_without_copies(self, result, f"{log_message} [{type(exc).__name__}: {exc}]")
+                change()
 
     @property
     def email(self) -> Any:
@@ -347,6 +363,10 @@ class DontSendEntry(models.Model):
         return self.to_address
 
 
+def _ascii(text: str | None) -> str | None:
+    return text.encode("ascii", "backslashreplace").decode("ascii").replace("\x00", "") if text else text
+
+
 class MessageLogManager(models.Manager["MessageLog"]):
     def log(self, message: Message, result_code: str, log_message: str = "") -> "MessageLog":
         """Record one attempt to send ``message`` with its result.
@@ -363,10 +383,20 @@ class MessageLogManager(models.Manager["MessageLog"]):
             from_email=storable_text(message.from_email) if keep_data else None,
             recipients=storable_text(message.recipients) if keep_data else None,
             message_id=storable_text(message.message_id or get_message_id(message.email)),
-            when_added=message.when_added,
+            when_added=message.when_added or datetime_now(),
             priority=message.priority,
             result=result_code,
             log_message=storable_text(loggable(log_message, message)) or "",
+        )
+
+    def log_without_copies(self, message: Message, result_code: str, log_message: str) -> "MessageLog":
+        """Record an attempt with only what any column can hold: result, Message-ID, priority, the reason in ASCII."""
+        return self.create(
+            message_id=_ascii(message.message_id),
+            when_added=datetime_now(),
+            priority=message.priority if message.priority in PRIORITY_MAPPING.values() else PRIORITY_DEFERRED,
+            result=result_code,
+            log_message=_ascii(loggable(log_message, message)) or "",
         )
 
     def purge_old_entries(self, days: int, result_codes: Iterable[str] | None = None) -> int:

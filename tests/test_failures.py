@@ -327,7 +327,7 @@ def test_a_server_that_hangs_ends_the_pass_within_one_timeout(settings, silent_s
     assert f"the mail server 127.0.0.1:{silent_server}" in error and "cannot be reached" in error
 
 
-def test_without_a_timeout_setting_a_hung_server_still_times_out(settings):
+def test_without_a_timeout_setting_the_delivering_backend_gives_up_after_60_seconds(settings):
     """Django's default is to wait for ever: the delivering backend waits 60 s at most."""
     from mailer.delivery import get_delivery_connection
 
