@@ -42,10 +42,10 @@ from django.core.mail.backends.base import BaseEmailBackend
 from django.db import DatabaseError, DataError, IntegrityError, connections
 from django.utils.module_loading import import_string
 
-from mailer import conf, failures, stopping
+from mailer import conf, failures, locking, stopping
 from mailer.codec import decode
 from mailer.delivery import check_delivery_route, delivery_route, get_delivery_connection
-from mailer.exceptions import SentButNotRecorded, UndecodableData, UnstorableEmail
+from mailer.exceptions import ConfigurationError, SentButNotRecorded, UndecodableData, UnstorableEmail
 from mailer.message_id import ensure_message_id, get_message_id
 from mailer.models import RESULT_DONT_SEND, RESULT_SUCCESS, DontSendEntry, Message, datetime_now
 from mailer.redaction import keeps_message_data, loggable
@@ -100,7 +100,8 @@ def acquire_lock() -> tuple[bool, Any]:
     logger.debug("acquiring lock...")
     lock = lockfile.FileLock(path)
     try:
-        lock.acquire(conf.get_setting("MAILER_LOCK_WAIT_TIMEOUT"))
+        # Breaks the lock of a holder that was killed on this host.
+        locking.acquire(lock, conf.get_setting("MAILER_LOCK_WAIT_TIMEOUT"))
     except lockfile.AlreadyLocked:
         # The normal overlap of two cron runs, not an error.
         logger.info("lock already in place. quitting.")
@@ -108,6 +109,8 @@ def acquire_lock() -> tuple[bool, Any]:
     except lockfile.LockTimeout:
         logger.info("waiting for the lock timed out. quitting.")
         return False, lock
+    except (lockfile.LockFailed, OSError) as exc:
+        raise ConfigurationError(locking.describe_failure(path, exc)) from exc
     logger.debug("acquired.")
     return True, lock
 
