@@ -283,7 +283,7 @@ def test_send_action_delivers_only_the_selected_message_and_says_so(admin_client
 
 
 def test_send_action_counts_a_refused_message_as_deferred(admin_client, deliver_to_smtp):
-    """One accepted and one refused for now by the mail server: the counts say so, and the refused one stays, deferred."""
+    """One accepted, one refused for now by the mail server: the counts say so, and the refused one stays deferred."""
     deliver_to_smtp.reject_recipient("bad@example.com", "450 4.2.1 Mailbox busy, try again later")
     good = queue("Good", ["good@example.com"])
     bad = queue("Bad", ["bad@example.com"])
@@ -548,7 +548,8 @@ def test_send_action_sends_no_deferred_message_even_past_max_retries(client, set
     assert user_messages(response) == [
         (
             "info",
-            "Message(s) sent: 1 sent, 0 deferred, 0 failed permanently, 0 not sent (don't send list). 1 deferred message was left as it was.",
+            "Message(s) sent: 1 sent, 0 deferred, 0 failed permanently, 0 not sent (don't send list)."
+            " 1 deferred message was left as it was.",
         )
     ]
     assert Message.objects.get().priority == PRIORITY_DEFERRED

@@ -11,8 +11,8 @@ redacted runs mean something.
 
 import base64
 import logging
-import re
 import pickle
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
