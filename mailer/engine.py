@@ -205,17 +205,19 @@ def send_all(queryset: Any = None) -> Counter[str] | None:
 def send_loop() -> None:
     """Send until asked to stop: a pass whenever a message is due, else sleep ``MAILER_EMPTY_QUEUE_SLEEP``.
 
-    It also sleeps after a pass that did nothing (sending paused, the lock
-    held elsewhere, every message claimed by other workers), rather than
-    asking the database again at once, and after a pass that failed: the
+    It also sleeps after a pass that sent nothing (sending paused, the lock
+    held elsewhere, every message claimed by other workers, the mail server
+    unreachable), rather than asking again at once, and after a pass that failed: the
     error is logged and the loop goes on, so a database restart or a
     mistake in the settings fixed on the fly does not need a restart.
     """
     while not stopping.stop_requested():
         _drop_broken_database_connections()
         try:
-            if Message.objects.non_deferred().due(datetime_now()).exists() and send_all():
-                continue
+            if Message.objects.non_deferred().due(datetime_now()).exists():
+                counts = send_all()
+                if counts and counts["sent"]:
+                    continue  # there may be more: look again at once
         except Exception:
             logger.error(
                 "the sending pass failed; trying again in %s seconds",
@@ -232,8 +234,12 @@ def _drop_broken_database_connections() -> None:
     transaction (a test, a caller's atomic block) is left alone.
     """
     for connection in connections.all(initialized_only=True):
-        if not connection.in_atomic_block:
-            connection.close_if_unusable_or_obsolete()
+        _drop_if_broken(connection)
+
+
+def _drop_if_broken(connection: Any) -> None:
+    if not connection.in_atomic_block:
+        connection.close_if_unusable_or_obsolete()
 
 
 def _sleep_before_checking_again() -> None:
@@ -546,6 +552,8 @@ def _record_sent(message: Message, refused: dict[str, Any]) -> None:
                 )
                 raise SentButNotRecorded(str(exc)) from exc
             time.sleep(0.5 * attempt)
+            # The database may have restarted: try again over a new connection.
+            _drop_if_broken(connections[message._state.db or "default"])
 
 
 def _dont_send_reason(suppressed: list[str]) -> str:
