@@ -386,8 +386,8 @@ def test_runmailer_goes_on_after_errors_from_the_database(process_db, smtp_serve
     finally:
         process_db.execute("ALTER TABLE mailer_message_away RENAME TO mailer_message")
     runner.assert_running()
-    # Not a busy loop: it slept after each failure.
-    assert runner.count("sleeping for") >= runner.count("the sending pass failed"), runner.log()
+    # Not a busy loop: it slept after each failure (but perhaps the last, logged a moment ago).
+    assert runner.count("sleeping for") >= runner.count("the sending pass failed") - 1, runner.log()
 
     queue(process_db, "After")
     wait_for_delivery(runner, smtp_server, 2)
