@@ -203,7 +203,8 @@ POISONS = {
         json_row_with(to=["jöhn@example.com"]), r"^ValueError: Invalid address .*non-ASCII"
     ),
     "json two addresses in one entry": Poison(
-        json_row_with(to=["a@example.com, b@example.com"]), r"^ValueError: Invalid address .*single address"
+        json_row_with(to=["a@example.com, b@example.com"]),
+        r"^ValueError: Invalid address.*(single address|could be parsed)",
     ),
     "json not an address": Poison(json_row_with(to=["not an address"]), r"^ValueError: Invalid address"),
     "json non-ASCII sender": Poison(
@@ -232,9 +233,19 @@ POISONS = {
 
 ON_SQLITE_ONLY = {"log row cannot be written (when_added unreadable)", "row cannot be read (not UTF-8)"}
 
-CASES = [
-    pytest.param(case, id=name, marks=[SQLITE_ONLY] if name in ON_SQLITE_ONLY else []) for name, case in POISONS.items()
-]
+# Django 5.2's SMTP backend sends these as they are (a non-ASCII local part
+# as an encoded word), and the test server takes them: no poison there.
+DJANGO_6_REFUSES = pytest.mark.skipif(
+    not hasattr(DjangoSMTPBackend, "prep_address"), reason="Django 5.2's SMTP backend sends this address"
+)
+ON_DJANGO_6_ONLY = {"json non-ASCII local part", "json not an address", "json non-ASCII sender"}
+
+
+def marks(name: str) -> list[Any]:
+    return [SQLITE_ONLY] * (name in ON_SQLITE_ONLY) + [DJANGO_6_REFUSES] * (name in ON_DJANGO_6_ONLY)
+
+
+CASES = [pytest.param(case, id=name, marks=marks(name)) for name, case in POISONS.items()]
 
 
 def use_backend(settings, backend: str) -> None:
@@ -357,7 +368,7 @@ def test_a_sent_message_whose_log_row_cannot_be_written_is_not_sent_again_and_ag
 # The same, with the real send_mail command
 # --------------------------------------------------------------------------
 
-PROCESS_CASES = ["legacy to is a set", "json recipient with a lone surrogate", "json non-ASCII local part"]
+PROCESS_CASES = ["legacy to is a set", "json recipient with a lone surrogate", "json two addresses in one entry"]
 
 
 @pytest.mark.slow
