@@ -25,8 +25,10 @@ Code written for django-mailer 2.x patches ``send_all``, ``prioritize``,
 """
 
 import contextlib
+import copy
 import datetime
 import logging
+import os
 import smtplib
 import time
 import uuid
@@ -61,6 +63,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# Seconds after which a lock still held is worth a warning: its holder may
+# have died on another host, where it cannot be told (mailer.locking).
+LONG_HELD_LOCK = 3600
 
 # How often a sleeping send_loop looks whether it has been asked to stop.
 STOP_CHECK_INTERVAL = 0.2
@@ -103,8 +109,17 @@ def acquire_lock() -> tuple[bool, Any]:
         # Breaks the lock of a holder that was killed on this host.
         locking.acquire(lock, conf.get_setting("MAILER_LOCK_WAIT_TIMEOUT"))
     except lockfile.AlreadyLocked:
-        # The normal overlap of two cron runs, not an error.
-        logger.info("lock already in place. quitting.")
+        held_for = locking.held_for(lock)
+        if held_for is not None and held_for > LONG_HELD_LOCK:
+            logger.warning(
+                "lock already in place for %d minutes. quitting. If no mailer process runs (on any host), "
+                "delete %s.lock",
+                held_for // 60,
+                os.path.abspath(path),
+            )
+        else:
+            # The normal overlap of two cron runs, not an error.
+            logger.info("lock already in place. quitting.")
         return False, lock
     except lockfile.LockTimeout:
         logger.info("waiting for the lock timed out. quitting.")
@@ -153,6 +168,19 @@ def handle_delivery_exception(
     return (connection if isinstance(exc, refusals) else None), status
 
 
+def _check_retry_settings() -> None:
+    """Refuse retry settings that would make every temporary failure an error, before anything is sent."""
+    if conf.get_setting("MAILER_RETRY_BACKOFF") is None:
+        return
+    for name in ("MAILER_RETRY_BACKOFF", "MAILER_RETRY_BACKOFF_MAX"):
+        value = conf.get_setting(name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise ConfigurationError(f"{name} must be a number of seconds greater than 0, not {value!r}.")
+    attempts = conf.get_setting("MAILER_RETRY_MAX_ATTEMPTS")
+    if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 0:
+        raise ConfigurationError(f"MAILER_RETRY_MAX_ATTEMPTS must be a whole number, 0 or more, not {attempts!r}.")
+
+
 def _automatic_retry_time(message: Message) -> datetime.datetime | None:
     """Return when ``message`` should be tried again by itself, or None to wait for ``retry_deferred``."""
     first_delay = conf.get_setting("MAILER_RETRY_BACKOFF")
@@ -173,6 +201,7 @@ def send_all(queryset: Any = None) -> Counter[str] | None:
     after every claim and the lock are given back.
     """
     check_delivery_route()
+    _check_retry_settings()
     if conf.get_setting("MAILER_PAUSE_SEND"):
         logger.info("sending is paused, quitting.")
         return None
@@ -245,10 +274,7 @@ def _drop_if_broken(connection: Any) -> None:
 def _sleep_before_checking_again() -> None:
     sleep = conf.get_setting("MAILER_EMPTY_QUEUE_SLEEP")
     logger.debug("sleeping for %s seconds before checking queue again", sleep)
-    # In short steps, so that a request to stop is seen within one.
-    deadline = time.monotonic() + sleep
-    while not stopping.stop_requested() and (remaining := deadline - time.monotonic()) > 0:
-        time.sleep(min(remaining, STOP_CHECK_INTERVAL))
+    _sleep(sleep)
 
 
 @dataclass(frozen=True)
@@ -277,20 +303,15 @@ class SendingPass:
 
     def run(self) -> Counter[str]:
         try:
+            _record_earlier_sends()
             for pk in self._claimed_ids():
                 outcome = self._handle(pk)
                 if outcome is None:
                     continue  # deleted since it was claimed
                 self.counts[outcome.status] += 1
-                if outcome.ends_pass:
+                if outcome.ends_pass or _limit_reached(self.counts):
                     break
-                if stopping.stop_requested():
-                    logger.info("asked to stop: ending the pass")
-                    break
-                limit_reached = _limit_reached(self.counts)
                 _throttle()
-                if limit_reached:
-                    break
         finally:
             self._drop_connection()
         return self.counts
@@ -301,7 +322,7 @@ class SendingPass:
         A message this pass has already tried keeps its ``claimed_by`` token,
         so a failure that leaves it in the queue is not tried twice in one pass.
         """
-        while True:
+        while not _asked_to_stop():
             now = datetime_now()
             candidates = list(
                 prioritize(self.queryset)
@@ -313,6 +334,8 @@ class SendingPass:
             if not candidates:
                 return
             for pk in candidates:
+                if _asked_to_stop():
+                    return
                 if Message.objects.claim(pk, self.token, until=_claim_expiry()):
                     yield pk
                 # else another worker has it
@@ -324,6 +347,8 @@ class SendingPass:
             try:
                 message = Message.objects.filter(pk=pk).first()
             except DatabaseError as exc:
+                if not _data_unreadable(pk):
+                    raise  # the database is in trouble, not this row: end the pass
                 _set_aside_unloadable(pk, exc)
                 return Outcome("deferred")
             if message is None:
@@ -354,12 +379,14 @@ class SendingPass:
                     # own id, say): log it as the backend left it, as django-mailer did.
                     with contextlib.suppress(UnstorableEmail):  # not plain data: log it as queued
                         message.email = email
-                _record_sent(message, refused)
+                note = _refusals_note(message, email, refused)
+                _record_sent(message, note)
                 return Outcome("sent")
             except (SentButNotRecorded, ImproperlyConfigured):
                 raise
             except Exception as exc:
                 if sent:
+                    _mark_sent(message)
                     raise SentButNotRecorded(f"{type(exc).__name__}: {loggable(str(exc), message)}") from exc
                 if isinstance(exc, DatabaseError) and not isinstance(exc, DataError | IntegrityError):
                     raise  # the database itself is in trouble, not this row: end the pass
@@ -392,7 +419,7 @@ class SendingPass:
         except Exception as exc:
             return self._failed(message, exc, while_connecting=connecting and not self.connection_open), {}
         refused = getattr(self.connection, "refused_recipients", None)
-        return None, (refused() if callable(refused) else {})
+        return None, (refused(email) if callable(refused) else {})
 
     def _send_over_connection(self, email: EmailMessage, connection: BaseEmailBackend | None = None) -> None:
         """Send ``email`` over the pass's connection (or ``connection``, which becomes the pass's), opened once."""
@@ -474,12 +501,25 @@ def _set_aside_unreadable(message: Message, exc: Exception) -> None:
     message.defer(reason)
 
 
-def _set_aside_unloadable(pk: int, exc: DatabaseError) -> None:
-    """Defer a row the database cannot even return (SQLite text that is not UTF-8, say).
+def _data_unreadable(pk: int) -> bool:
+    """Return whether the database cannot return the ``message_data`` of row ``pk`` (SQLite text that is not UTF-8).
 
-    If it can be read without its ``message_data``, the data is what is
-    wrong; otherwise the database is, and the error ends the pass.
+    Only SQLite stores what it cannot return; on other databases, and when a
+    second try reads the row (a lock timed out), the database is in trouble,
+    not the row.
     """
+    if connections[Message.objects.db].vendor != "sqlite":
+        return False
+    try:
+        Message.objects.filter(pk=pk).first()
+    except DatabaseError:
+        Message.objects.defer("message_data").filter(pk=pk).first()  # raises if the database is in trouble
+        return True
+    return False
+
+
+def _set_aside_unloadable(pk: int, exc: DatabaseError) -> None:
+    """Defer a row whose data the database cannot return, with a log row that copies none of it."""
     message = Message.objects.defer("message_data").filter(pk=pk).first()
     if message is None:
         return
@@ -530,14 +570,52 @@ def _session_ended(exc: Exception) -> bool:
 RECORD_ATTEMPTS = 3
 
 
-def _record_sent(message: Message, refused: dict[str, Any]) -> None:
+def _refusals_note(message: Message, email: EmailMessage, refused: dict[str, Any]) -> str:
+    """Say which recipients the server refused while it accepted the others, for the log row of ``message``.
+
+    Those refused for now (4xx) get a copy of their own, queued as after any
+    temporary failure: otherwise they would never get the message.
+    """
+    if not refused:
+        return ""
+    note = "sent; recipients refused: " + failures.describe_refusals(refused)
+    for_now = [recipient for recipient, (code, _reply) in refused.items() if not failures.is_permanent(code)]
+    if not for_now:
+        return note
+    try:
+        reason = "recipients refused: " + failures.describe_refusals({r: refused[r] for r in for_now})
+        retry = _queue_copy_for(message, email, for_now, reason)
+    except Exception as exc:
+        logger.error("the recipients refused for now could not be queued again: %s", loggable(str(exc), message))
+        return f"{note}; those refused for now could not be queued again: {type(exc).__name__}: {exc}"
+    return f"{note}; those refused for now are queued again as message {retry.pk}"
+
+
+def _queue_copy_for(message: Message, email: EmailMessage, recipients: list[str], reason: str) -> Message:
+    """Queue a copy of ``email`` for ``recipients`` only, each in its field (to, cc, bcc), as a temporary failure."""
+    retry = copy.copy(email)
+    retry.to = [recipient for recipient in email.to if recipient in recipients]
+    retry.cc = [recipient for recipient in email.cc if recipient in recipients]
+    retry.bcc = [recipient for recipient in email.bcc if recipient in recipients]
+    if not retry.recipients():  # refusals named otherwise than the message names its recipients
+        retry.to, retry.cc, retry.bcc = [], [], list(recipients)
+    copy_message = Message.for_email(retry, priority=message.priority)
+    copy_message.retry_count = message.retry_count
+    copy_message.save()
+    retry_at = _automatic_retry_time(copy_message)
+    if retry_at is None:
+        copy_message.defer(reason)
+    else:
+        copy_message.retry_later(reason, retry_at)
+    return copy_message
+
+
+def _record_sent(message: Message, note: str) -> None:
     """Record a delivered message, trying again briefly: a failure here risks sending it twice.
 
-    If it still fails, the message keeps its claim, so no pass sends it again
-    before ``MAILER_CLAIM_TIMEOUT`` has passed. Recipients the server refused
-    while it accepted others are named in the log row.
+    If it still fails, the message is marked as sent (``_mark_sent``), so that
+    no pass sends it again.
     """
-    note = ("sent; recipients refused: " + failures.describe_refusals(refused)) if refused else ""
     for attempt in range(1, RECORD_ATTEMPTS + 1):
         try:
             message.record(RESULT_SUCCESS, note)
@@ -545,15 +623,41 @@ def _record_sent(message: Message, refused: dict[str, Any]) -> None:
         except DatabaseError as exc:
             if attempt == RECORD_ATTEMPTS:
                 logger.error(
-                    "message %s was sent but could not be recorded (%s); it stays claimed until %s",
-                    message.message_id or message.pk,
-                    exc,
-                    message.claimed_until,
+                    "message %s was sent but could not be recorded (%s)", message.message_id or message.pk, exc
                 )
+                _mark_sent(message)
                 raise SentButNotRecorded(str(exc)) from exc
             time.sleep(0.5 * attempt)
             # The database may have restarted: try again over a new connection.
             _drop_if_broken(connections[message._state.db or "default"])
+
+
+def _mark_sent(message: Message) -> None:
+    """Mark a message that went out but could not be recorded, so that no pass sends it again.
+
+    A small UPDATE in place often succeeds where the log row and the
+    deletion did not (a full disk). The next pass records the message
+    before it sends anything. If even this fails, the claim keeps the
+    message from being sent again until ``MAILER_CLAIM_TIMEOUT`` has passed.
+    """
+    try:
+        marked = Message.objects.mark_sent(message.pk, message.claimed_by or "")
+    except Exception:
+        logger.error("message %s stays claimed until %s", message.message_id or message.pk, message.claimed_until)
+        return
+    if marked:
+        logger.error("message %s is marked as sent; a later pass will record it", message.message_id or message.pk)
+
+
+def _record_earlier_sends() -> None:
+    """Record the messages an earlier pass sent but could not record (``_mark_sent``), before sending any other.
+
+    While the database cannot record them, no pass sends anything: the
+    error ends the pass here, so mail is not sent that cannot be recorded.
+    """
+    for message in Message.objects.sent_but_not_recorded():
+        logger.warning("recording message %s, sent by an earlier pass", message.message_id or message.pk)
+        message.record(RESULT_SUCCESS, "sent by an earlier pass, recorded late")
 
 
 def _dont_send_reason(suppressed: list[str]) -> str:
@@ -585,4 +689,18 @@ def _throttle() -> None:
     throttle = conf.get_setting("MAILER_EMAIL_THROTTLE")
     if throttle:
         logger.debug("Throttling email delivery. Sleeping %s seconds", throttle)
-        time.sleep(throttle)
+        _sleep(throttle)
+
+
+def _asked_to_stop() -> bool:
+    if stopping.stop_requested():
+        logger.info("asked to stop: ending the pass")
+        return True
+    return False
+
+
+def _sleep(seconds: float) -> None:
+    """Sleep ``seconds``, in short steps, so that a request to stop is seen within one."""
+    deadline = time.monotonic() + seconds
+    while not stopping.stop_requested() and (remaining := deadline - time.monotonic()) > 0:
+        time.sleep(min(remaining, STOP_CHECK_INTERVAL))

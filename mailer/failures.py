@@ -49,6 +49,8 @@ def understand(exc: BaseException, *, while_connecting: bool = False) -> Failure
         return Failure(reason, outage=True)
     if isinstance(exc, smtplib.SMTPRecipientsRefused):
         codes = [code for code, _reply in exc.recipients.values()]
+        if any(code == 421 or code in AUTHENTICATION_CODES for code in codes):
+            return Failure(reason, outage=True)  # the session is over, or will never be let in
         return Failure(reason, permanent=bool(codes) and all(is_permanent(code) for code in codes))
     if isinstance(exc, smtplib.SMTPResponseException):
         if exc.smtp_code == 421 or exc.smtp_code in AUTHENTICATION_CODES:

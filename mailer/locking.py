@@ -34,7 +34,7 @@ from typing import Any
 import lockfile
 from lockfile.linklockfile import LinkLockFile
 
-__all__ = ["acquire", "describe_failure"]
+__all__ = ["acquire", "describe_failure", "held_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +94,16 @@ def describe_failure(path: str, exc: BaseException) -> str:
     if not os.path.isdir(directory):
         return f"cannot create the lock file {lock_file}: the directory {directory} does not exist. {hint}"
     return f"cannot create the lock file {lock_file} ({type(exc).__name__}: {exc}). {hint}"
+
+
+def held_for(lock: Any) -> float | None:
+    """Return how many seconds ago the lock file of ``lock`` was taken, or None if that cannot be told."""
+    if not _can_break(lock):
+        return None
+    try:
+        return time.time() - os.lstat(lock.lock_file).st_mtime
+    except OSError:
+        return None
 
 
 def _can_break(lock: Any) -> bool:

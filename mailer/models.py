@@ -64,6 +64,9 @@ RESULT_CODES = (
 
 logger = logging.getLogger(__name__)
 
+# Before the token of a pass in ``Message.claimed_by``: that pass sent the message but could not record it.
+SENT_MARK = "sent:"
+
 
 class MessageQuerySet(models.QuerySet["Message", "Message"]):
     def high_priority(self) -> "MessageQuerySet":
@@ -118,6 +121,21 @@ class MessageQuerySet(models.QuerySet["Message", "Message"]):
     def due(self, now: datetime.datetime) -> "MessageQuerySet":
         """The messages not waiting for an automatic retry (``MAILER_RETRY_BACKOFF``) at ``now``."""
         return self.filter(models.Q(retry_after__isnull=True) | models.Q(retry_after__lte=now))
+
+    def mark_sent(self, pk: int, token: str) -> bool:
+        """Mark message ``pk``, which the pass ``token`` sent but could not record, as sent; return whether it was.
+
+        Its claim then never lapses: the message waits for a pass to record
+        it (``sent_but_not_recorded``), and no pass sends it again.
+        """
+        updated: int = self.filter(pk=pk, claimed_by=token).update(
+            claimed_by=SENT_MARK + token, claimed_until=datetime_now() + datetime.timedelta(days=36500)
+        )
+        return updated == 1
+
+    def sent_but_not_recorded(self) -> "MessageQuerySet":
+        """The messages marked by ``mark_sent``."""
+        return self.filter(claimed_by__startswith=SENT_MARK)
 
     def claim(self, pk: int, token: str, until: datetime.datetime) -> bool:
         """Take message ``pk`` for the pass ``token`` until ``until``; return whether it was free.
@@ -257,15 +275,23 @@ class Message(models.Model):
         cannot read back), it is written without them: otherwise the change
         could never be made, and the message would stop every pass.
         """
+        pk = self.pk
         try:
-            with transaction.atomic(using=self._state.db):
-                MessageLog.objects.log(self, result, log_message=log_message)
-                change()
-        except (DataError, IntegrityError) as exc:
-            logger.warning("the log row of message %s is written without its copies: %s", self.pk, exc)
-            with transaction.atomic(using=self._state.db):
-                MessageLog.objects.log_without_copies(self, result, f"{log_message} [{type(exc).__name__}: {exc}]")
-                change()
+            try:
+                with transaction.atomic(using=self._state.db):
+                    MessageLog.objects.log(self, result, log_message=log_message)
+                    change()
+            except (DataError, IntegrityError) as exc:
+                self.pk = pk
+                logger.warning("the log row of message %s is written without its copies: %s", pk, exc)
+                with transaction.atomic(using=self._state.db):
+                    MessageLog.objects.log_without_copies(self, result, f"{log_message} [{type(exc).__name__}: {exc}]")
+                    change()
+        except BaseException:
+            # delete() forgets the pk at once, even when the commit then fails:
+            # the row is still there, and a second try must find it.
+            self.pk = pk
+            raise
 
     @property
     def email(self) -> Any:

@@ -10,7 +10,10 @@ Nothing else changes.
 import smtplib
 from typing import Any
 
+from django.conf import settings
+from django.core.mail import EmailMessage
 from django.core.mail.backends.smtp import EmailBackend as DjangoSMTPBackend
+from django.core.mail.message import sanitize_address
 
 # Seconds before a silent mail server counts as down, when the site sets no
 # timeout: without one, a server that accepts the connection and never
@@ -38,6 +41,14 @@ class _KeepRefusalsSSL(smtplib.SMTP_SSL):
         return self.refused
 
 
+def _envelope_address(backend: DjangoSMTPBackend, recipient: str, encoding: str | None) -> str:
+    """Return ``recipient`` as Django's SMTP backend gives it to the server (its address only, IDNA-encoded)."""
+    prep_address = getattr(backend, "prep_address", None)
+    if prep_address is not None:  # Django 6.0 and later
+        return str(prep_address(recipient))
+    return str(sanitize_address(recipient, encoding or settings.DEFAULT_CHARSET))
+
+
 class EmailBackend(DjangoSMTPBackend):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -48,6 +59,17 @@ class EmailBackend(DjangoSMTPBackend):
     def connection_class(self) -> type[smtplib.SMTP]:
         return _KeepRefusalsSSL if self.use_ssl else _KeepRefusals
 
-    def refused_recipients(self) -> Refusals:
-        """Return the recipients refused in the last message sent, with the server's reply to each."""
-        return dict(getattr(self.connection, "refused", {}))
+    def refused_recipients(self, email: EmailMessage) -> Refusals:
+        """Return the recipients of ``email`` (as it names them) that the server refused, with its reply to each.
+
+        ``email`` is the message just sent.
+        """
+        refused: Refusals = getattr(self.connection, "refused", {})
+        if not refused:
+            return {}
+        named = {}
+        for recipient in email.recipients():
+            envelope = _envelope_address(self, recipient, email.encoding)
+            if envelope in refused:
+                named[recipient] = refused[envelope]
+        return named if len(named) == len(refused) else dict(refused)

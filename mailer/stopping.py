@@ -40,7 +40,9 @@ def stopping_on_signals() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {signum: signal.signal(signum, _on_signal) for signum in SIGNALS}
+    # A signal the process was told to ignore (nohup ignores SIGHUP) stays ignored.
+    handled = [signum for signum in SIGNALS if signal.getsignal(signum) is not signal.SIG_IGN]
+    previous = {signum: signal.signal(signum, _on_signal) for signum in handled}
     try:
         yield
     finally:

@@ -443,23 +443,48 @@ class TestSentButNotRecorded:
         assert len(mail.outbox) == 1
         assert Message.objects.count() == 0 and MessageLog.objects.get().result == RESULT_SUCCESS
 
-    def test_a_lasting_one_leaves_the_message_claimed_for_claim_timeout(self, settings, caplog):
-        settings.MAILER_CLAIM_TIMEOUT = 120
-        queue(1)
-        before = timezone.now()
-        with (
-            mock.patch.object(MessageLog.objects, "log", side_effect=OperationalError("disk full")),
-            mock.patch("time.sleep"),
-            pytest.raises(engine.SentButNotRecorded, match="disk full"),
-        ):
+    def test_a_lasting_one_marks_the_message_sent_and_nothing_is_sent_until_it_is_recorded(self, caplog):
+        """A full disk, say: sending on would send mail that cannot be recorded, again and again."""
+        queue(2)
+        cannot_record = mock.patch.object(MessageLog.objects, "log", side_effect=OperationalError("disk full"))
+        with cannot_record, mock.patch("time.sleep"), pytest.raises(engine.SentButNotRecorded, match="disk full"):
             engine.send_all()
-        after = timezone.now()
 
-        message = Message.objects.get()
-        claim = datetime.timedelta(seconds=120)
-        assert before + claim <= message.claimed_until <= after + claim
+        assert len(mail.outbox) == 1
+        [marked] = Message.objects.sent_but_not_recorded()
+        assert marked.subject == mail.outbox[0].subject
         assert "was sent but could not be recorded (disk full)" in caplog.text
 
-        engine.send_all()
-        assert len(mail.outbox) == 1  # not sent a second time
-        assert Message.objects.count() == 1
+        # While it still cannot be recorded, no pass sends anything.
+        with cannot_record, pytest.raises(OperationalError, match="disk full"):
+            engine.send_all()
+        assert len(mail.outbox) == 1
+
+        # Once it can, the next pass records it, late, without sending it again, and sends the rest.
+        assert engine.send_all() == {"sent": 1}
+        assert len(mail.outbox) == 2
+        assert Message.objects.count() == 0
+        assert sorted(MessageLog.objects.values_list("log_message", flat=True)) == [
+            "",
+            "sent by an earlier pass, recorded late",
+        ]
+
+    def test_a_failure_after_the_deletion_is_retried_on_the_same_row(self):
+        """As when the COMMIT fails (SQLite busy, a lost connection): delete() has already forgotten the pk."""
+        queue(1)
+        real_delete = Message.delete
+        calls = []
+
+        def delete_then_fail(message, *args, **kwargs):
+            calls.append(message.pk)
+            result = real_delete(message, *args, **kwargs)
+            if len(calls) == 1:
+                raise OperationalError("database is locked")  # inside the transaction: rolled back
+            return result
+
+        with mock.patch.object(Message, "delete", delete_then_fail), mock.patch("time.sleep"):
+            assert engine.send_all() == {"sent": 1}
+
+        assert len(calls) == 2 and calls[0] == calls[1]
+        assert len(mail.outbox) == 1
+        assert Message.objects.count() == 0 and MessageLog.objects.get().result == RESULT_SUCCESS

@@ -11,6 +11,7 @@ at once instead of costing one timeout per message.
 import datetime
 import logging
 import socket
+import threading
 import time
 
 import pytest
@@ -18,7 +19,8 @@ from django.core.management import call_command
 from django.utils import timezone
 
 import mailer
-from mailer import engine
+from mailer import engine, stopping
+from mailer.exceptions import ConfigurationError
 from mailer.models import PRIORITY_DEFERRED, PRIORITY_MEDIUM, RESULT_FAILURE, RESULT_SUCCESS, Message, MessageLog
 from tests.conftest import MAILERS_SUPPORTED, configure_smtp_delivery
 from tests.smtp import SMTPServer
@@ -397,3 +399,115 @@ def test_after_an_outage_the_next_pass_sends_everything(settings, deliver_to_smt
     configure_smtp_delivery(settings, deliver_to_smtp)
     call_command("retry_deferred")
     assert engine.send_all() == {"sent": 5}
+
+
+def test_a_421_to_a_recipient_ends_the_pass_too(deliver_to_smtp, caplog):
+    """Rate limits at large providers answer RCPT with 421 and close the session: every message would get it."""
+    for n in range(10):
+        deliver_to_smtp.reject_recipient(f"to{n}@example.com", "421 4.7.0 Try again later, closing connection")
+    queue(10)
+
+    assert engine.send_all() == {"deferred": 1}
+
+    assert_one_deferred_rest_untouched(10)
+    assert deliver_to_smtp.connections == 1
+    assert len(outage_errors(caplog)) == 1
+
+
+# --------------------------------------------------------------------------
+# Some recipients refused for now: they get a copy of their own
+# --------------------------------------------------------------------------
+
+
+def test_recipients_refused_for_now_get_a_copy_queued_for_them(deliver_to_smtp):
+    """As a server limiting recipients per message does (452): the others got it, these must not be lost."""
+    for address in ["cc@example.com", "bcc@example.com"]:
+        deliver_to_smtp.reject_recipient(address, "452 4.5.3 Too many recipients")
+    deliver_to_smtp.reject_recipient("gone@example.com", "550 5.1.1 No such user")
+    mailer.send_mail("Board", "Body", "from@example.com", ["to@example.com", "gone@example.com"])
+    message = Message.objects.get()
+    email = message.email
+    email.cc, email.bcc = ["cc@example.com"], ["bcc@example.com"]
+    message.email = email
+    message.save()
+
+    assert engine.send_all() == {"sent": 1}
+
+    copy = Message.objects.get()
+    assert outcome(copy) == (PRIORITY_DEFERRED, False)
+    original_log = MessageLog.objects.get(result=RESULT_SUCCESS)
+    assert original_log.log_message == (
+        "sent; recipients refused: gone@example.com: 550 5.1.1 No such user; "
+        "cc@example.com: 452 4.5.3 Too many recipients; bcc@example.com: 452 4.5.3 Too many recipients; "
+        f"those refused for now are queued again as message {copy.pk}"
+    )
+    failure = MessageLog.objects.get(result=RESULT_FAILURE)
+    assert failure.message_id == original_log.message_id  # the same message, for the rest of its recipients
+    assert "cc@example.com: 452" in failure.log_message and "gone@example.com" not in failure.log_message
+
+    # Put back by the cron job, the copy reaches those two only, each as before (cc seen, bcc not).
+    deliver_to_smtp.recorder.rcpt_replies.clear()
+    call_command("retry_deferred")
+    assert engine.send_all() == {"sent": 1}
+    second = deliver_to_smtp.received[-1]
+    assert second.rcpt_tos == ["cc@example.com", "bcc@example.com"]
+    assert second.message["Cc"] == "cc@example.com" and second.message["Bcc"] is None
+    assert second.message["Message-ID"] == deliver_to_smtp.received[0].message["Message-ID"]
+
+
+def test_recipients_refused_for_good_get_no_copy(deliver_to_smtp):
+    deliver_to_smtp.reject_recipient("gone@example.com", "550 5.1.1 No such user")
+    mailer.send_mail("Board", "Body", "from@example.com", ["to@example.com", "gone@example.com"])
+
+    engine.send_all()
+
+    assert Message.objects.count() == 0
+
+
+# --------------------------------------------------------------------------
+# Settings that cannot work are refused before anything is sent
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("MAILER_RETRY_BACKOFF", "60"),
+        ("MAILER_RETRY_BACKOFF", -60),
+        ("MAILER_RETRY_BACKOFF_MAX", 0),
+        ("MAILER_RETRY_MAX_ATTEMPTS", None),
+        ("MAILER_RETRY_MAX_ATTEMPTS", 2.5),
+    ],
+)
+def test_retry_settings_that_cannot_work_are_a_configuration_error(settings, deliver_to_smtp, name, value):
+    settings.MAILER_RETRY_BACKOFF = 60
+    setattr(settings, name, value)
+    queue(1)
+
+    with pytest.raises(ConfigurationError, match=name):
+        engine.send_all()
+
+    assert deliver_to_smtp.received == [] and Message.objects.get().claimed_until is None
+
+
+# --------------------------------------------------------------------------
+# Asked to stop: no other message is begun
+# --------------------------------------------------------------------------
+
+
+def test_a_stop_asked_for_during_the_throttle_ends_the_pass_at_once(settings, deliver_to_smtp):
+    settings.MAILER_EMAIL_THROTTLE = 30
+    queue(3)
+    asker = threading.Timer(0.5, stopping._requested.set)  # what the signal handler does
+
+    asker.start()
+    started = time.monotonic()
+    try:
+        counts = engine.send_all()
+    finally:
+        asker.cancel()
+        stopping._requested.clear()
+
+    assert counts == {"sent": 1}
+    assert time.monotonic() - started < 5
+    assert Message.objects.filter(claimed_until__isnull=False).count() == 0

@@ -668,3 +668,31 @@ def test_describe_failure_names_the_lock_file_and_what_is_wrong(tmp_path):
         f"cannot create the lock file {tmp_path}/send_mail.lock (LockFailed: failed to create x). "
         "MAILER_LOCK_PATH must name a file in a directory this process can write to."
     )
+
+
+def test_a_lock_held_for_hours_is_a_warning_naming_the_file_to_delete(lock_path, caplog):
+    """Held by another host, it cannot be told whether its holder lives: an operator must be told, not INFO."""
+    lock_file = Path(f"{lock_path}.lock")
+    holder = lock_file.parent / "elsewhere.example-1a2b.4242-123"
+    holder.touch()
+    os.link(holder, lock_file)
+    two_hours_ago = time.time() - 7200
+    os.utime(lock_file, (two_hours_ago, two_hours_ago))
+    queue()
+
+    with caplog.at_level(logging.INFO, logger="mailer"):
+        assert engine.send_all() is None
+
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning == (
+        f"lock already in place for 120 minutes. quitting. If no mailer process runs (on any host), delete {lock_file}"
+    )
+    assert lock_file.exists()  # never broken: its holder may live
+
+    os.utime(lock_file)  # taken a moment ago: the normal overlap of two runs
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mailer"):
+        engine.send_all()
+    assert [(r.levelname, r.getMessage()) for r in caplog.records if r.levelno >= logging.INFO] == [
+        ("INFO", "lock already in place. quitting.")
+    ]

@@ -137,3 +137,24 @@ def test_a_signal_ends_runmailer_after_the_message_in_flight(process_db, smtp_se
     assert out.rstrip().endswith("Stopped.")
     assert len(smtp_server.received) == 2
     assert queue_state(process_db) == {"queued": 4, "claimed": 0, "logged": ["1", "1"]}
+
+
+def test_a_signal_the_process_was_told_to_ignore_stays_ignored(process_db, smtp_server, tmp_path):
+    """Started under nohup (SIGHUP ignored), logging out of the terminal must not stop the mail."""
+    queue(process_db, 5)
+    lock_path = tmp_path / "send_mail"
+    process = subprocess.Popen(
+        [sys.executable, "-W", "error::DeprecationWarning", str(MANAGE_PY), "send_mail"],
+        env=process_environment(process_db, smtp_server.port, MAILER_PROCESS_LOCK_PATH=str(lock_path)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),  # what nohup does
+    )
+    signal_during_message(smtp_server, process, 2, signal.SIGHUP)
+
+    out, err = process.communicate(timeout=60)
+
+    assert process.returncode == 0, err
+    assert len(smtp_server.received) == 5
+    assert queue_state(process_db)["queued"] == 0
