@@ -3,7 +3,9 @@
 Configuration errors are also Django's ``ImproperlyConfigured`` (and, for a
 ``MAILERS`` entry on Django 6.1, its ``InvalidMailer``), so code that already
 catches those keeps working. Storage errors are also ``ValueError``: they say
-that a value given to mailer cannot be stored or read back.
+that a value given to mailer cannot be stored or read back. So are a bad
+address or header given to queue a message (a header error is also Django's
+``BadHeaderError``, which Django raises for a header it refuses).
 """
 
 from django.core.exceptions import ImproperlyConfigured
@@ -12,6 +14,11 @@ try:
     from django.core.mail.exceptions import InvalidMailer
 except ImportError:  # Django < 6.1 has no MAILERS setting, hence no InvalidMailer.
     InvalidMailer = ImproperlyConfigured  # type: ignore[assignment,misc]
+
+try:
+    from django.core.mail.message import BadHeaderError
+except ImportError:  # Django 6 keeps it only as a deprecated alias of ValueError.
+    BadHeaderError = ValueError  # type: ignore[assignment,misc]
 
 
 class MailerError(Exception):
@@ -33,6 +40,15 @@ class InvalidDeliveryMailer(ConfigurationError, InvalidMailer):
 
 class InvalidAddress(MailerError, ValueError):
     """An address given to queue a message cannot be delivered; raised when it is queued, naming the field."""
+
+
+class InvalidHeader(MailerError, BadHeaderError):
+    """An extra header given to queue a message cannot be sent as given; raised when it is queued, naming the header.
+
+    It is Django's ``BadHeaderError`` (a ``ValueError``; on Django 6.1 that
+    name is ``ValueError`` itself), which Django raises for a line break in a
+    header value: code that catches it keeps catching this.
+    """
 
 
 class UnstorableEmail(MailerError, ValueError):

@@ -3,6 +3,7 @@
 import django
 import pytest
 from django.core.exceptions import ImproperlyConfigured
+from django.core.mail.message import BadHeaderError
 
 import mailer
 from mailer.codec import decode
@@ -10,6 +11,7 @@ from mailer.exceptions import (
     ConfigurationError,
     InvalidAddress,
     InvalidDeliveryMailer,
+    InvalidHeader,
     MailerError,
     RefusedPickle,
     SentButNotRecorded,
@@ -25,6 +27,8 @@ from mailer.exceptions import (
         (InvalidDeliveryMailer, ImproperlyConfigured),
         (UnstorableEmail, ValueError),
         (InvalidAddress, ValueError),
+        (InvalidHeader, ValueError),
+        (InvalidHeader, BadHeaderError),
         (UndecodableData, ValueError),
         (RefusedPickle, UndecodableData),
         (SentButNotRecorded, MailerError),
