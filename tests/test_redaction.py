@@ -19,10 +19,14 @@ from dataclasses import dataclass, field
 import pytest
 from django.core.mail import EmailMessage
 from django.core.mail.backends.smtp import EmailBackend as SMTPBackend
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mailer import engine
+from mailer.failures import describe_refusals
 from mailer.models import PRIORITY_DEFERRED, RESULT_FAILURE, Message, MessageLog
-from mailer.redaction import REDACTED, redact
+from mailer.redaction import REDACTED, addresses_like, fold_case, loggable, redact, secrets_of
+from tests.alarms import time_limit
 from tests.smtp import SMTPServer
 
 pytestmark = pytest.mark.django_db
@@ -97,6 +101,16 @@ def named_recipient_refused() -> Scenario:
     )
 
 
+def non_ascii_name_refused() -> Scenario:
+    """Django 5.2 hands smtplib the recipient with its display name, which smtplib names as an encoded word."""
+    return Scenario(
+        email(to=["Jürgen Groß <juergen@example.com>"]),
+        lambda server: server.reject_recipient("juergen@example.com", "550 5.1.1 <juergen@example.com>: no such user"),
+        ["juergen@example.com", "Jürgen Groß", "=?utf-8?b?SsO8cmdlbiBHcm/Dnw==?="],
+        "juergen@example.com",
+    )
+
+
 def reply_to_refused() -> Scenario:
     """The server refuses the content, naming the Reply-To address and the subject."""
     return Scenario(
@@ -143,6 +157,7 @@ SCENARIOS = {
     "sender-refused": sender_refused,
     "idn-recipient-refused": idn_recipient_refused,
     "named-recipient-refused": named_recipient_refused,
+    "non-ascii-name-refused": non_ascii_name_refused,
     "reply-to-and-subject-in-reply": reply_to_refused,
     "other-letter-case": other_case_refused,
     "legacy-row-with-empty-columns": legacy_row_refused,
@@ -329,3 +344,137 @@ def test_the_subject_is_redacted_in_its_encoded_form_too():
     redacted = redact(quoted, message)
 
     assert "=?utf-8?" not in redacted, redacted
+
+
+# Redaction used to take time in proportion to the square of these sizes:
+# minutes, each time it ran. The limits below are many times what it takes
+# now, and still far less than it took then.
+LONG_NAME = '"é' + "x" * 200_000 + '" <visitor@example.com>'
+MANY = 20_000
+
+
+def queued(subject="Quarterly figures", to=(), bcc=()) -> Message:
+    message = Message(priority=PRIORITY_DEFERRED)
+    message.email = EmailMessage(subject, "Body", "f@example.com", to=list(to), bcc=list(bcc))
+    return message
+
+
+def test_a_long_display_name_is_redacted_in_time(settings):
+    """A display name is a long run without "@": finding addresses must not try it from each of its characters."""
+    settings.MAILER_EMAIL_LOG_MESSAGE_DATA = False
+    message = queued(to=[LONG_NAME])
+    reply = f"550 5.1.1 <visitor@example.com>: no such user; To: {LONG_NAME}"
+
+    with time_limit(20):
+        logged = loggable(reply, message)
+
+    assert logged == '550 5.1.1 <<redacted>>: no such user; To: "<redacted>" <<redacted>>'
+
+
+def refusals(count: int) -> dict[str, tuple[int, bytes]]:
+    """What smtplib reports when the server refuses ``count`` recipients, naming each with the display name queued."""
+    return {
+        f"reader{i}@example.com": (550, f"5.1.1 <reader{i}@example.com> (Reader {i}): no such user".encode())
+        for i in range(count)
+    }
+
+
+def test_a_refusal_of_many_recipients_is_redacted_in_time():
+    """A newsletter refused recipient by recipient: thousands of secrets, all in one text."""
+    message = queued(to=[f"Reader {i} <reader{i}@example.com>" for i in range(MANY)])
+    note = "recipients refused: " + describe_refusals(refusals(MANY))
+
+    with time_limit(20):
+        redacted = redact(note, message)
+
+    # "Reader 1" is a name too: the longest name is blanked out, not its start.
+    refusal = "<redacted>: 550 5.1.1 <<redacted>> (<redacted>): no such user"
+    assert redacted == "recipients refused: " + "; ".join([refusal] * MANY)
+
+
+def test_a_recipient_with_a_long_display_name_is_refused_in_time(settings, deliver_to_smtp, mailer_logs):
+    """One message must not hold up the queue: a real pass reads its names for each text it logs."""
+    settings.MAILER_EMAIL_LOG_MESSAGE_DATA = False
+    deliver_to_smtp.reject_recipient("visitor@example.com", "550 5.1.1 <visitor@example.com>: no such user")
+    Message.for_email(EmailMessage("Quarterly figures", "Body", "f@example.com", [LONG_NAME])).save()
+
+    with time_limit(30):
+        assert engine.send_all() == {"failed": 1}
+
+    # Django 6 names the refused recipient by its address; 5.2 with its display name, as encoded words.
+    recipient = r"(<redacted>\s+)*<?<redacted>>?"
+    refusal = rf"recipients refused: {recipient}: 550 5\.1\.1 <<redacted>>: no such user"
+    assert re.fullmatch(refusal, MessageLog.objects.get().log_message)
+    texts = written_texts(mailer_logs)
+    for secret in ["visitor@example.com", "x" * 20, "=?utf-8?"]:
+        assert found(secret, texts) == [], f"{secret!r} was written"
+
+
+def test_many_refused_recipients_are_logged_in_time(settings, deliver_to_smtp, mailer_logs):
+    settings.MAILER_EMAIL_LOG_MESSAGE_DATA = False
+    count = 10_000  # fewer than MANY: the server refuses each in a round trip of its own
+    recipients = [f"reader{i}@example.com" for i in range(count)]
+    for recipient in recipients:
+        deliver_to_smtp.reject_recipient(recipient, f"550 5.1.1 <{recipient}>: no such user")
+    Message.for_email(EmailMessage("Quarterly figures", "Body", "f@example.com", bcc=recipients)).save()
+
+    with time_limit(60):
+        assert engine.send_all() == {"failed": 1}
+
+    refusal = "<redacted>: 550 5.1.1 <<redacted>>: no such user"
+    assert MessageLog.objects.get().log_message == "recipients refused: " + "; ".join([refusal] * count)
+    assert found("reader1@example.com", written_texts(mailer_logs)) == []
+
+
+@dataclass
+class Queued:
+    """A queued message as redaction sees it, with no email to read."""
+
+    subject: str | None
+    from_email: str | None
+    recipients: str | None
+    email: None = None
+
+
+def redacted_by_one_expression(text: str, secrets: set[str]) -> str:
+    """What redaction did before it was made fast: one regular expression of the secrets, longest first."""
+    if not secrets:
+        return text
+    pattern = "|".join(re.escape(secret) for secret in sorted(secrets, key=len, reverse=True))
+    return re.sub(pattern, REDACTED, text, flags=re.IGNORECASE)
+
+
+# Addresses, what ends them, and the letters whose case is odd: "İ" and "ı",
+# "ſ" (an s), the Kelvin sign, "ß", sigmas, micro and mu, two forms of "ΐ".
+LETTERS = "aAbB@.<>\", ;:()'xX\nİıiIſsSKk\u212aßẞΣσςµμé\u0390\u1fd3"
+pieces = st.text(alphabet=LETTERS, max_size=8)
+
+
+@given(pieces, pieces, st.lists(pieces, max_size=3), st.data())
+def test_redaction_blanks_out_what_one_expression_of_the_secrets_does(subject, sender, recipients, data):
+    message = Queued(subject, sender, ", ".join(recipients))
+    secrets = secrets_of(message)
+    as_written = st.sampled_from(sorted(secrets)) if secrets else pieces
+    in_any_case = as_written.flatmap(lambda secret: st.sampled_from([secret, secret.upper(), secret.swapcase()]))
+    text = "".join(data.draw(st.lists(pieces | in_any_case, max_size=8)))
+
+    assert redact(text, message) == redacted_by_one_expression(text, secrets)
+
+
+@given(st.text(alphabet=LETTERS, max_size=40))
+def test_addresses_are_found_as_the_pattern_of_an_address_finds_them(text):
+    assert addresses_like(text) == re.findall(r"[^\s<>(),;:\"']+@[^\s<>(),;:\"']+", text)
+
+
+def test_letter_case_is_folded_as_regular_expressions_compare_it():
+    """Two characters are one after ``fold_case`` exactly when ``re.IGNORECASE`` matches one with the other."""
+    every = "".join(map(chr, range(0x110000)))
+    folded = fold_case(every)
+    changed = {char for char, fold in zip(every, folded, strict=True) if char != fold or char.upper() != char}
+    cased = sorted(changed | {folded[ord(char)] for char in changed})
+    alike: dict[str, list[str]] = {}
+    for char in cased:
+        alike.setdefault(folded[ord(char)], []).append(char)
+    sample = "".join(cased)
+    for char in cased:
+        assert re.findall(re.escape(char), sample, re.IGNORECASE) == alike[folded[ord(char)]], hex(ord(char))
