@@ -41,15 +41,24 @@ import lockfile
 from django.core.exceptions import ImproperlyConfigured
 from django.core.mail import EmailMessage
 from django.core.mail.backends.base import BaseEmailBackend
-from django.db import DatabaseError, DataError, IntegrityError, connections
+from django.db import DatabaseError, DataError, IntegrityError, connections, transaction
 from django.utils.module_loading import import_string
 
 from mailer import conf, failures, locking, stopping
-from mailer.codec import decode
+from mailer.codec import decode, storable_text
 from mailer.delivery import check_delivery_route, delivery_route, get_delivery_connection
 from mailer.exceptions import ConfigurationError, SentButNotRecorded, UndecodableData, UnstorableEmail
 from mailer.message_id import ensure_message_id, get_message_id
-from mailer.models import RESULT_DONT_SEND, RESULT_SUCCESS, DontSendEntry, Message, datetime_now
+from mailer.models import (
+    PRIORITY_DEFERRED,
+    RESULT_DONT_SEND,
+    RESULT_FAILURE,
+    RESULT_SUCCESS,
+    DontSendEntry,
+    Message,
+    MessageLog,
+    datetime_now,
+)
 from mailer.redaction import keeps_message_data, loggable
 
 __all__ = [
@@ -174,7 +183,7 @@ def _check_retry_settings() -> None:
         return
     for name in ("MAILER_RETRY_BACKOFF", "MAILER_RETRY_BACKOFF_MAX"):
         value = conf.get_setting(name)
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < float("inf"):
             raise ConfigurationError(f"{name} must be a number of seconds greater than 0, not {value!r}.")
     attempts = conf.get_setting("MAILER_RETRY_MAX_ATTEMPTS")
     if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 0:
@@ -303,7 +312,7 @@ class SendingPass:
 
     def run(self) -> Counter[str]:
         try:
-            _record_earlier_sends()
+            _record_earlier_sends(self.token)
             for pk in self._claimed_ids():
                 outcome = self._handle(pk)
                 if outcome is None:
@@ -346,8 +355,8 @@ class SendingPass:
         try:
             try:
                 message = Message.objects.filter(pk=pk).first()
-            except DatabaseError as exc:
-                if not _data_unreadable(pk):
+            except (DatabaseError, ValueError, TypeError) as exc:
+                if not _row_unreadable(pk):
                     raise  # the database is in trouble, not this row: end the pass
                 _set_aside_unloadable(pk, exc)
                 return Outcome("deferred")
@@ -476,7 +485,8 @@ def _read_email(message: Message) -> EmailMessage:
     email = decode(data)
     if not isinstance(email, EmailMessage):
         raise UndecodableData(f"message data holds a {type(email).__name__}, not an email")
-    email.recipients()  # the fields the engine relies on are usable
+    if not email.recipients():  # and the fields the engine relies on are usable
+        raise UndecodableData("the message has no recipients")
     if get_message_id(email) is None:
         # Queued by django-mailer or by assigning Message.email: give it its
         # Message-ID now, and keep it, so every attempt carries the same one.
@@ -501,8 +511,9 @@ def _set_aside_unreadable(message: Message, exc: Exception) -> None:
     message.defer(reason)
 
 
-def _data_unreadable(pk: int) -> bool:
-    """Return whether the database cannot return the ``message_data`` of row ``pk`` (SQLite text that is not UTF-8).
+def _row_unreadable(pk: int) -> bool:
+    """Return whether the database cannot return row ``pk`` as Django reads it (SQLite: text that is not UTF-8,
+    a date that is not one).
 
     Only SQLite stores what it cannot return; on other databases, and when a
     second try reads the row (a lock timed out), the database is in trouble,
@@ -512,19 +523,21 @@ def _data_unreadable(pk: int) -> bool:
         return False
     try:
         Message.objects.filter(pk=pk).first()
-    except DatabaseError:
-        Message.objects.defer("message_data").filter(pk=pk).first()  # raises if the database is in trouble
-        return True
+    except (DatabaseError, ValueError, TypeError):
+        # Readable without its columns: the row is what is wrong (this raises if the database is down).
+        return bool(Message.objects.filter(pk=pk).values_list("pk", flat=True).exists())
     return False
 
 
-def _set_aside_unloadable(pk: int, exc: DatabaseError) -> None:
-    """Defer a row whose data the database cannot return, with a log row that copies none of it."""
-    message = Message.objects.defer("message_data").filter(pk=pk).first()
-    if message is None:
-        return
-    message.message_data = ""  # what cannot be read cannot be copied into the log
-    _set_aside_unreadable(message, exc)
+def _set_aside_unloadable(pk: int, exc: Exception) -> None:
+    """Defer a row that cannot be read, with a log row that copies nothing of it (nothing can be read)."""
+    reason = storable_text(f"the row cannot be read from the database: {type(exc).__name__}: {exc}") or ""
+    logger.warning("message %s deferred: %s", pk, reason)
+    with transaction.atomic(using=Message.objects.db):
+        Message.objects.filter(pk=pk).update(priority=PRIORITY_DEFERRED, claimed_until=None)
+        MessageLog.objects.create(
+            when_added=datetime_now(), priority=PRIORITY_DEFERRED, result=RESULT_FAILURE, log_message=reason
+        )
 
 
 def _set_aside(message: Message, exc: BaseException, handler_error: Exception | None = None) -> None:
@@ -564,6 +577,8 @@ def _session_ended(exc: Exception) -> bool:
     """Return whether ``exc`` says the server closed the session, rather than refused the message."""
     if isinstance(exc, smtplib.SMTPServerDisconnected):
         return True
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
+        return any(code == 421 for code, _reply in exc.recipients.values())
     return isinstance(exc, smtplib.SMTPResponseException) and exc.smtp_code == 421
 
 
@@ -597,8 +612,6 @@ def _queue_copy_for(message: Message, email: EmailMessage, recipients: list[str]
     retry.to = [recipient for recipient in email.to if recipient in recipients]
     retry.cc = [recipient for recipient in email.cc if recipient in recipients]
     retry.bcc = [recipient for recipient in email.bcc if recipient in recipients]
-    if not retry.recipients():  # refusals named otherwise than the message names its recipients
-        retry.to, retry.cc, retry.bcc = [], [], list(recipients)
     copy_message = Message.for_email(retry, priority=message.priority)
     copy_message.retry_count = message.retry_count
     copy_message.save()
@@ -649,15 +662,23 @@ def _mark_sent(message: Message) -> None:
         logger.error("message %s is marked as sent; a later pass will record it", message.message_id or message.pk)
 
 
-def _record_earlier_sends() -> None:
+def _record_earlier_sends(token: str) -> None:
     """Record the messages an earlier pass sent but could not record (``_mark_sent``), before sending any other.
 
     While the database cannot record them, no pass sends anything: the
     error ends the pass here, so mail is not sent that cannot be recorded.
     """
     for message in Message.objects.sent_but_not_recorded():
+        if not Message.objects.take_for_recording(message, token):
+            continue  # another worker is recording it
         logger.warning("recording message %s, sent by an earlier pass", message.message_id or message.pk)
-        message.record(RESULT_SUCCESS, "sent by an earlier pass, recorded late")
+        try:
+            message.record(RESULT_SUCCESS, "sent by an earlier pass, recorded late")
+        except Exception as exc:
+            if isinstance(exc, DatabaseError) and not isinstance(exc, DataError | IntegrityError):
+                raise  # the database cannot record: send nothing
+            # Something about this row alone: it stays marked (never sent again) and stops nothing.
+            logger.error("message %s, sent earlier, cannot be recorded: %s", message.pk, loggable(str(exc), message))
 
 
 def _dont_send_reason(suppressed: list[str]) -> str:

@@ -133,6 +133,16 @@ class MessageQuerySet(models.QuerySet["Message", "Message"]):
         )
         return updated == 1
 
+    def take_for_recording(self, message: "Message", token: str) -> bool:
+        """Take a message marked by ``mark_sent`` for the pass ``token`` to record; return whether no other had.
+
+        So that two workers do not both log it.
+        """
+        marked = SENT_MARK + token
+        taken: int = self.filter(pk=message.pk, claimed_by=message.claimed_by).update(claimed_by=marked)
+        message.claimed_by = marked
+        return taken == 1
+
     def sent_but_not_recorded(self) -> "MessageQuerySet":
         """The messages marked by ``mark_sent``."""
         return self.filter(claimed_by__startswith=SENT_MARK)

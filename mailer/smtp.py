@@ -26,19 +26,26 @@ Refusals = dict[str, tuple[int, bytes]]
 class _KeepRefusals(smtplib.SMTP):
     refused: Refusals = {}
 
-    def sendmail(self, *args: Any, **kwargs: Any) -> Refusals:
+    def sendmail(self, from_addr: str, to_addrs: Any, msg: Any, *args: Any, **kwargs: Any) -> Refusals:
         self.refused = {}
-        self.refused = super().sendmail(*args, **kwargs)
+        self.refused = super().sendmail(from_addr, _once_each(to_addrs), msg, *args, **kwargs)
         return self.refused
 
 
 class _KeepRefusalsSSL(smtplib.SMTP_SSL):
     refused: Refusals = {}
 
-    def sendmail(self, *args: Any, **kwargs: Any) -> Refusals:
+    def sendmail(self, from_addr: str, to_addrs: Any, msg: Any, *args: Any, **kwargs: Any) -> Refusals:
         self.refused = {}
-        self.refused = super().sendmail(*args, **kwargs)
+        self.refused = super().sendmail(from_addr, _once_each(to_addrs), msg, *args, **kwargs)
         return self.refused
+
+
+def _once_each(addresses: Any) -> Any:
+    """Each envelope recipient once: named twice (in To and Cc, say), one could be accepted and the other refused."""
+    if isinstance(addresses, str):
+        return addresses
+    return list(dict.fromkeys(addresses))
 
 
 def _envelope_address(backend: DjangoSMTPBackend, recipient: str, encoding: str | None) -> str:
@@ -59,17 +66,25 @@ class EmailBackend(DjangoSMTPBackend):
     def connection_class(self) -> type[smtplib.SMTP]:
         return _KeepRefusalsSSL if self.use_ssl else _KeepRefusals
 
-    def refused_recipients(self, email: EmailMessage) -> Refusals:
-        """Return the recipients of ``email`` (as it names them) that the server refused, with its reply to each.
+    def send_messages(self, email_messages: Any) -> int:
+        # What the server refused of the previous message is not this one's,
+        # even if this one never reaches the server (no recipients).
+        if isinstance(self.connection, _KeepRefusals | _KeepRefusalsSSL):
+            self.connection.refused = {}
+        sent: int = super().send_messages(email_messages)
+        return sent
 
-        ``email`` is the message just sent.
+    def refused_recipients(self, email: EmailMessage) -> Refusals:
+        """Return the recipients of ``email`` that the server refused, as ``email`` names them, with its reply to each.
+
+        ``email`` is the message just sent. A recipient named twice is named once.
         """
         refused: Refusals = getattr(self.connection, "refused", {})
-        if not refused:
-            return {}
-        named = {}
+        named: Refusals = {}
+        seen = set()
         for recipient in email.recipients():
             envelope = _envelope_address(self, recipient, email.encoding)
-            if envelope in refused:
+            if envelope in refused and envelope not in seen:
+                seen.add(envelope)
                 named[recipient] = refused[envelope]
-        return named if len(named) == len(refused) else dict(refused)
+        return named
