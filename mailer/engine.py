@@ -370,6 +370,8 @@ class SendingPass:
                 try:
                     email = _read_email(message)
                 except Exception as exc:
+                    if _database_in_trouble(exc):
+                        raise
                     _set_aside_unreadable(message, exc)
                     return Outcome("deferred")
                 # The list may have grown since the message was queued.
@@ -397,8 +399,8 @@ class SendingPass:
                 if sent:
                     _mark_sent(message)
                     raise SentButNotRecorded(f"{type(exc).__name__}: {loggable(str(exc), message)}") from exc
-                if isinstance(exc, DatabaseError) and not isinstance(exc, DataError | IntegrityError):
-                    raise  # the database itself is in trouble, not this row: end the pass
+                if _database_in_trouble(exc):
+                    raise  # not this row: end the pass
                 _set_aside(message, exc)
                 return Outcome("deferred")
         except BaseException:
@@ -509,6 +511,11 @@ def _set_aside_unreadable(message: Message, exc: Exception) -> None:
         message.priority,
     )
     message.defer(reason)
+
+
+def _database_in_trouble(exc: Exception) -> bool:
+    """Return whether ``exc`` says the database cannot be used (gone, locked), rather than that one row is bad."""
+    return isinstance(exc, DatabaseError) and not isinstance(exc, DataError | IntegrityError)
 
 
 def _row_unreadable(pk: int) -> bool:
@@ -675,7 +682,7 @@ def _record_earlier_sends(token: str) -> None:
         try:
             message.record(RESULT_SUCCESS, "sent by an earlier pass, recorded late")
         except Exception as exc:
-            if isinstance(exc, DatabaseError) and not isinstance(exc, DataError | IntegrityError):
+            if _database_in_trouble(exc):
                 raise  # the database cannot record: send nothing
             # Something about this row alone: it stays marked (never sent again) and stops nothing.
             logger.error("message %s, sent earlier, cannot be recorded: %s", message.pk, loggable(str(exc), message))
