@@ -32,13 +32,8 @@ class _KeepRefusals(smtplib.SMTP):
         return self.refused
 
 
-class _KeepRefusalsSSL(smtplib.SMTP_SSL):
-    refused: Refusals = {}
-
-    def sendmail(self, from_addr: str, to_addrs: Any, msg: Any, *args: Any, **kwargs: Any) -> Refusals:
-        self.refused = {}
-        self.refused = super().sendmail(from_addr, _once_each(to_addrs), msg, *args, **kwargs)
-        return self.refused
+class _KeepRefusalsSSL(_KeepRefusals, smtplib.SMTP_SSL):
+    pass
 
 
 def _once_each(addresses: Any) -> Any:
@@ -69,7 +64,7 @@ class EmailBackend(DjangoSMTPBackend):
     def send_messages(self, email_messages: Any) -> int:
         # What the server refused of the previous message is not this one's,
         # even if this one never reaches the server (no recipients).
-        if isinstance(self.connection, _KeepRefusals | _KeepRefusalsSSL):
+        if isinstance(self.connection, _KeepRefusals):
             self.connection.refused = {}
         sent: int = super().send_messages(email_messages)
         return sent
