@@ -190,6 +190,10 @@ class Message(models.Model):
     class Meta:
         verbose_name = _("message")
         verbose_name_plural = _("messages")
+        indexes = [
+            # The sending order: a pass claims the first due messages without sorting the queue.
+            models.Index(fields=["priority", "when_added", "id"], name="mailer_message_sending_order"),
+        ]
 
     def __str__(self) -> str:
         if not keeps_message_data():  # the admin's own history keeps this text
@@ -464,6 +468,10 @@ class MessageLog(models.Model):
     class Meta:
         verbose_name = _("message log")
         verbose_name_plural = _("message logs")
+        indexes = [
+            # purge_mail_log: the old rows of a result, without reading the whole log.
+            models.Index(fields=["result", "when_attempted"], name="mailer_messagelog_purge"),
+        ]
 
     def __str__(self) -> str:
         email = self.email

@@ -4,7 +4,9 @@ The database comes from the environment, so one suite runs on every vendor:
 
 - ``MAILER_TEST_DB``: ``sqlite`` (the default), ``postgresql`` or ``mysql``;
 - ``MAILER_TEST_DB_HOST``, ``MAILER_TEST_DB_PORT``, ``MAILER_TEST_DB_USER``,
-  ``MAILER_TEST_DB_PASSWORD``, ``MAILER_TEST_DB_NAME``: where that server is.
+  ``MAILER_TEST_DB_PASSWORD``, ``MAILER_TEST_DB_NAME``: where that server is;
+  ``MAILER_TEST_DB_TEST_NAME``: the test database to create there (Django's
+  ``test_`` + name by default), for two runs on one server at once.
 
 ``MAILER_TEST_REQUIRE_DB=1`` (set by CI) turns "server not reachable" from
 a skip into a failure; see ``tests/conftest.py``.
@@ -81,11 +83,13 @@ else:
             "PASSWORD": os.environ.get("MAILER_TEST_DB_PASSWORD", "mailer"),
             "NAME": os.environ.get("MAILER_TEST_DB_NAME", "mailer"),
             "CONN_MAX_AGE": 0,
+            # Two runs on one server at once each need their own test database.
+            "TEST": {"NAME": os.environ.get("MAILER_TEST_DB_TEST_NAME") or None},
         }
     }
     if DB_VENDOR == "mysql":
         DATABASES["default"]["OPTIONS"] = {"charset": "utf8mb4"}
-        DATABASES["default"]["TEST"] = {"CHARSET": "utf8mb4", "COLLATION": "utf8mb4_unicode_ci"}
+        DATABASES["default"]["TEST"].update(CHARSET="utf8mb4", COLLATION="utf8mb4_unicode_ci")
 
 # Django 6.1 deprecates the EMAIL_* settings in favour of MAILERS. The suite
 # runs the modern configuration on 6.1 and the legacy one before it; tests
