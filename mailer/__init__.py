@@ -86,8 +86,18 @@ def send_mass_mail(
     auth_password: str | None = None,
     connection: object = None,
 ) -> int:
-    """Queue one email per ``(subject, message, from_email, recipient_list)``; return how many."""
-    return sum(send_mail(subject, message, sender, recipients) for subject, message, sender, recipients in datatuple)
+    """Queue one email per ``(subject, message, from_email, recipient_list)``, all or none; return how many.
+
+    As ``DbBackend`` does with many messages: one don't-send query and
+    inserts in batches, in one transaction. A tuple without recipients
+    queues nothing and is not counted.
+    """
+    from mailer.backend import queue_in_bulk
+
+    return queue_in_bulk(
+        EmailMessage(force_str(subject), force_str(message), sender, recipients)
+        for subject, message, sender, recipients in datatuple
+    )
 
 
 def mail_admins(

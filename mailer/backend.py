@@ -1,14 +1,24 @@
 """``DbBackend``: an email backend that queues messages instead of sending them."""
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from django.core.mail import EmailMessage
 from django.core.mail.backends.base import BaseEmailBackend
+from django.db import router, transaction
 
 from mailer import conf
-from mailer.models import Message
+from mailer.models import DontSendEntry, Message
 from mailer.priority import get_priority
+
+# Without MAILER_MESSAGES_BATCH_SIZE, one INSERT holds up to this many
+# messages, and no more stored data than BATCH_DATA_SIZE characters (unless
+# one message alone is larger): MySQL refuses a statement longer than its
+# max_allowed_packet (4 MB on MySQL 5.7, 16 MB on MariaDB), and a few large
+# attachments would pass it. Django makes smaller batches where the database
+# needs them (SQLite's limit on parameters).
+BATCH_SIZE = 500
+BATCH_DATA_SIZE = 2 * 1024 * 1024
 
 
 class DbBackend(BaseEmailBackend):
@@ -31,9 +41,60 @@ class DbBackend(BaseEmailBackend):
 
         Like Django's backends, skip messages without recipients. Every
         message is checked before any is queued, so a bad address in one
-        (``InvalidAddress``) queues none of them.
+        (``InvalidAddress``) queues none of them; ``fail_silently`` does not
+        hide that, as nothing is sent here that could fail later.
         """
-        checked = [(email, Message.for_email(email, priority=self.priority)) for email in email_messages]
-        messages = [message for email, message in checked if email.recipients()]
-        Message.objects.bulk_create(messages, batch_size=conf.get_setting("MAILER_MESSAGES_BATCH_SIZE"))
-        return len(messages)
+        return queue_in_bulk(email_messages, self.priority)
+
+
+def queue_in_bulk(emails: Iterable[EmailMessage], priority: int | str | None = None) -> int:
+    """Queue ``emails`` together, all or none; return how many were queued (those with recipients).
+
+    The don't-send list is read once for all of them; then every email is
+    checked and stored (``Message.for_email``), so that one refused writes
+    nothing; then the rows are inserted in batches, in one transaction. The
+    list is read before the transaction, which must begin by writing:
+    SQLite cannot turn a reading transaction into a writing one while
+    another process writes ("database is locked").
+    """
+    emails = list(emails)
+    priority = get_priority(priority)
+    suppressed = DontSendEntry.objects.suppressed_addresses(
+        recipient for email in emails for recipient in _recipients_as_given(email)
+    )
+    checked = [(email, Message.for_email(email, priority, suppressed=suppressed)) for email in emails]
+    messages = [message for email, message in checked if email.recipients()]
+    if not messages:
+        return 0
+    using = router.db_for_write(Message)
+    batch_size = conf.get_setting("MAILER_MESSAGES_BATCH_SIZE")
+    with transaction.atomic(using=using):
+        if batch_size is not None:
+            Message.objects.using(using).bulk_create(messages, batch_size=batch_size)
+        else:
+            for batch in _batches(messages):
+                Message.objects.using(using).bulk_create(batch)
+    return len(messages)
+
+
+def _batches(messages: list[Message]) -> Iterator[list[Message]]:
+    """Split ``messages`` into batches of at most ``BATCH_SIZE`` messages and ``BATCH_DATA_SIZE`` characters."""
+    batch: list[Message] = []
+    size = 0
+    for message in messages:
+        if batch and (len(batch) == BATCH_SIZE or size + len(message.message_data) > BATCH_DATA_SIZE):
+            yield batch
+            batch, size = [], 0
+        batch.append(message)
+        size += len(message.message_data)
+    if batch:
+        yield batch
+
+
+def _recipients_as_given(email: EmailMessage) -> Iterator[str]:
+    """Yield the recipients of ``email`` that are text, whatever else it holds: ``Message.for_email`` refuses
+    the rest (``InvalidAddress``), after this lookup.
+    """
+    for field in (email.to, email.cc, email.bcc):
+        if isinstance(field, (list, tuple)):
+            yield from (recipient for recipient in field if isinstance(recipient, str) and recipient)

@@ -82,6 +82,8 @@ EMAIL_FIELDS = (
     "alternative_subtype",
 )
 NOT_STORED = {"connection", "_connection", "attachments"}
+_KNOWN_ATTRIBUTES = frozenset(EMAIL_FIELDS) | NOT_STORED
+_KNOWN_ATTRIBUTES_WITH_ALTERNATIVES = _KNOWN_ATTRIBUTES | {"alternatives"}
 
 # The classes a stored message may name, besides MAILER_EMAIL_CLASSES.
 DEFAULT_EMAIL_CLASSES = {
@@ -89,6 +91,12 @@ DEFAULT_EMAIL_CLASSES = {
     "django.core.mail.message.EmailMultiAlternatives",
     "anymail.message.AnymailMessage",
 }
+
+
+# One encoder for every message: json.dumps with arguments makes one per call.
+# A document holds only containers made for it, and lists and dicts of text
+# (``_encode_value``): it cannot hold itself, so there is nothing to watch for.
+_JSON = json.JSONEncoder(separators=(",", ":"), check_circular=False)
 
 
 def email_to_db(value: Any) -> str:
@@ -99,7 +107,7 @@ def email_to_db(value: Any) -> str:
         document = {"mailer": FORMAT_VERSION, "value": _encode_value(value, "value")}
     # ASCII only, as django-mailer's base64 was: MySQL tables in the old
     # three-byte "utf8" charset cannot hold every character.
-    text = json.dumps(document, separators=(",", ":"))
+    text = _JSON.encode(document)
     if len(text) > MAX_DATA_SIZE:
         raise UnstorableEmail(
             f"the message is {len(text)} characters once stored, more than mailer reads back ({MAX_DATA_SIZE})"
@@ -244,6 +252,8 @@ def storable_text(text: str | None) -> str | None:
     """
     if not text:
         return text
+    if type(text) is str and text.isascii() and "\x00" not in text:
+        return text  # nearly every text: nothing to change
     return text.replace("\x00", "").encode("utf-8", "backslashreplace").decode("utf-8")
 
 
@@ -276,12 +286,18 @@ def _decode_document(data: str) -> Any:
 def _encode_email(message: EmailMessage, where: str) -> dict[str, Any]:
     cls = type(message)
     path = f"{cls.__module__}.{cls.__qualname__}"
-    if path not in email_classes():
+    if path not in DEFAULT_EMAIL_CLASSES and path not in email_classes():  # the first test spares reading settings
         raise UnstorableEmail(f"{where} is a {path}: add it to MAILER_EMAIL_CLASSES to queue it")
     encoded: dict[str, Any] = {"class": path}
     for name in EMAIL_FIELDS:
-        if hasattr(message, name):
-            encoded[name] = _encode_value(getattr(message, name), f"{where}.{name}")
+        value = getattr(message, name, _MISSING)
+        if value is _MISSING:
+            continue
+        # Most fields are text or lists of addresses: spare them the call, and the name of where they are.
+        if type(value) is str or (type(value) is list and all(type(item) is str for item in value)):
+            encoded[name] = value
+        else:
+            encoded[name] = _encode_value(value, f"{where}.{name}")
     encoded["attachments"] = [
         _encode_attachment(item, f"{where}.attachments[{index}]") for index, item in enumerate(message.attachments)
     ]
@@ -309,9 +325,7 @@ def _extra_attributes(message: EmailMessage) -> dict[str, Any]:
     some are not plain data: django-anymail's ``UNSET`` markers and its empty
     ``AnymailStatus``.
     """
-    known = set(EMAIL_FIELDS) | NOT_STORED
-    if isinstance(message, EmailMultiAlternatives):
-        known.add("alternatives")
+    known = _KNOWN_ATTRIBUTES_WITH_ALTERNATIVES if isinstance(message, EmailMultiAlternatives) else _KNOWN_ATTRIBUTES
     extras = {name: value for name, value in vars(message).items() if name not in known}
     if not extras:
         return {}
@@ -385,6 +399,8 @@ def _encode_value(value: Any, where: str) -> Any:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return {"$bytes": _to_base64(value)}
     if isinstance(value, list):
+        if all(type(item) is str for item in value):
+            return value  # addresses: nothing to tag
         return [_encode_value(item, f"{where}[{index}]") for index, item in enumerate(value)]
     if isinstance(value, tuple):
         return {"$tuple": [_encode_value(item, f"{where}[{index}]") for index, item in enumerate(value)]}
@@ -419,6 +435,8 @@ def _encode_dict(value: dict[Any, Any], where: str) -> dict[str, Any]:
     for key in value:
         if not isinstance(key, str):
             raise UnstorableEmail(f"{where} cannot be stored: its key {key!r} is not a str")
+    if all(type(key) is str and type(item) is str and not key.startswith("$") for key, item in value.items()):
+        return value  # headers: nothing to tag
     encoded = {str(key): _encode_value(item, f"{where}[{key!r}]") for key, item in value.items()}
     if any(key.startswith("$") for key in encoded):
         return {"$dict": encoded}  # keep a user's "$..." key apart from our tags

@@ -34,17 +34,18 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, cast
 
 import lockfile
 from django.core.exceptions import ImproperlyConfigured
 from django.core.mail import EmailMessage
 from django.core.mail.backends.base import BaseEmailBackend
-from django.db import DatabaseError, DataError, IntegrityError, connections, transaction
+from django.db import DatabaseError, DataError, IntegrityError, transaction
+from django.db import connections as database_connections
 from django.utils.module_loading import import_string
 
-from mailer import conf, failures, locking, stopping
+from mailer import conf, failures, locking, stopping, workers
 from mailer.codec import decode, storable_text
 from mailer.delivery import check_delivery_route, delivery_route, get_delivery_connection
 from mailer.exceptions import ConfigurationError, SentButNotRecorded, UndecodableData, UnstorableEmail
@@ -54,6 +55,7 @@ from mailer.models import (
     RESULT_DONT_SEND,
     RESULT_FAILURE,
     RESULT_SUCCESS,
+    SENT_MARK,
     DontSendEntry,
     Message,
     MessageLog,
@@ -77,12 +79,17 @@ logger = logging.getLogger(__name__)
 # have died on another host, where it cannot be told (mailer.locking).
 LONG_HELD_LOCK = 3600
 
-# How often a sleeping send_loop looks whether it has been asked to stop.
-STOP_CHECK_INTERVAL = 0.2
+# How many messages a pass claims at once: about CLAIM_SECONDS of sending,
+# so that claiming costs little per message when the mail server is fast,
+# and another worker (another process, host or connection) soon finds the
+# rest of the queue when it is slow.
+CLAIM_SECONDS = 0.5
+CLAIM_BATCH_MIN = 5
+CLAIM_BATCH_MAX = 100
 
-# How many queued ids a pass reads at a time; the rows themselves are read
-# one by one, so memory stays flat however long the queue is.
-CANDIDATES_PER_QUERY = 100
+# How much message data a pass reads from the database in one query: small
+# messages are read together, a large one alone, so memory stays flat.
+READ_BYTES = 1024 * 1024
 
 ErrorHandler = Callable[[BaseEmailBackend | None, Message, Exception], tuple[BaseEmailBackend | None, str]]
 
@@ -116,7 +123,7 @@ def acquire_lock() -> tuple[bool, Any]:
     lock = lockfile.FileLock(path)
     try:
         # Breaks the lock of a holder that was killed on this host.
-        locking.acquire(lock, conf.get_setting("MAILER_LOCK_WAIT_TIMEOUT"))
+        dead = locking.acquire(lock, conf.get_setting("MAILER_LOCK_WAIT_TIMEOUT"))
     except lockfile.AlreadyLocked:
         held_for = locking.held_for(lock)
         if held_for is not None and held_for > LONG_HELD_LOCK:
@@ -136,7 +143,30 @@ def acquire_lock() -> tuple[bool, Any]:
     except (lockfile.LockFailed, OSError) as exc:
         raise ConfigurationError(locking.describe_failure(path, exc)) from exc
     logger.debug("acquired.")
+    if dead:
+        _release_claims_of(dead)
     return True, lock
+
+
+def _release_claims_of(pids: tuple[int, ...]) -> None:
+    """Give back the claims of processes of this host that are dead, rather than wait for them to lapse.
+
+    A killed pass leaves its claims on the few messages it had not sent yet;
+    without this, they would wait ``MAILER_CLAIM_TIMEOUT``. Messages
+    it marked as sent keep their mark.
+    """
+    namespace = locking.process_name().partition("@")[2]
+    try:
+        for pid in pids:
+            released = (
+                Message.objects.filter(claimed_by__endswith=f".{pid}@{namespace}")
+                .exclude(claimed_by__startswith=SENT_MARK)
+                .update(claimed_until=None)
+            )
+            if released:
+                logger.warning("gave back the claims of process %s on %d message(s)", pid, released)
+    except DatabaseError:
+        logger.warning("could not give back the claims of process %s; they lapse by themselves", pid, exc_info=True)
 
 
 def release_lock(lock: Any) -> None:
@@ -199,8 +229,11 @@ def _automatic_retry_time(message: Message) -> datetime.datetime | None:
     return datetime_now() + datetime.timedelta(seconds=delay)
 
 
-def send_all(queryset: Any = None) -> Counter[str] | None:
+def send_all(queryset: Any = None, *, connections: int | None = None) -> Counter[str] | None:
     """Make one pass over the queue (or over ``queryset``), under the lock file.
+
+    ``connections`` delivery connections send side by side (by default
+    ``MAILER_DELIVERY_CONNECTIONS``, 1), each with its own claims.
 
     Return how many messages ended each way ("sent", "deferred", "failed",
     "dont_send"), or None when the pass did not run because sending is
@@ -211,6 +244,7 @@ def send_all(queryset: Any = None) -> Counter[str] | None:
     """
     check_delivery_route()
     _check_retry_settings()
+    senders = _delivery_connections(connections)
     if conf.get_setting("MAILER_PAUSE_SEND"):
         logger.info("sending is paused, quitting.")
         return None
@@ -223,7 +257,7 @@ def send_all(queryset: Any = None) -> Counter[str] | None:
             return None
     started = time.monotonic()
     try:
-        counts = SendingPass(queryset, error_handler).run()
+        counts = _send_pass(queryset, error_handler, senders)
     finally:
         if use_file_lock:
             release_lock(lock)
@@ -240,8 +274,40 @@ def send_all(queryset: Any = None) -> Counter[str] | None:
     return counts
 
 
-def send_loop() -> None:
+def _delivery_connections(given: int | None) -> int:
+    """How many delivery connections a pass uses: ``given``, else ``MAILER_DELIVERY_CONNECTIONS``; checked."""
+    name = "MAILER_DELIVERY_CONNECTIONS"
+    count = conf.get_setting(name) if given is None else given
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ConfigurationError(f"{name} (or --connections) must be a whole number, 1 or more, not {count!r}.")
+    return count
+
+
+def _send_pass(queryset: Any, error_handler: ErrorHandler, senders: int) -> Counter[str]:
+    """Run one pass with ``senders`` delivery connections; return its counts."""
+    progress = workers.Progress(_limit_reached)
+    database = database_connections[Message.objects.db]
+    # Other threads would not see this transaction's rows, nor share an in-memory database.
+    shareable = not database.in_atomic_block and not (
+        database.vendor == "sqlite" and cast(Any, database).is_in_memory_db()
+    )
+    if senders > 1 and not shareable:
+        logger.warning("several delivery connections need a database outside a transaction; using one")
+        senders = 1
+    if senders == 1:
+        SendingPass(queryset, error_handler, progress).run()
+    else:
+        # Each records what it sent at once: at most one message per connection is ever sent but not recorded.
+        workers.run_side_by_side(
+            senders, lambda: SendingPass(queryset, error_handler, progress, unrecorded_at_most=1).run(), progress
+        )
+    return progress.counts
+
+
+def send_loop(*, connections: int | None = None) -> None:
     """Send until asked to stop: a pass whenever a message is due, else sleep ``MAILER_EMPTY_QUEUE_SLEEP``.
+
+    Each pass uses ``connections`` delivery connections (see ``send_all``).
 
     It also sleeps after a pass that sent nothing (sending paused, the lock
     held elsewhere, every message claimed by other workers, the mail server
@@ -253,7 +319,8 @@ def send_loop() -> None:
         _drop_broken_database_connections()
         try:
             if Message.objects.non_deferred().due(datetime_now()).exists():
-                counts = send_all()
+                # Called as django-mailer called it unless told otherwise: code written for it may patch it.
+                counts = send_all() if connections is None else send_all(connections=connections)
                 if counts and counts["sent"]:
                     continue  # there may be more: look again at once
         except Exception:
@@ -271,7 +338,7 @@ def _drop_broken_database_connections() -> None:
     What Django does around each web request; a connection inside a
     transaction (a test, a caller's atomic block) is left alone.
     """
-    for connection in connections.all(initialized_only=True):
+    for connection in database_connections.all(initialized_only=True):
         _drop_if_broken(connection)
 
 
@@ -283,7 +350,7 @@ def _drop_if_broken(connection: Any) -> None:
 def _sleep_before_checking_again() -> None:
     sleep = conf.get_setting("MAILER_EMPTY_QUEUE_SLEEP")
     logger.debug("sleeping for %s seconds before checking queue again", sleep)
-    _sleep(sleep)
+    workers.sleep(sleep)
 
 
 @dataclass(frozen=True)
@@ -295,89 +362,204 @@ class Outcome:
     ends_pass: bool = False
 
 
+@dataclass
+class Claimed:
+    """A claimed message as read from the database, or why it could not be read."""
+
+    pk: int
+    message: Message | None = None  # None: deleted since it was claimed, or unloadable
+    email: EmailMessage | None = None
+    load_error: Exception | None = None  # the row itself cannot be returned by the database
+    read_error: Exception | None = None  # the row is there but holds no usable email
+    suppressed: list[str] = field(default_factory=list)  # its recipients on the don't-send list
+
+
 class SendingPass:
     """One pass over the queue: its token (which marks its claims), its delivery connection, its counts.
 
-    Each message is handled in isolation: whatever goes wrong with it is
+    Messages are claimed a few at a time and read a few at a time (within
+    ``READ_BYTES``), so a pass costs few queries per message however long
+    the queue, and holds little memory however large the messages. Each
+    message is handled in isolation: whatever goes wrong with it is
     recorded on it (deferred, with a failure log row) and the pass goes on.
     """
 
-    def __init__(self, queryset: Any, error_handler: ErrorHandler) -> None:
+    def __init__(
+        self, queryset: Any, error_handler: ErrorHandler, progress: workers.Progress, unrecorded_at_most: int = 2
+    ) -> None:
         self.queryset = queryset
         self.error_handler = error_handler
-        self.token = uuid.uuid4().hex
+        self.progress = progress
+        # Sent messages not recorded yet, with the notes for their log rows: at most unrecorded_at_most.
+        self.unrecorded: list[tuple[Message, str]] = []
+        self.unrecorded_at_most = unrecorded_at_most
+        # Which process holds the claims, so that its claims can be given back if it is killed.
+        self.token = f"{uuid.uuid4().hex}.{locking.process_name()}"
         self.connection: BaseEmailBackend | None = None
         self.connection_open = False
-        self.counts: Counter[str] = Counter()
+        # The claims not yet handled, and until when they hold.
+        self.held: list[int] = []
+        self.held_until = datetime_now()
+        self.sizes: dict[int, int] = {}  # the length of the message data of each claimed message
+        self.claim_size = CLAIM_BATCH_MIN
 
-    def run(self) -> Counter[str]:
+    def run(self) -> None:
         try:
             _record_earlier_sends(self.token)
-            for pk in self._claimed_ids():
-                outcome = self._handle(pk)
-                if outcome is None:
-                    continue  # deleted since it was claimed
-                self.counts[outcome.status] += 1
-                if outcome.ends_pass or _limit_reached(self.counts):
-                    break
-                _throttle()
+            while self.progress.wait_for_room() and not _asked_to_stop() and self._claim_next():
+                claimed, started = len(self.held), time.monotonic()
+                try:
+                    self._send_claimed()
+                finally:
+                    self._release_held()
+                self._size_claims(claimed, time.monotonic() - started)
         finally:
-            self._drop_connection()
-        return self.counts
+            try:
+                self._record_unrecorded()
+            finally:
+                self._drop_connection()
 
-    def _claimed_ids(self) -> Iterator[int]:
-        """Yield the ids of the due messages of the queue, each claimed for this pass, in sending order.
+    def _claim_next(self) -> bool:
+        """Claim the next few due messages of the queue, in sending order; return whether there were any.
 
         A message this pass has already tried keeps its ``claimed_by`` token,
         so a failure that leaves it in the queue is not tried twice in one pass.
         """
-        while not _asked_to_stop():
-            now = datetime_now()
-            candidates = list(
-                prioritize(self.queryset)
-                .due(now)
-                .claimable(now)
-                .exclude(claimed_by=self.token)
-                .values_list("pk", flat=True)[:CANDIDATES_PER_QUERY]
-            )
-            if not candidates:
-                return
-            for pk in candidates:
-                if _asked_to_stop():
-                    return
-                if Message.objects.claim(pk, self.token, until=_claim_expiry()):
-                    yield pk
-                # else another worker has it
+        now = datetime_now()
+        self.held_until = _claim_expiry()
+        candidates = prioritize(self.queryset).due(now).claimable(now).exclude(claimed_by=self.token)
+        claimed = candidates.claim_batch(self.token, self.held_until, self._claims_wanted())
+        self.held = [pk for pk, _size in claimed]
+        self.sizes = {pk: size or 0 for pk, size in claimed}
+        return bool(self.held)
 
-    def _handle(self, pk: int) -> Outcome | None:
-        """Send the claimed message ``pk`` and record how it went; None if it is gone."""
+    def _claims_wanted(self) -> int:
+        """How many messages to claim next: no more than ``MAILER_EMAIL_MAX_BATCH`` leaves to send."""
+        room = self.progress.room()
+        return self.claim_size if room is None else max(1, min(self.claim_size, room))
+
+    def _size_claims(self, handled: int, seconds: float) -> None:
+        """Claim about ``CLAIM_SECONDS`` of sending next time, at the pace of the batch just sent."""
+        if handled and seconds > 0:
+            self.claim_size = max(CLAIM_BATCH_MIN, min(CLAIM_BATCH_MAX, int(CLAIM_SECONDS * handled / seconds)))
+
+    def _send_claimed(self) -> None:
+        for group in self._read_groups():
+            for claimed in self._read(group):
+                if _asked_to_stop() or not self.progress.may_send():
+                    return
+                self._keep_claims()
+                if claimed.pk not in self.held:
+                    self.progress.finished(None)
+                    continue  # its claim lapsed: another worker may have it now
+                self.held.remove(claimed.pk)
+                outcome = None
+                try:
+                    outcome = self._handle(claimed)
+                finally:
+                    # None: deleted since it was claimed.
+                    self.progress.finished(outcome.status if outcome else None, bool(outcome and outcome.ends_pass))
+                if self.progress.ended:
+                    return
+                if outcome is not None and conf.get_setting("MAILER_EMAIL_THROTTLE"):
+                    # Not while holding messages sent but not recorded, whose claims might lapse meanwhile.
+                    self._record_unrecorded()
+                    self.progress.throttle()
+
+    def _read_groups(self) -> Iterator[list[int]]:
+        """Split the claimed ids into groups whose message data together stays within ``READ_BYTES``."""
+        group: list[int] = []
+        group_bytes = 0
+        for pk in list(self.held):
+            size = self.sizes.get(pk, 0)
+            if group and group_bytes + size > READ_BYTES:
+                yield group
+                group, group_bytes = [], 0
+            group.append(pk)
+            group_bytes += size
+        if group:
+            yield group
+
+    def _read(self, group: list[int]) -> list[Claimed]:
+        """Read the claimed messages of ``group``, decode them, and drop recipients on the don't-send list.
+
+        One query for the rows and one for the don't-send list, for the whole group.
+        """
+        try:
+            rows = Message.objects.in_bulk(group)
+        except (DatabaseError, ValueError, TypeError):
+            # Some row cannot be returned (SQLite): find which, one by one.
+            claimed = [_read_one(pk) for pk in group]
+        else:
+            claimed = [Claimed(pk, rows.get(pk)) for pk in group]
+        for item in claimed:
+            if item.message is not None:
+                try:
+                    item.email = _read_email(item.message)
+                except Exception as exc:
+                    if _database_in_trouble(exc):
+                        raise
+                    item.read_error = exc
+        emails = {item.pk: item.email for item in claimed if item.email is not None}
+        # The list may have grown since the messages were queued.
+        listed = DontSendEntry.objects.suppressed_addresses(
+            recipient
+            for email in emails.values()
+            for recipient in email.recipients()
+            if storable_text(recipient) == recipient  # else it cannot be on the list, nor be asked about
+        )
+        for item in claimed:
+            if item.pk in emails:
+                item.suppressed = DontSendEntry.objects.remove_suppressed_recipients(emails[item.pk], listed)
+        return claimed
+
+    def _keep_claims(self) -> None:
+        """Extend the claims still held once half their time has passed: a slow mail server must not let
+        another worker take (and send again) what this pass claimed, nor what it sent and has yet to record.
+        """
+        timeout = datetime.timedelta(seconds=conf.get_setting("MAILER_CLAIM_TIMEOUT"))
+        if datetime_now() < self.held_until - timeout / 2:
+            return
+        until = _claim_expiry()
+        sent = [message.pk for message, _note in self.unrecorded]
+        Message.objects.filter(pk__in=self.held + sent, claimed_by=self.token).update(claimed_until=until)
+        # Claims that lapsed meanwhile may be another worker's now: leave them.
+        self.held = list(
+            Message.objects.filter(pk__in=self.held, claimed_by=self.token, claimed_until=until).values_list(
+                "pk", flat=True
+            )
+        )
+        self.held_until = until
+
+    def _release_held(self) -> None:
+        """Give back at once the claims this pass did not get to (it was asked to stop, or it ended)."""
+        if self.held:
+            held, self.held = self.held, []
+            try:
+                Message.objects.filter(pk__in=held, claimed_by=self.token).update(claimed_until=None)
+            except Exception:
+                logger.debug("releasing %d claims failed; they lapse by themselves", len(held), exc_info=True)
+
+    def _handle(self, claimed: Claimed) -> Outcome | None:
+        """Send the claimed message and record how it went; None if it is gone."""
+        pk, message, email = claimed.pk, claimed.message, claimed.email
         sent = False
         try:
-            try:
-                message = Message.objects.filter(pk=pk).first()
-            except (DatabaseError, ValueError, TypeError) as exc:
-                if not _row_unreadable(pk):
-                    raise  # the database is in trouble, not this row: end the pass
-                _set_aside_unloadable(pk, exc)
+            if claimed.load_error is not None:
+                _set_aside_unloadable(pk, claimed.load_error)
                 return Outcome("deferred")
             if message is None:
                 return None
+            if claimed.read_error is not None or email is None:
+                _set_aside_unreadable(message, claimed.read_error or UndecodableData("no email"))
+                return Outcome("deferred")
             if self.connection is None:
                 # Outside the message's own isolation: a backend that cannot
                 # even be made fails every message alike.
                 self.connection = get_delivery_connection(message)
             try:
-                try:
-                    email = _read_email(message)
-                except Exception as exc:
-                    if _database_in_trouble(exc):
-                        raise
-                    _set_aside_unreadable(message, exc)
-                    return Outcome("deferred")
-                # The list may have grown since the message was queued.
-                suppressed = DontSendEntry.objects.remove_suppressed_recipients(email)
-                if suppressed and suppressed == email.recipients():
-                    message.record(RESULT_DONT_SEND, _dont_send_reason(suppressed))
+                if claimed.suppressed and claimed.suppressed == email.recipients():
+                    message.record(RESULT_DONT_SEND, _dont_send_reason(claimed.suppressed))
                     return Outcome("dont_send")
 
                 attributes = dict(vars(email))
@@ -391,7 +573,9 @@ class SendingPass:
                     with contextlib.suppress(UnstorableEmail):  # not plain data: log it as queued
                         message.email = email
                 note = _refusals_note(message, email, refused)
-                _record_sent(message, note)
+                self.unrecorded.append((message, note))
+                if len(self.unrecorded) >= self.unrecorded_at_most:
+                    self._record_unrecorded()
                 return Outcome("sent")
             except (SentButNotRecorded, ImproperlyConfigured):
                 raise
@@ -407,6 +591,12 @@ class SendingPass:
             if not sent:
                 _release_quietly(pk, self.token)
             raise
+
+    def _record_unrecorded(self) -> None:
+        """Record the messages sent since the last record, in one transaction."""
+        if self.unrecorded:
+            sent, self.unrecorded = self.unrecorded, []
+            _record_sent(sent)
 
     def _deliver(self, message: Message, email: EmailMessage) -> tuple[Outcome | None, dict[str, Any]]:
         """Hand ``email`` to the delivering connection; return None and the refused recipients if it went out.
@@ -453,6 +643,8 @@ class SendingPass:
             # message: the message is set aside, the pass goes on.
             _set_aside(message, exc, handler_error=raised)
             new_connection, status = None, "deferred"
+        # A handler that left the message as it was must not leave it claimed: the next pass tries it again.
+        _release_quietly(message.pk, self.token)
         if new_connection is not connection:
             self._drop_connection()
             self.connection = new_connection
@@ -475,16 +667,31 @@ class SendingPass:
         self.connection_open = False
 
 
+def _read_one(pk: int) -> Claimed:
+    """Read row ``pk`` alone, after reading its group failed: tell a row that cannot be returned from a
+    database in trouble (which raises).
+    """
+    try:
+        return Claimed(pk, Message.objects.filter(pk=pk).first())
+    except (DatabaseError, ValueError, TypeError) as exc:
+        if not _row_unreadable(pk):
+            raise  # the database is in trouble, not this row: end the pass
+        return Claimed(pk, load_error=exc)
+
+
 def _read_email(message: Message) -> EmailMessage:
     """Return the email ``message`` holds, with its Message-ID kept on the row.
 
     Raise if the row cannot be read: the caller sets it aside.
     """
-    # Take the stored text off the instance: a large message is then held
-    # once (as the email) while the backend renders it, not twice. Django
-    # reloads the field if anything asks for it again.
-    data = message.__dict__.pop("message_data")
+    data = message.message_data
+    if len(data) > READ_BYTES:
+        # Take the stored text off the instance: a large message is then held
+        # once (as the email) while the backend renders it, not twice. Django
+        # reloads the field when the log row needs it.
+        del message.__dict__["message_data"]
     email = decode(data)
+    del data
     if not isinstance(email, EmailMessage):
         raise UndecodableData(f"message data holds a {type(email).__name__}, not an email")
     if not email.recipients():  # and the fields the engine relies on are usable
@@ -495,7 +702,8 @@ def _read_email(message: Message) -> EmailMessage:
         ensure_message_id(email)
         message.email = email
         message.save(update_fields=["message_data"])  # and the search columns, from it
-        del message.__dict__["message_data"]  # held once, as the email
+        if len(message.message_data) > READ_BYTES:
+            del message.__dict__["message_data"]  # held once, as the email
     return email
 
 
@@ -526,7 +734,7 @@ def _row_unreadable(pk: int) -> bool:
     second try reads the row (a lock timed out), the database is in trouble,
     not the row.
     """
-    if connections[Message.objects.db].vendor != "sqlite":
+    if database_connections[Message.objects.db].vendor != "sqlite":
         return False
     try:
         Message.objects.filter(pk=pk).first()
@@ -630,26 +838,36 @@ def _queue_copy_for(message: Message, email: EmailMessage, recipients: list[str]
     return copy_message
 
 
-def _record_sent(message: Message, note: str) -> None:
-    """Record a delivered message, trying again briefly: a failure here risks sending it twice.
+def _record_sent(sent: list[tuple[Message, str]]) -> None:
+    """Record delivered messages (each with the note for its log row), together, trying again briefly.
 
-    If it still fails, the message is marked as sent (``_mark_sent``), so that
-    no pass sends it again.
+    A failure here risks sending them twice: if it still fails, each is
+    marked as sent (``_mark_sent``), so that no pass sends it again, and
+    ``SentButNotRecorded`` is raised.
     """
     for attempt in range(1, RECORD_ATTEMPTS + 1):
         try:
-            message.record(RESULT_SUCCESS, note)
+            if len(sent) == 1:
+                message, note = sent[0]
+                message.record(RESULT_SUCCESS, note)
+            else:
+                Message.record_together(sent, RESULT_SUCCESS)
             return
         except DatabaseError as exc:
             if attempt == RECORD_ATTEMPTS:
-                logger.error(
-                    "message %s was sent but could not be recorded (%s)", message.message_id or message.pk, exc
-                )
-                _mark_sent(message)
+                for message, _note in sent:
+                    logger.error(
+                        "message %s was sent but could not be recorded (%s)", message.message_id or message.pk, exc
+                    )
+                    _mark_sent(message)
                 raise SentButNotRecorded(str(exc)) from exc
             time.sleep(0.5 * attempt)
             # The database may have restarted: try again over a new connection.
-            _drop_if_broken(connections[message._state.db or "default"])
+            _drop_if_broken(database_connections[sent[0][0]._state.db or "default"])
+        except Exception as exc:
+            for message, _note in sent:
+                _mark_sent(message)
+            raise SentButNotRecorded(f"{type(exc).__name__}: {loggable(str(exc), sent[0][0])}") from exc
 
 
 def _mark_sent(message: Message) -> None:
@@ -713,22 +931,8 @@ def _limit_reached(counts: Counter[str]) -> bool:
     return False
 
 
-def _throttle() -> None:
-    throttle = conf.get_setting("MAILER_EMAIL_THROTTLE")
-    if throttle:
-        logger.debug("Throttling email delivery. Sleeping %s seconds", throttle)
-        _sleep(throttle)
-
-
 def _asked_to_stop() -> bool:
     if stopping.stop_requested():
         logger.info("asked to stop: ending the pass")
         return True
     return False
-
-
-def _sleep(seconds: float) -> None:
-    """Sleep ``seconds``, in short steps, so that a request to stop is seen within one."""
-    deadline = time.monotonic() + seconds
-    while not stopping.stop_requested() and (remaining := deadline - time.monotonic()) > 0:
-        time.sleep(min(remaining, STOP_CHECK_INTERVAL))

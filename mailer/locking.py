@@ -21,6 +21,8 @@ takes the lock writes its pid into it.
 """
 
 import contextlib
+import functools
+import hashlib
 import logging
 import os
 import re
@@ -34,7 +36,7 @@ from typing import Any
 import lockfile
 from lockfile.linklockfile import LinkLockFile
 
-__all__ = ["acquire", "describe_failure", "held_for"]
+__all__ = ["acquire", "describe_failure", "held_for", "process_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +62,11 @@ HOLDER_NAME = re.compile(r"-[0-9a-f]{1,8}\.([0-9]+)(-[0-9]+)?")
 NOTED_PID = re.compile(rb"([1-9][0-9]{0,6})\n")
 
 
-def acquire(lock: Any, timeout: float | None) -> None:
+def acquire(lock: Any, timeout: float | None) -> tuple[int, ...]:
     """Call ``lock.acquire(timeout)``, after breaking the lock if its holder is dead.
+
+    Return the pids the dead holder may have had (several when its file name
+    does not tell which; none of them runs), or () if no lock was broken.
 
     ``timeout`` is lockfile's: None waits as long as it takes, a positive
     number that many seconds, anything else not at all. When the lock stays
@@ -75,15 +80,38 @@ def acquire(lock: Any, timeout: float | None) -> None:
     """
     if not _can_break(lock):
         lock.acquire(timeout)
-        return
-    _break_if_stale(lock.lock_file)
+        return ()
+    dead = _break_if_stale(lock.lock_file)
     try:
         lock.acquire(timeout)
     except (lockfile.AlreadyLocked, lockfile.LockTimeout):
-        if not _break_if_stale(lock.lock_file):
+        dead = _break_if_stale(lock.lock_file)
+        if dead is None:
             raise
         lock.acquire(timeout)
     _note_pid(lock)
+    return dead or ()
+
+
+def process_name() -> str:
+    """Name this process so that another process of the same host can later tell whether it is still running.
+
+    ``<pid>@<namespace>``: the namespace stands for the pid namespace of this
+    boot of this host (containers that share a host name have their own),
+    so that a pid is only ever looked up where it means the same process.
+    """
+    return f"{os.getpid()}@{_pid_namespace()}"
+
+
+@functools.cache
+def _pid_namespace() -> str:
+    """A short name for the pid namespace of this boot of this host."""
+    parts = [socket.gethostname()]
+    with contextlib.suppress(OSError), open("/proc/sys/kernel/random/boot_id", encoding="ascii") as file:
+        parts.append(file.read().strip())
+    with contextlib.suppress(OSError):
+        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
 
 
 def describe_failure(path: str, exc: BaseException) -> str:
@@ -126,8 +154,11 @@ class Holder:
     pids: tuple[int, ...]
 
 
-def _break_if_stale(lock_file: str) -> bool:
-    """Remove the lock at ``lock_file`` if its holder is dead; return whether the lock may be free now.
+def _break_if_stale(lock_file: str) -> tuple[int, ...] | None:
+    """Remove the lock at ``lock_file`` if its holder is dead; return None if the lock is held.
+
+    Otherwise return the pids of the holder whose lock it broke, or () if
+    the lock was broken by another process meanwhile.
 
     The holder is looked at a second time under a guard before the lock is
     removed: two processes that find the same dead holder must not both
@@ -135,14 +166,14 @@ def _break_if_stale(lock_file: str) -> bool:
     just taken, and both would hold it.
     """
     if _dead_holder(lock_file) is None:
-        return False
+        return None
     try:
         with _guard(lock_file):
             if not os.path.lexists(lock_file):
-                return True  # broken by another process meanwhile
+                return ()  # broken by another process meanwhile
             holder = _dead_holder(lock_file)
             if holder is None:
-                return False  # taken meanwhile, by a live process
+                return None  # taken meanwhile, by a live process
             os.unlink(lock_file)
             # Only then the holder's file: were this process killed between
             # the two, a lock left without it could never be broken.
@@ -150,14 +181,14 @@ def _break_if_stale(lock_file: str) -> bool:
                 os.unlink(holder.file)
     except OSError as exc:
         logger.warning("could not break the lock %s left by a dead process: %s", lock_file, exc)
-        return False
+        return None
     logger.warning(
         "broke the lock %s: it was held by process %s of this host, which is no longer running",
         lock_file,
         # Several when lockfile's file name does not tell which.
         " or ".join(str(pid) for pid in holder.pids),
     )
-    return True
+    return holder.pids
 
 
 @contextlib.contextmanager

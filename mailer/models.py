@@ -10,14 +10,14 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from django.core.mail import EmailMessage
-from django.db import DataError, IntegrityError, models, transaction
-from django.db.models.functions import Lower
+from django.core.mail import EmailMessage, EmailMultiAlternatives
+from django.db import DataError, IntegrityError, connections, models, transaction
+from django.db.models.functions import Length
 from django.utils.timezone import now as datetime_now
 from django.utils.translation import gettext_lazy as _
 
 from mailer import conf
-from mailer.addresses import check_addresses
+from mailer.addresses import bare_address, check_addresses, is_plain
 from mailer.codec import SEARCH_COLUMNS, db_to_email, email_to_db, search_columns, storable_text
 from mailer.message_id import ensure_message_id, get_message_id
 from mailer.priority import (
@@ -29,7 +29,7 @@ from mailer.priority import (
     PRIORITY_MEDIUM,
     get_priority,
 )
-from mailer.redaction import address_of, keeps_message_data, loggable
+from mailer.redaction import keeps_message_data, loggable
 
 __all__ = [
     "PRIORITY_HIGH",
@@ -66,6 +66,8 @@ logger = logging.getLogger(__name__)
 
 # Before the token of a pass in ``Message.claimed_by``: that pass sent the message but could not record it.
 SENT_MARK = "sent:"
+# How long the claim of a message so marked runs: for ever, in effect.
+SENT_MARK_HOLDS = datetime.timedelta(days=36500)
 
 
 class MessageQuerySet(models.QuerySet["Message", "Message"]):
@@ -129,7 +131,7 @@ class MessageQuerySet(models.QuerySet["Message", "Message"]):
         it (``sent_but_not_recorded``), and no pass sends it again.
         """
         updated: int = self.filter(pk=pk, claimed_by=token).update(
-            claimed_by=SENT_MARK + token, claimed_until=datetime_now() + datetime.timedelta(days=36500)
+            claimed_by=SENT_MARK + token, claimed_until=datetime_now() + SENT_MARK_HOLDS
         )
         return updated == 1
 
@@ -144,8 +146,47 @@ class MessageQuerySet(models.QuerySet["Message", "Message"]):
         return taken == 1
 
     def sent_but_not_recorded(self) -> "MessageQuerySet":
-        """The messages marked by ``mark_sent``."""
-        return self.filter(claimed_by__startswith=SENT_MARK)
+        """The messages marked by ``mark_sent``.
+
+        Found by their claims, which run for a century (the index on
+        ``claimed_until`` serves every pass's look for them).
+        """
+        far_future = datetime_now() + SENT_MARK_HOLDS / 2
+        return self.filter(claimed_until__gt=far_future, claimed_by__startswith=SENT_MARK)
+
+    def claim_batch(self, token: str, until: datetime.datetime, size: int) -> list[tuple[int, int]]:
+        """Claim up to ``size`` of these messages for the pass ``token`` until ``until``.
+
+        Return their ids in sending order, each with the length of its
+        message data (so that the caller can read them in groups of bounded
+        size without asking again).
+
+        The caller orders and filters the queryset (the due, claimable
+        messages, in sending order). One short transaction: where the
+        database can skip rows that other workers are claiming at this very
+        moment (PostgreSQL, MariaDB 10.6+, MySQL 8), ``SELECT ... FOR UPDATE
+        SKIP LOCKED`` then an UPDATE, so that workers never wait for each
+        other; on SQLite, which has one writer at a time, a single
+        conditional UPDATE. Elsewhere each candidate is claimed on its own.
+        """
+        database = connections[self.db]
+        all_messages = self.model._default_manager.using(self.db)
+        size_of_data = Length("message_data")
+        if database.features.has_select_for_update_skip_locked:
+            with transaction.atomic(using=self.db):
+                claimed = list(self.select_for_update(skip_locked=True).values_list("pk", size_of_data)[:size])
+                all_messages.filter(pk__in=[pk for pk, _size in claimed]).update(claimed_by=token, claimed_until=until)
+            return claimed
+        if database.features.allow_sliced_subqueries_with_in:
+            # The subquery runs inside the UPDATE, under SQLite's write lock: no other worker moves in between.
+            all_messages.filter(pk__in=self.values("pk")[:size]).update(claimed_by=token, claimed_until=until)
+            return list(
+                all_messages.filter(claimed_by=token, claimed_until=until)
+                .order_by(*self.query.order_by)
+                .values_list("pk", size_of_data)
+            )
+        candidates = list(self.values_list("pk", size_of_data)[:size])
+        return [(pk, length) for pk, length in candidates if all_messages.claim(pk, token, until)]
 
     def claim(self, pk: int, token: str, until: datetime.datetime) -> bool:
         """Take message ``pk`` for the pass ``token`` until ``until``; return whether it was free.
@@ -193,6 +234,9 @@ class Message(models.Model):
         indexes = [
             # The sending order: a pass claims the first due messages without sorting the queue.
             models.Index(fields=["priority", "when_added", "id"], name="mailer_message_sending_order"),
+            # The messages a pass has just claimed (SQLite claims with one UPDATE, then reads them back),
+            # and those sent but not recorded (their claims run for a century).
+            models.Index(fields=["claimed_until"], name="mailer_message_claims"),
         ]
 
     def __str__(self) -> str:
@@ -211,34 +255,44 @@ class Message(models.Model):
         setter, a row of django-mailer saved again).
         """
         update_fields = kwargs.get("update_fields")
-        writes_data = "message_data" not in self.get_deferred_fields() and (
-            update_fields is None or "message_data" in update_fields
-        )
+        # A deferred field is one missing from __dict__ (``get_deferred_fields``): reading the
+        # attribute would load it.
+        data = self.__dict__.get("message_data", _NOT_LOADED)
+        writes_data = data is not _NOT_LOADED and (update_fields is None or "message_data" in update_fields)
         if writes_data:
-            if getattr(self, "_columns_of", None) is not self.message_data:
-                self._set_search_columns(db_to_email(self.message_data))
+            if getattr(self, "_columns_of", None) is not data:  # the setter has just written them
+                self._set_search_columns(db_to_email(data))
             if update_fields is not None:
                 kwargs["update_fields"] = {*update_fields, *SEARCH_COLUMNS}
         super().save(*args, **kwargs)
 
     @classmethod
-    def for_email(cls, email: EmailMessage, priority: int | str | None = None) -> "Message":
+    def for_email(
+        cls, email: EmailMessage, priority: int | str | None = None, *, suppressed: set[str] | None = None
+    ) -> "Message":
         """Return an unsaved ``Message`` queueing ``email``.
 
         This is the one way into the queue: it checks every address as the
         delivering backend will (``InvalidAddress``, naming the field), drops
         recipients on the don't-send list, gives the email its Message-ID,
-        and renders it once so that a malformed message fails here, in the
-        caller, rather than later in the sending job. ``email`` itself is left as it was: callers
-        reuse emails and header dicts, and each queued copy needs its own
-        Message-ID.
+        and makes sure Django can render it, so that a malformed message
+        fails here, in the caller, rather than later in the sending job.
+        A plain email is known to render from its fields (``is_plain``);
+        any other is rendered once. ``email`` itself is left as it was:
+        callers reuse emails and header dicts, and each queued copy needs
+        its own Message-ID.
+
+        ``suppressed``, the listed addresses among its recipients, saves the
+        don't-send query when the caller made one for many emails at once
+        (``DontSendEntry.objects.suppressed_addresses``).
         """
         check_addresses(email)
-        email = copy.copy(email)
-        email.extra_headers = dict(email.extra_headers or {})
-        DontSendEntry.objects.remove_suppressed_recipients(email)
+        email = _copy_of(email)
+        DontSendEntry.objects.remove_suppressed_recipients(email, suppressed)
+        plain = is_plain(email)  # before the Message-ID is set: one the caller gives is rendered
         ensure_message_id(email)
-        email.message()
+        if not plain:
+            email.message()
         message = cls(priority=get_priority(priority))
         message.email = email
         return message
@@ -267,12 +321,36 @@ class Message(models.Model):
 
     def record(self, result: str, log_message: str = "") -> None:
         """Log the final outcome of the message and take it off the queue, together."""
+        self._read_data_first()
+        self._change_with_log_row(self.delete, result, log_message)
+
+    @classmethod
+    def record_together(cls, outcomes: Sequence[tuple["Message", str]], result: str) -> None:
+        """Log the outcome of several messages and take them off the queue, all in one transaction.
+
+        Half the statements and commits of recording them one by one. If the
+        log rows cannot hold the copies of one of them, each is recorded on
+        its own (``record``), which then writes that one without them.
+        """
+        for message, _note in outcomes:
+            message._read_data_first()
+        using = outcomes[0][0]._state.db
+        try:
+            with transaction.atomic(using=using):
+                MessageLog.objects.using(using).bulk_create(
+                    [MessageLog.objects.entry(message, result, note) for message, note in outcomes]
+                )
+                cls.objects.using(using).filter(pk__in=[message.pk for message, _note in outcomes]).delete()
+        except (DataError, IntegrityError):
+            for message, note in outcomes:
+                message.record(result, note)
+
+    def _read_data_first(self) -> None:
         if "message_data" in self.get_deferred_fields():
             # Read it before the transaction, which must begin by writing: SQLite
             # cannot turn a reading transaction into a writing one while another
             # process writes ("database is locked").
             self.refresh_from_db(fields=["message_data"])
-        self._change_with_log_row(self.delete, result, log_message)
 
     def _change_state(self, fields: list[str], reason: str | None) -> None:
         self.claimed_until = None
@@ -326,6 +404,35 @@ class Message(models.Model):
         return email.to if email is not None else []
 
 
+_NOT_LOADED = object()
+
+
+def _is_utf8(text: str) -> bool:
+    """Return whether UTF-8 can carry ``text``: whether it holds no lone surrogate."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _copy_of(email: EmailMessage) -> EmailMessage:
+    """Return a shallow copy of ``email`` with its own dict of extra headers.
+
+    Django's own classes are copied attribute by attribute, five times
+    faster than ``copy.copy``; a subclass may define how it is copied.
+    """
+    if type(email) is EmailMessage or type(email) is EmailMultiAlternatives:
+        copied = object.__new__(type(email))
+        copied.__dict__.update(email.__dict__)
+    else:
+        copied = copy.copy(email)
+    copied.extra_headers = dict(email.extra_headers or {})
+    return copied
+
+
 def make_message(
     subject: str = "",
     body: str = "",
@@ -359,30 +466,54 @@ class DontSendEntryManager(models.Manager["DontSendEntry"]):
         return bool(self.suppressed_addresses([address]))
 
     def suppressed_addresses(self, recipients: Iterable[str]) -> set[str]:
-        """Return the bare addresses of ``recipients`` that are on the list, in one query."""
-        addresses = {address_of(recipient) for recipient in recipients}
+        """Return the bare, lower-cased addresses of ``recipients`` that are on the list, in one query.
+
+        (One per ``max_query_params`` addresses where the database limits
+        them: 999 with SQLite before Django 6.1.) The query is written out
+        rather than built by the ORM, which would cost more than the INSERT
+        that queues a message; it is the ORM's
+        ``annotate(address=Lower("to_address")).filter(address__in=...)``.
+        """
+        # One that UTF-8 cannot carry (a lone surrogate, from a damaged row) cannot be on the
+        # list, and no database would take it as a parameter.
+        addresses = sorted({address for address in map(bare_address, recipients) if _is_utf8(address)})
         if not addresses:
             return set()
-        return set(
-            self.annotate(address=Lower("to_address")).filter(address__in=addresses).values_list("address", flat=True)
-        )
+        connection = connections[self.db]
+        quote = connection.ops.quote_name
+        to_address = self.model._meta.get_field("to_address").column  # type: ignore[union-attr]  # a plain field
+        column = f"LOWER({quote(str(to_address))})"
+        table = quote(self.model._meta.db_table)
+        size = connection.features.max_query_params or len(addresses)
+        found: set[str] = set()
+        with connection.cursor() as cursor:
+            for start in range(0, len(addresses), size):
+                chunk = addresses[start : start + size]
+                placeholders = ", ".join(["%s"] * len(chunk))
+                # Only quoted names of this model are written in; the addresses are parameters.
+                cursor.execute(f"SELECT {column} FROM {table} WHERE {column} IN ({placeholders})", chunk)  # noqa: S608
+                found.update(address for (address,) in cursor.fetchall())
+        return found
 
-    def remove_suppressed_recipients(self, email: EmailMessage) -> list[str]:
+    def remove_suppressed_recipients(self, email: EmailMessage, suppressed: set[str] | None = None) -> list[str]:
         """Drop the recipients of ``email`` that are on the list; return those dropped.
 
-        When every recipient is on the list nothing is dropped: the message
-        stays whole so that the engine logs it as "don't send", with the
-        addresses it kept away.
+        ``suppressed``, the listed addresses among these and perhaps other
+        recipients (``suppressed_addresses``), saves the query when one was
+        made for many emails at once. When every recipient is on the list
+        nothing is dropped: the message stays whole so that the engine logs
+        it as "don't send", with the addresses it kept away.
         """
-        suppressed = self.suppressed_addresses(email.recipients())
+        if suppressed is None:
+            suppressed = self.suppressed_addresses(email.recipients())
         if not suppressed:
             return []
-        removed = [r for r in email.recipients() if address_of(r) in suppressed]
-        kept = [r for r in email.recipients() if address_of(r) not in suppressed]
+        removed = [r for r in email.recipients() if bare_address(r) in suppressed]
+        kept = [r for r in email.recipients() if bare_address(r) not in suppressed]
         if kept:
-            email.to = [r for r in email.to if address_of(r) not in suppressed]
-            email.cc = [r for r in email.cc if address_of(r) not in suppressed]
-            email.bcc = [r for r in email.bcc if address_of(r) not in suppressed]
+            email.to = [r for r in email.to if bare_address(r) not in suppressed]
+            email.cc = [r for r in email.cc if bare_address(r) not in suppressed]
+            email.bcc = [r for r in email.bcc if bare_address(r) not in suppressed]
             logger.info("skipping %d recipient(s) on the don't send list", len(removed))
         return removed
 
@@ -416,8 +547,14 @@ class MessageLogManager(models.Manager["MessageLog"]):
         recipients' addresses are blanked out of ``log_message`` (mail
         servers name them in their errors).
         """
+        entry = self.entry(message, result_code, log_message)
+        entry.save(force_insert=True, using=self.db)
+        return entry
+
+    def entry(self, message: Message, result_code: str, log_message: str = "") -> "MessageLog":
+        """Return the unsaved row that ``log`` writes."""
         keep_data = keeps_message_data()
-        return self.create(
+        return self.model(
             message_data=message.message_data if keep_data else None,
             subject=storable_text(message.subject) if keep_data else None,
             from_email=storable_text(message.from_email) if keep_data else None,

@@ -8,7 +8,8 @@
 - ``MAILER_PROCESS_LOCK_PATH``: the lock file (optional);
 - ``MAILER_PROCESS_EMPTY_QUEUE_SLEEP``: seconds between polls of ``runmailer`` (optional);
 - ``MAILER_PROCESS_USE_FILE_LOCK``: "0" to run without the lock file (optional);
-- ``MAILER_PROCESS_THROTTLE``: seconds to wait after each message (optional).
+- ``MAILER_PROCESS_THROTTLE``: seconds to wait after each message (optional);
+- ``MAILER_PROCESS_DELIVERY_CONNECTIONS``: delivery connections of a pass (optional).
 
 On Django 6.1 delivery is configured with MAILERS, before it with the
 EMAIL_* settings, as a django-mailer 2.x site has them.
@@ -57,6 +58,9 @@ if "MAILER_PROCESS_EMPTY_QUEUE_SLEEP" in os.environ:
 
 if "MAILER_PROCESS_THROTTLE" in os.environ:
     MAILER_EMAIL_THROTTLE = float(os.environ["MAILER_PROCESS_THROTTLE"])
+
+if "MAILER_PROCESS_DELIVERY_CONNECTIONS" in os.environ:
+    MAILER_DELIVERY_CONNECTIONS = int(os.environ["MAILER_PROCESS_DELIVERY_CONNECTIONS"])
 
 if os.environ.get("MAILER_PROCESS_USE_FILE_LOCK") == "0":
     MAILER_USE_FILE_LOCK = False

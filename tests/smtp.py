@@ -47,6 +47,7 @@ class Recorder:
     messages_per_session: int | None = None
     hang_up_after: int | None = None
     on_message: Callable[[Received], None] | None = None
+    delay: float = 0.0
 
     async def handle_EHLO(self, server, session, envelope, hostname, responses):
         self.connections += 1
@@ -78,6 +79,8 @@ class Recorder:
         return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):
+        if self.delay:
+            await asyncio.sleep(self.delay)  # other sessions go on meanwhile
         if self.data_reply:
             return self.data_reply
         received = Received(
@@ -192,6 +195,10 @@ class SMTPServer:
     def limit_messages_per_session(self, limit: int | None) -> None:
         """Once ``limit`` messages have come through a session, answer the next MAIL FROM with 421 and hang up."""
         self.recorder.messages_per_session = limit
+
+    def delay_each_message(self, seconds: float) -> None:
+        """Take ``seconds`` to accept each message, as a hosted mail service does; sessions overlap meanwhile."""
+        self.recorder.delay = seconds
 
     def hang_up_after(self, count: int | None) -> None:
         """Close each session, without a word, once it has delivered ``count`` messages (an idle timeout, say)."""

@@ -429,43 +429,47 @@ class TestSentButNotRecorded:
 
     def test_a_passing_database_error_is_retried(self):
         queue(1)
-        real_log = MessageLog.objects.log
+        real_entry = MessageLog.objects.entry
         calls = []
 
-        def flaky_log(*args, **kwargs):
+        def flaky_entry(*args, **kwargs):
             calls.append(args)
             if len(calls) == 1:
                 raise OperationalError("database is locked")
-            return real_log(*args, **kwargs)
+            return real_entry(*args, **kwargs)
 
-        with mock.patch.object(MessageLog.objects, "log", side_effect=flaky_log), mock.patch("time.sleep"):
+        with mock.patch.object(MessageLog.objects, "entry", side_effect=flaky_entry), mock.patch("time.sleep"):
             engine.send_all()
         assert len(mail.outbox) == 1
         assert Message.objects.count() == 0 and MessageLog.objects.get().result == RESULT_SUCCESS
 
     def test_a_lasting_one_marks_the_message_sent_and_nothing_is_sent_until_it_is_recorded(self, caplog):
-        """A full disk, say: sending on would send mail that cannot be recorded, again and again."""
-        queue(2)
-        cannot_record = mock.patch.object(MessageLog.objects, "log", side_effect=OperationalError("disk full"))
+        """A full disk, say: sending on would send mail that cannot be recorded, again and again.
+
+        Sent messages are recorded two at a time: the first two go out, then neither can be recorded.
+        """
+        queue(3)
+        cannot_record = mock.patch.object(MessageLog.objects, "entry", side_effect=OperationalError("disk full"))
         with cannot_record, mock.patch("time.sleep"), pytest.raises(engine.SentButNotRecorded, match="disk full"):
             engine.send_all()
 
-        assert len(mail.outbox) == 1
-        [marked] = Message.objects.sent_but_not_recorded()
-        assert marked.subject == mail.outbox[0].subject
-        assert "was sent but could not be recorded (disk full)" in caplog.text
+        assert len(mail.outbox) == 2
+        marked = Message.objects.sent_but_not_recorded()
+        assert sorted(message.subject for message in marked) == sorted(email.subject for email in mail.outbox)
+        assert caplog.text.count("was sent but could not be recorded (disk full)") == 2
 
-        # While it still cannot be recorded, no pass sends anything.
+        # While they still cannot be recorded, no pass sends anything.
         with cannot_record, pytest.raises(OperationalError, match="disk full"):
             engine.send_all()
-        assert len(mail.outbox) == 1
-
-        # Once it can, the next pass records it, late, without sending it again, and sends the rest.
-        assert engine.send_all() == {"sent": 1}
         assert len(mail.outbox) == 2
+
+        # Once they can, the next pass records them, late, without sending them again, and sends the rest.
+        assert engine.send_all() == {"sent": 1}
+        assert len(mail.outbox) == 3
         assert Message.objects.count() == 0
         assert sorted(MessageLog.objects.values_list("log_message", flat=True)) == [
             "",
+            "sent by an earlier pass, recorded late",
             "sent by an earlier pass, recorded late",
         ]
 

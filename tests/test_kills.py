@@ -1,9 +1,10 @@
 """``send_mail`` stopped at random moments, as real processes: by SIGKILL 20 times, by SIGTERM 20 times.
 
 A process killed outright (SIGKILL, the out-of-memory killer, a power cut)
-can leave behind one message that the mail server took but the queue never
-recorded: the engine promises that there is never more than one, so a kill
-costs at most one duplicate and never a lost message. It also leaves its
+can leave behind messages that the mail server took but the queue never
+recorded: the engine promises that there are never more than two (the one
+being recorded while the next goes out), so a kill costs at most two
+duplicates and never a lost message. It also leaves its
 lock file behind, and the next run must not be held up by it. A SIGTERM (what
 systemd, Docker and Kubernetes send) costs nothing: the message in flight is
 finished and recorded, and the command exits 0.
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from mailer import engine
 from tests.processes import ProcessDatabase, manage
 from tests.smtp import Received, SMTPServer
 from tests.test_signals import run_in_process, start
@@ -214,14 +216,14 @@ def let_claims_lapse(db: ProcessDatabase) -> None:
     db.execute("UPDATE mailer_message SET claimed_until = %s WHERE claimed_until IS NOT NULL", LONG_AGO)
 
 
-def test_sigkill_at_random_moments_loses_nothing_and_duplicates_at_most_one_message_per_kill(
+def test_sigkill_at_random_moments_loses_nothing_and_duplicates_at_most_two_messages_per_kill(
     process_db, smtp_server, tmp_path, seed
 ):
     """20 times: a run is killed over 25 fresh messages, then a drain must send the rest past its stale lock.
 
     The drain must not find the lock held (its holder is dead), must send
     every message the killed run did not record, and may send again only
-    the one message the killed run had sent but not recorded.
+    the (at most two) messages the killed run had sent but not recorded.
     """
     rng = random.Random(seed)  # noqa: S311 -- moments, not secrets
     lock_path = tmp_path / "send_mail"
@@ -242,12 +244,13 @@ def test_sigkill_at_random_moments_loses_nothing_and_duplicates_at_most_one_mess
         assert victim.returncode == -signal.SIGKILL, f"{context}: not killed:\n{tail(victim_log)}"
         assert_no_wait_for_a_lock(victim_log, context)
         stale_locks += Path(f"{lock_path}.lock").exists()
-        # The bound's mechanism: a run holds one message at a time.
-        assert count(process_db, "WHERE claimed_until IS NOT NULL") <= 1, context
+        # A run holds the few messages it claimed at once, and no others.
+        assert count(process_db, "WHERE claimed_until IS NOT NULL") <= engine.CLAIM_BATCH_MAX, context
         let_claims_lapse(process_db)
         left = count(process_db)
         assert left >= 1, context  # killed before its batch was done (at the latest in flight with the last)
 
+        killed_run_sent = subjects_of(smtp_server.received[first:])
         result = drain(process_db, smtp_server, lock_path)
 
         context += f", kill log:\n{tail(victim_log, 8)}\ndrain log:\n{tail(result.stderr)}"
@@ -258,16 +261,18 @@ def test_sigkill_at_random_moments_loses_nothing_and_duplicates_at_most_one_mess
         arrived = Counter(subjects_of(smtp_server.received[first:]))
         assert set(arrived) == set(batch), context
         duplicates = [subject for subject, n in arrived.items() for _ in range(n - 1)]
-        assert len(duplicates) <= 1, f"{context}: sent twice: {duplicates}"
-        if signaller.in_flight is not None:
-            # Killed while the server held that message: it alone can have gone out unrecorded.
-            assert set(duplicates) <= {signaller.in_flight}, f"{context}: sent twice: {duplicates}"
+        # Only the last two the killed run sent (the server may have been holding the last) can have gone
+        # out unrecorded.
+        if signaller.in_flight is not None and signaller.in_flight not in killed_run_sent[-1:]:
+            killed_run_sent.append(signaller.in_flight)
+        last_two = killed_run_sent[-2:]
+        assert len(duplicates) <= 2 and set(duplicates) <= set(last_two), f"{context}: sent twice: {duplicates}"
 
     arrived = Counter(subjects_of(smtp_server.received))
     assert sorted(arrived) == sorted(expected)
     copies = sum(arrived.values()) - len(expected)
     print(f"{KILLS} kills, {stale_locks} stale locks left, {copies} messages sent twice")
-    assert copies <= KILLS
+    assert copies <= 2 * KILLS
     assert_every_message_once_per_id(smtp_server.received, f"MAILER_KILL_SEED={seed}")
     # Each recorded once, as sent: nothing deferred, nothing failed, nothing left.
     assert log_results(process_db) == {"1": len(expected)}

@@ -272,3 +272,24 @@ def test_a_row_naming_an_unlisted_class_imports_nothing():
     with pytest.raises(UndecodableData, match="is not one that may be queued"):
         decode(json.dumps(document))
     assert "django.contrib.gis.gdal.libgdal" not in sys.modules
+
+
+def test_the_email_setter_stores_lazy_addresses_as_text():
+    """``message.email = ...`` takes what Django takes, lazy translations included, and reads back plain text."""
+    from django.utils.translation import gettext_lazy
+
+    message = make_message("Subject", "Body", "f@example.com", ["t@example.com"])
+    lazy_to = [gettext_lazy("t@example.com")]
+    message.email = EmailMessage("Subject", "Body", "f@example.com", lazy_to)  # type: ignore[arg-type]  # on purpose
+    message.save()
+
+    assert type(Message.objects.get().email.to[0]) is str
+
+
+def test_a_nul_in_the_subject_is_left_out_of_the_search_column_on_every_database():
+    """PostgreSQL refuses a NUL in text; the stored message keeps it, its searchable copy does not."""
+    mailer.send_mail("Sub\x00ject", "Body", "f@example.com", ["t@example.com"])
+
+    message = Message.objects.get()
+    assert message.subject == "Subject"
+    assert message.email.subject == "Sub\x00ject"

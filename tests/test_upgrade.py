@@ -52,6 +52,7 @@ OUR_MIGRATIONS = [
     "0009_search_columns",
     "0010_convert_pickled_message_data",
     "0011_retry_after_failed_permanently",
+    "0012_sending_order_and_purge_indexes",
 ]
 
 

@@ -1,4 +1,4 @@
-"""Indexes for the claim query (the sending order) and for ``purge_mail_log``."""
+"""Indexes for claiming messages (the sending order, a pass's claims) and for ``purge_mail_log``."""
 
 from django.db import migrations, models
 
@@ -12,6 +12,10 @@ class Migration(migrations.Migration):
         migrations.AddIndex(
             model_name="message",
             index=models.Index(fields=["priority", "when_added", "id"], name="mailer_message_sending_order"),
+        ),
+        migrations.AddIndex(
+            model_name="message",
+            index=models.Index(fields=["claimed_until"], name="mailer_message_claims"),
         ),
         migrations.AddIndex(
             model_name="messagelog",

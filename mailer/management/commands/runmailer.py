@@ -7,6 +7,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandParser
 
 from mailer import engine
+from mailer.management.commands._connections import add_connections_argument
 from mailer.stopping import stopping_on_signals
 
 
@@ -15,6 +16,7 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--debug", action="store_true", help="Log mailer.engine at DEBUG level")
+        add_connections_argument(parser)
 
     def handle(self, *args: Any, **options: Any) -> None:
         if options["debug"]:
@@ -26,5 +28,5 @@ class Command(BaseCommand):
         # SIGTERM, SIGINT (Ctrl-C) and SIGHUP end the loop after the message in
         # flight; a second one ends it at once.
         with stopping_on_signals(), contextlib.suppress(KeyboardInterrupt):
-            engine.send_loop()
+            engine.send_loop(connections=options["connections"])
         self.stdout.write("Stopped.")

@@ -1,0 +1,140 @@
+"""Several senders in one pass, and what they share.
+
+A pass sends over one delivery connection by default. ``run_side_by_side``
+runs several senders at once, each on a thread of its own with its own
+delivery connection, database connection and claims, for mail servers that
+take tens or hundreds of milliseconds per message.
+
+``Progress`` is what the senders of one pass share: the counts, the limits
+of ``MAILER_EMAIL_MAX_BATCH`` and ``MAILER_EMAIL_MAX_DEFERRED``, the throttle,
+and whether the pass has ended.
+"""
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+
+from django.db import connections
+
+from mailer import conf, stopping
+
+# How often a waiting thread looks whether the pass has been asked to stop.
+STOP_CHECK_INTERVAL = 0.2
+
+
+class Progress:
+    """The counts, limits, throttle and end of one pass, shared by its senders."""
+
+    def __init__(self, limit_reached: Callable[[Counter[str]], bool]) -> None:
+        self.counts: Counter[str] = Counter()
+        self.ended = False
+        self._limit_reached = limit_reached
+        self._lock = threading.Lock()
+        self._sending = 0
+        self._next_turn = 0.0
+
+    def may_send(self) -> bool:
+        """Take a turn to send one message; False once the pass has ended or its limit is reached.
+
+        Messages being sent count towards ``MAILER_EMAIL_MAX_BATCH``, so that
+        several senders together never send more than it allows.
+        """
+        while self.wait_for_room():
+            with self._lock:
+                if self.ended:
+                    return False
+                if self._room() != 0:  # unless another sender took the last place meanwhile
+                    self._sending += 1
+                    return True
+        return False
+
+    def wait_for_room(self) -> bool:
+        """Wait while messages being sent alone fill ``MAILER_EMAIL_MAX_BATCH`` (they may fail); return False
+        once the pass has ended or its limit is reached.
+        """
+        while True:
+            with self._lock:
+                if self.ended:
+                    return False
+                if self._room() != 0:
+                    return True
+                if not self._sending:
+                    return False
+            if stopping.stop_requested():
+                return False
+            time.sleep(0.01)
+
+    def room(self) -> int | None:
+        """How many more messages the pass may send now (those being sent count), or None without a limit."""
+        with self._lock:
+            return 0 if self.ended else self._room()
+
+    def _room(self) -> int | None:
+        max_batch = conf.get_setting("MAILER_EMAIL_MAX_BATCH")
+        if max_batch is None:
+            return None
+        return max(0, int(max_batch) - self.counts["sent"] - self._sending)
+
+    def finished(self, status: str | None, ends_pass: bool = False) -> None:
+        """Count how the message of a turn ended (None: it was gone), and end the pass if that says so."""
+        with self._lock:
+            self._sending -= 1
+            if status is None:
+                return
+            self.counts[status] += 1
+            if ends_pass or self._limit_reached(self.counts):
+                self.ended = True
+
+    def end(self) -> None:
+        with self._lock:
+            self.ended = True
+
+    def throttle(self) -> None:
+        """Wait for the next turn under ``MAILER_EMAIL_THROTTLE``: one message per that many seconds, whatever
+        the number of senders.
+
+        With one sender this is django-mailer's sleep after each message.
+        """
+        throttle = conf.get_setting("MAILER_EMAIL_THROTTLE")
+        if not throttle:
+            return
+        with self._lock:
+            self._next_turn = max(self._next_turn, time.monotonic()) + throttle
+            wait = self._next_turn - time.monotonic()
+        sleep(wait)
+
+
+def run_side_by_side(count: int, send: Callable[[], None], progress: Progress) -> None:
+    """Run ``send`` on ``count`` threads at once and wait for them all; raise the first error any raised.
+
+    An error in one sender ends the pass for all (each finishes the message
+    it is sending). Each thread closes its database connections at the end.
+    """
+    errors: list[BaseException] = []
+
+    def sender() -> None:
+        try:
+            send()
+        except BaseException as exc:
+            errors.append(exc)
+            progress.end()
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=sender, name=f"mailer-sender-{n}", daemon=True) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        # Joined in short steps, so that the main thread handles signals meanwhile.
+        while thread.is_alive():
+            thread.join(STOP_CHECK_INTERVAL)
+    if errors:
+        raise errors[0]
+
+
+def sleep(seconds: float) -> None:
+    """Sleep ``seconds``, in short steps, so that a request to stop is seen within one."""
+    deadline = time.monotonic() + seconds
+    while not stopping.stop_requested() and (remaining := deadline - time.monotonic()) > 0:
+        time.sleep(min(remaining, STOP_CHECK_INTERVAL))

@@ -1,0 +1,226 @@
+"""A pass claims and reads messages a few at a time, and can send over several connections at once.
+
+What a site notices: few statements per message (so the queue drains at the
+mail server's speed), a claim query the database answers from an index, and
+with ``--connections N`` several messages in flight at once, each still sent
+exactly once, within ``MAILER_EMAIL_MAX_BATCH`` and ``MAILER_EMAIL_THROTTLE``.
+"""
+
+import logging
+import time
+from collections import Counter
+
+import pytest
+from django.core.mail.backends.locmem import EmailBackend as LocmemBackend
+from django.core.management import CommandError, call_command
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+import mailer
+from mailer import engine
+from mailer.exceptions import ConfigurationError
+from mailer.models import RESULT_SUCCESS, Message, MessageLog, datetime_now
+
+
+def queue(count: int, start: int = 0) -> None:
+    for n in range(start, start + count):
+        mailer.send_mail(f"Message {n}", "Body", "from@example.com", [f"to{n}@example.com"])
+
+
+def one_pass(**kwargs) -> Counter[str]:
+    counts = engine.send_all(**kwargs)
+    assert counts is not None, "the pass did not run"
+    return counts
+
+
+def statements(sql: list[str]) -> Counter[str]:
+    """The statements of a pass by their first word, leaving out savepoints (the test's own transaction)."""
+    words = (query.split(None, 1)[0].upper() for query in sql)
+    return Counter(word for word in words if word not in {"SAVEPOINT", "RELEASE"})
+
+
+@pytest.mark.django_db
+def test_a_pass_records_two_messages_per_statement_and_claims_and_reads_per_batch(deliver_to_smtp):
+    """Sending 60 messages costs, beyond what sending 30 costs, one INSERT (two log rows) and one DELETE
+    per two messages, and a few batch queries (claim, read), not a handful of queries per message as before.
+    """
+    queue(30)
+    with CaptureQueriesContext(connection) as thirty:
+        assert one_pass()["sent"] == 30
+    queue(60, start=30)
+    with CaptureQueriesContext(connection) as sixty:
+        assert one_pass()["sent"] == 60
+
+    small = statements([query["sql"] for query in thirty.captured_queries])
+    large = statements([query["sql"] for query in sixty.captured_queries])
+    assert large["INSERT"] - small["INSERT"] == 15  # two log rows at a time
+    assert large["DELETE"] - small["DELETE"] == 15  # two messages off the queue at a time
+    assert MessageLog.objects.filter(result=RESULT_SUCCESS).count() == 90
+    per_batch = (large["SELECT"] + large["UPDATE"]) - (small["SELECT"] + small["UPDATE"])
+    assert per_batch <= 10, (small, large)  # claims, reads, don't-send checks: per batch, not per message
+    assert len(deliver_to_smtp.received) == 90
+
+
+@pytest.mark.django_db
+def test_a_message_that_failed_is_not_claimed_again_in_the_same_pass(deliver_to_smtp, settings):
+    """The batch after a failure does not pick the failed message up again (it keeps the pass's token)."""
+    settings.MAILER_RETRY_BACKOFF = 0.001  # stays in the queue, due again at once
+    deliver_to_smtp.reject_recipient("to0@example.com", "451 4.3.0 Try again later")
+    queue(12)
+
+    counts = one_pass()
+
+    assert (counts["sent"], counts["deferred"]) == (11, 1)
+    assert Message.objects.get().retry_count == 1  # tried once in this pass, not once per batch
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_claim_query_walks_the_sending_order_index_on_postgresql():
+    if connection.vendor != "postgresql":
+        pytest.skip("the query plan of PostgreSQL")
+    Message.objects.bulk_create(
+        Message(message_data="{}", priority=priority) for priority in [1, 2, 3, 4] * 2500 for _ in range(1)
+    )
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE mailer_message")
+    now = datetime_now()
+    candidates = engine.prioritize(None).due(now).claimable(now).exclude(claimed_by="token")
+    with CaptureQueriesContext(connection) as queries:
+        claimed = candidates.claim_batch("token", now, 10)
+    assert len(claimed) == 10
+    [select] = [query["sql"] for query in queries.captured_queries if query["sql"].startswith("SELECT")]
+    assert "FOR UPDATE SKIP LOCKED" in select
+    with connection.cursor() as cursor:
+        cursor.execute("EXPLAIN " + select)
+        plan = "\n".join(row[0] for row in cursor.fetchall())
+    assert "mailer_message_sending_order" in plan, plan
+    assert "Sort" not in plan, plan  # the index gives the order: the queue is not sorted to find 10
+
+
+# Several delivery connections ----------------------------------------------------------------------
+
+
+def several_connections_possible() -> None:
+    if connection.vendor == "sqlite":
+        pytest.skip("the test database is in memory here; tests/test_many_senders.py uses a file, in real processes")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_four_connections_send_each_message_exactly_once_side_by_side(deliver_to_smtp):
+    several_connections_possible()
+    deliver_to_smtp.delay_each_message(0.02)
+    queue(40)
+
+    counts = one_pass(connections=4)
+
+    assert counts["sent"] == 40
+    ids = Counter(received.message["Message-ID"] for received in deliver_to_smtp.received)
+    assert len(ids) == 40 and set(ids.values()) == {1}
+    assert not Message.objects.exists()
+    assert MessageLog.objects.filter(result=RESULT_SUCCESS).count() == 40
+    assert deliver_to_smtp.connections == 4  # one session each, kept for the whole pass
+    sessions = Counter(received.session for received in deliver_to_smtp.received)
+    assert len(sessions) == 4 and min(sessions.values()) >= 4, sessions  # they shared the work
+
+
+@pytest.mark.django_db(transaction=True)
+def test_max_batch_counts_the_messages_of_every_connection(deliver_to_smtp, settings):
+    several_connections_possible()
+    settings.MAILER_EMAIL_MAX_BATCH = 7
+    deliver_to_smtp.delay_each_message(0.02)
+    queue(30)
+
+    counts = one_pass(connections=4)
+
+    assert counts["sent"] == 7
+    assert len(deliver_to_smtp.received) == 7
+    assert Message.objects.count() == 23
+    assert not Message.objects.filter(claimed_until__isnull=False).exists()  # the rest given back
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_throttle_spaces_all_connections_together(deliver_to_smtp, settings):
+    """MAILER_EMAIL_THROTTLE is a rate for the whole pass: four connections do not send four times as often."""
+    several_connections_possible()
+    settings.MAILER_EMAIL_THROTTLE = 0.25
+    queue(6)
+
+    started = time.monotonic()
+    counts = one_pass(connections=4)
+    took = time.monotonic() - started
+
+    assert counts["sent"] == 6
+    assert took >= 5 * 0.25  # six messages: at least five intervals between them
+
+
+@pytest.mark.django_db
+def test_inside_a_transaction_several_connections_fall_back_to_one(deliver_to_smtp, caplog):
+    """Other threads cannot see rows this transaction has not committed: the pass says so and uses one."""
+    queue(3)
+    with caplog.at_level(logging.WARNING, logger="mailer.engine"):
+        counts = one_pass(connections=3)
+    assert counts["sent"] == 3
+    assert "several delivery connections need a database outside a transaction; using one" in caplog.text
+
+
+@pytest.mark.parametrize("value", [0, -1, "4", 2.5, True])
+def test_a_bad_number_of_connections_is_refused_before_anything_is_sent(settings, value):
+    settings.MAILER_DELIVERY_CONNECTIONS = value
+    with pytest.raises(ConfigurationError, match="MAILER_DELIVERY_CONNECTIONS"):
+        one_pass()
+
+
+@pytest.mark.parametrize("command", ["send_mail", "runmailer"])
+@pytest.mark.parametrize("value", ["0", "many"])
+def test_the_connections_option_refuses_what_is_not_a_count(command, value):
+    with pytest.raises(CommandError, match=f"--connections: must be a whole number, 1 or more, not '{value}'"):
+        call_command(command, "--connections", value)
+
+
+class SlowClaimCheckingBackend(LocmemBackend):
+    """Takes 1.1 s over each message, then notes the claims of the queue that have run out meanwhile."""
+
+    lapsed: list[int] = []
+
+    def send_messages(self, messages):
+        time.sleep(1.1)
+        now = timezone.now()
+        claimed = Message.objects.filter(claimed_by__isnull=False, claimed_until__isnull=False)
+        self.lapsed.extend(claimed.filter(claimed_until__lt=now).values_list("pk", flat=True))
+        return super().send_messages(messages)
+
+
+@pytest.mark.slow
+@pytest.mark.django_db
+def test_claims_of_messages_sent_but_not_recorded_yet_are_kept_alive_too(settings):
+    """A message waits for the next one to go out before it is recorded: its claim must not run out meanwhile,
+    or another worker would send it again.
+    """
+    settings.MAILER_EMAIL_BACKEND = "tests.test_batches.SlowClaimCheckingBackend"
+    settings.MAILER_CLAIM_TIMEOUT = 2
+    SlowClaimCheckingBackend.lapsed.clear()
+    queue(3)
+
+    assert one_pass()["sent"] == 3
+
+    assert SlowClaimCheckingBackend.lapsed == []
+    assert not Message.objects.exists()
+
+
+def leave_it_as_it_was(connection, message, exc):
+    return None, "deferred"
+
+
+@pytest.mark.django_db
+def test_a_message_an_error_handler_leaves_as_it_was_is_not_left_claimed(deliver_to_smtp, settings):
+    """A custom handler that neither defers nor reschedules it: the next pass must try it again, not wait
+    MAILER_CLAIM_TIMEOUT.
+    """
+    settings.MAILER_ERROR_HANDLER = "tests.test_batches.leave_it_as_it_was"
+    deliver_to_smtp.reject_recipient("to0@example.com", "451 4.3.0 Try again later")
+    queue(1)
+
+    assert one_pass()["deferred"] == 1
+    assert Message.objects.get().claimed_until is None
+    assert one_pass()["deferred"] == 1  # tried again at once

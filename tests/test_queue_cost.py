@@ -1,0 +1,227 @@
+"""What queueing costs the database: a fixed number of statements, however many messages.
+
+A site that queues a newsletter through ``DbBackend`` (or ``send_mass_mail``)
+must not pay a query per message, and one that queues a message per request
+must pay no more than the INSERT and the don't-send lookup.
+"""
+
+import math
+import os
+
+import pytest
+from django.core.mail import EmailMessage
+from django.db import DatabaseError, connection
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+import mailer
+from mailer.backend import BATCH_DATA_SIZE, DbBackend
+from mailer.models import DontSendEntry, Message
+
+pytestmark = pytest.mark.django_db
+
+# sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, which Python names from 3.11 on.
+SQLITE_LIMIT_VARIABLE_NUMBER = 9
+
+TRANSACTION_CONTROL = ("SAVEPOINT", "RELEASE", "ROLLBACK", "BEGIN", "COMMIT")
+
+
+def statements(queries: CaptureQueriesContext) -> list[str]:
+    """The SQL statements run, without those that only open and close transactions."""
+    return [q["sql"] for q in queries.captured_queries if not q["sql"].lstrip().upper().startswith(TRANSACTION_CONTROL)]
+
+
+def dont_send_lookups(sql: list[str]) -> list[str]:
+    return [s for s in sql if s.lstrip().upper().startswith("SELECT") and "mailer_dontsendentry" in s]
+
+
+def inserts(sql: list[str]) -> list[str]:
+    return [s for s in sql if s.lstrip().upper().startswith("INSERT") and "mailer_message" in s]
+
+
+def newsletter(count: int) -> list[EmailMessage]:
+    return [EmailMessage(f"Issue {n}", "Body", "news@example.com", [f"reader{n}@example.com"]) for n in range(count)]
+
+
+def test_send_mail_costs_one_dont_send_lookup_and_the_insert():
+    with CaptureQueriesContext(connection) as queries:
+        mailer.send_mail("Subject", "Body", "from@example.com", ["a@example.com", "Bob <b@example.com>"])
+
+    sql = statements(queries)
+    assert len(sql) == 2, sql
+    assert len(dont_send_lookups(sql)) == 1 and len(inserts(sql)) == 1, sql
+
+
+@pytest.mark.parametrize("count", [5, 120, 500])
+def test_bulk_queueing_costs_one_lookup_and_one_insert_per_batch(settings, count):
+    settings.MAILER_MESSAGES_BATCH_SIZE = 50
+
+    with CaptureQueriesContext(connection) as queries:
+        assert DbBackend().send_messages(newsletter(count)) == count
+
+    sql = statements(queries)
+    assert len(dont_send_lookups(sql)) == 1
+    assert len(inserts(sql)) == math.ceil(count / 50)
+    assert len(sql) == 1 + math.ceil(count / 50), "no statement per message"
+    assert Message.objects.count() == count
+
+
+def test_send_mass_mail_queues_in_bulk_too(settings):
+    settings.MAILER_MESSAGES_BATCH_SIZE = 50  # 600 parameters: below SQLite's limit with Django 5.2
+    datatuple = [(f"Issue {n}", "Body", "news@example.com", [f"reader{n}@example.com"]) for n in range(300)]
+
+    with CaptureQueriesContext(connection) as queries:
+        assert mailer.send_mass_mail(datatuple) == 300
+
+    sql = statements(queries)
+    assert len(dont_send_lookups(sql)) == 1 and len(inserts(sql)) == 6 and len(sql) == 7, sql
+
+
+def test_by_default_each_insert_holds_many_messages():
+    """Without the setting, as many rows an INSERT as the database takes (Django splits where SQLite needs it)."""
+    with CaptureQueriesContext(connection) as queries:
+        DbBackend().send_messages(newsletter(500))
+
+    sql = statements(queries)
+    assert len(dont_send_lookups(sql)) == 1
+    assert 1 <= len(inserts(sql)) <= 10, "at least 50 messages an INSERT"
+    assert len(sql) == 1 + len(inserts(sql))
+
+
+def test_by_default_an_insert_holds_no_more_than_a_few_megabytes():
+    """So that a batch of large attachments stays below MySQL's max_allowed_packet (4 MB on MySQL 5.7)."""
+    emails = newsletter(8)
+    for email in emails:
+        email.attach("report.pdf", os.urandom(600_000), "application/pdf")  # 800,000 characters stored
+
+    with CaptureQueriesContext(connection) as queries:
+        assert DbBackend().send_messages(emails) == 8
+
+    assert len(inserts(statements(queries))) >= 8 * 800_000 // BATCH_DATA_SIZE + 1
+    assert Message.objects.count() == 8
+
+
+def test_listed_recipients_are_dropped_from_every_message_of_a_bulk_with_one_lookup():
+    now = timezone.now()
+    DontSendEntry.objects.bulk_create(
+        DontSendEntry(to_address=f"Reader{n}@Example.com", when_added=now) for n in range(0, 200, 7)
+    )
+    emails = [
+        EmailMessage(f"Issue {n}", "Body", "news@example.com", [f"reader{n}@example.com", "editor@example.com"])
+        for n in range(200)
+    ]
+
+    with CaptureQueriesContext(connection) as queries:
+        DbBackend().send_messages(emails)
+
+    assert len(dont_send_lookups(statements(queries))) == 1
+    for message in Message.objects.all():
+        n = int(message.subject.split()[1])
+        expected = ["editor@example.com"] if n % 7 == 0 else [f"reader{n}@example.com", "editor@example.com"]
+        assert message.email.recipients() == expected, message.subject
+
+
+# A trigger that refuses one row, so that the INSERT of a later batch fails in the database itself.
+REFUSE_POISON = {
+    "sqlite": [
+        "CREATE TRIGGER refuse_poison BEFORE INSERT ON mailer_message WHEN NEW.subject = 'Poison'"
+        " BEGIN SELECT RAISE(ABORT, 'poison refused'); END",
+    ],
+    "postgresql": [
+        "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS"
+        " $$ BEGIN IF NEW.subject = 'Poison' THEN RAISE EXCEPTION 'poison refused'; END IF; RETURN NEW; END $$",
+        "CREATE TRIGGER refuse_poison BEFORE INSERT ON mailer_message FOR EACH ROW EXECUTE FUNCTION refuse_poison()",
+    ],
+    "mysql": [
+        "CREATE TRIGGER refuse_poison BEFORE INSERT ON mailer_message FOR EACH ROW BEGIN"
+        " IF NEW.subject = 'Poison' THEN SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'poison refused'; END IF; END",
+    ],
+}
+DROP_POISON = {
+    "mysql": ["DROP TRIGGER refuse_poison"],
+    "sqlite": ["DROP TRIGGER refuse_poison"],
+    "postgresql": ["DROP TRIGGER refuse_poison ON mailer_message", "DROP FUNCTION refuse_poison()"],
+}
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("batches", ["of the setting", "of the default size"])
+def test_a_bulk_is_queued_whole_or_not_at_all(settings, batches):
+    """The batches share one transaction: a failing INSERT takes back those before it, so a retry duplicates nothing."""
+    if connection.vendor not in REFUSE_POISON:
+        pytest.skip(f"no trigger written for {connection.vendor}")
+    emails = newsletter(6)
+    if batches == "of the setting":
+        settings.MAILER_MESSAGES_BATCH_SIZE = 2
+    else:
+        for email in emails:  # a third of a batch each, once in base64
+            email.attach("report.pdf", os.urandom(BATCH_DATA_SIZE // 4), "application/pdf")
+    emails[4].subject = "Poison"
+    with connection.cursor() as cursor:
+        for statement in REFUSE_POISON[connection.vendor]:
+            cursor.execute(statement)
+    try:
+        with pytest.raises(DatabaseError, match="poison refused"):
+            DbBackend().send_messages(emails)
+    finally:
+        with connection.cursor() as cursor:
+            for statement in DROP_POISON[connection.vendor]:
+                cursor.execute(statement)
+
+    assert Message.objects.count() == 0
+
+
+def test_send_mass_mail_queues_nothing_when_one_tuple_is_bad():
+    """As Django's send_mass_mail, which builds every message before sending any."""
+    datatuple = [
+        ("One", "Body", "news@example.com", ["a@example.com"]),
+        ("Two", "Body", "news@example.com", ["not an address"]),
+    ]
+    with pytest.raises(ValueError, match=r"to\[0\]"):
+        mailer.send_mass_mail(datatuple)
+    assert Message.objects.count() == 0
+
+
+def test_the_dont_send_lookup_is_split_where_the_database_limits_parameters(few_parameters):
+    """A database that takes few parameters a query (SQLite takes 999 with Django 5.2): each part finds its own."""
+    now = timezone.now()
+    DontSendEntry.objects.bulk_create(
+        DontSendEntry(to_address=f"reader{n}@example.com", when_added=now) for n in (3, 14, 24)
+    )
+
+    with CaptureQueriesContext(connection) as queries:
+        DbBackend().send_messages(
+            [EmailMessage(f"Issue {n}", "Body", "news@example.com", [f"reader{n}@example.com", "editor@example.com"])
+             for n in range(24 + 1)]
+        )  # fmt: skip
+
+    assert len(dont_send_lookups(statements(queries))) == 3  # 26 addresses, 10 a query
+    dropped = {int(m.subject.split()[1]) for m in Message.objects.all() if m.recipients == "editor@example.com"}
+    assert dropped == {3, 14, 24}
+
+
+def test_an_address_no_database_can_take_is_left_out_of_the_lookup():
+    """A lone surrogate (from a damaged row the engine reads) cannot be on the list, and no driver encodes it."""
+    DontSendEntry.objects.create(to_address="blocked@example.com", when_added=timezone.now())
+
+    found = DontSendEntry.objects.suppressed_addresses(["lone\ud800@example.com", "Blocked <BLOCKED@example.com>"])
+
+    assert found == {"blocked@example.com"}
+
+
+@pytest.fixture
+def few_parameters(monkeypatch):
+    """Make the database take 10 parameters a query, as Django sees it; return 10.
+
+    Django 6.1 reads SQLite's own limit, which is lowered for real, as a site
+    can; elsewhere Django is told the lower number.
+    """
+    previous = None
+    try:
+        monkeypatch.setattr(connection.features, "max_query_params", 10)
+    except AttributeError:  # a property reading SQLite's limit
+        connection.ensure_connection()
+        previous = connection.connection.setlimit(SQLITE_LIMIT_VARIABLE_NUMBER, 10)
+    yield 10
+    if previous is not None:
+        connection.connection.setlimit(SQLITE_LIMIT_VARIABLE_NUMBER, previous)
