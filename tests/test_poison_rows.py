@@ -193,9 +193,11 @@ POISONS = {
     ),
     'json extra_headers is ""': Poison(json_row_with(extra_headers=""), DAMAGED + r"extra_headers is not a dict$"),
     "json recipient is the number 5": Poison(json_row_with(to=[5]), DAMAGED + r"to holds something not text$"),
-    # No driver can encode it, so it cannot be on the don't-send list; the SMTP backend refuses it.
+    # No driver can encode it, so it cannot be on the don't-send list; the SMTP backend refuses it
+    # (Django 5.2 on Python 3.10 when it encodes the address, later ones when they check it).
     "json recipient with a lone surrogate": Poison(
-        json_row_with(to=["lone\ud800@example.com"]), r"^ValueError: Invalid address .*non-ASCII"
+        json_row_with(to=["lone\ud800@example.com"]),
+        r"^(ValueError: Invalid address .*non-ASCII|UnicodeEncodeError: .*surrogates not allowed)",
     ),
     # Addresses Django takes into an EmailMessage but its SMTP backend refuses to send.
     "json non-ASCII local part": Poison(
