@@ -235,6 +235,9 @@ STRUCTURED_HEADERS = frozenset(
 PLAIN_ATTACHMENT_TYPE = re.compile(r"(?!message/|multipart/)[a-z0-9][a-z0-9!#$&^_.+-]*/[a-z0-9][a-z0-9!#$&^_.+-]*")
 PLAIN_ALTERNATIVE_TYPE = re.compile(r"text/[a-z0-9][a-z0-9!#$&^_.+-]*")
 
+# A Message-ID in its plainest form (RFC 5322, 3.6.4): <dot-atom@dot-atom>.
+PLAIN_MESSAGE_ID = re.compile(rf"<{_ATOM}(?:\.{_ATOM})*@{_ATOM}(?:\.{_ATOM})*>")
+
 
 def is_plain(email: EmailMessage) -> bool:
     """Return whether Django renders ``email`` without fail, as it can be told from its fields alone.
@@ -245,7 +248,8 @@ def is_plain(email: EmailMessage) -> bool:
     Django ``EmailMessage`` or ``EmailMultiAlternatives`` in UTF-8, whose
     subject, body and texts are text that UTF-8 can carry, whose addresses
     are plain (``is_plain_address``), whose extra headers are one-line text
-    that Python's email package does not parse, with text alternatives, and
+    that Python's email package does not parse (or a plain Message-ID), with
+    text alternatives, and
     attachments that are bytes of a plain MIME type or text of a ``text/``
     one. Anything else (a subclass, another charset, a ``MIMEBase`` part, a
     ``message/rfc822`` attachment, a display name Python parses with a
@@ -268,11 +272,18 @@ def is_plain(email: EmailMessage) -> bool:
     for addresses in (email.to, email.cc, email.reply_to):
         if type(addresses) is not list or not all(isinstance(a, str) and is_plain_address(a) for a in addresses):
             return False
+    message_ids = 0
     for name, value in email.extra_headers.items():
-        if not (isinstance(name, str) and FIELD_NAME.fullmatch(name)) or name.lower() in STRUCTURED_HEADERS:
+        if not (isinstance(name, str) and FIELD_NAME.fullmatch(name)):
             return False
         if not (_is_sendable_text(value) and LINE_BREAKS.isdisjoint(value)):
             return False
+        if name.lower() == "message-id" and PLAIN_MESSAGE_ID.fullmatch(value):
+            message_ids += 1  # a site's own, in its plainest form; Django 6.1 takes one only
+        elif name.lower() in STRUCTURED_HEADERS:
+            return False
+    if message_ids > 1:
+        return False
     if not all(_is_plain_attachment(attachment) for attachment in email.attachments):
         return False
     if isinstance(email, EmailMultiAlternatives):

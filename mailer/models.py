@@ -289,7 +289,7 @@ class Message(models.Model):
         check_addresses(email)
         email = _copy_of(email)
         DontSendEntry.objects.remove_suppressed_recipients(email, suppressed)
-        plain = is_plain(email)  # before the Message-ID is set: one the caller gives is rendered
+        plain = is_plain(email)  # before the Message-ID is set: only one the caller gives is looked at
         ensure_message_id(email)
         if not plain:
             email.message()

@@ -108,11 +108,13 @@ def mostly(usual, unusual):
 PLAIN_TYPES = ["application/pdf", "image/png", "text/plain", "text/csv", "application/vnd.ms-excel"]
 UNUSUAL_TYPES = ["text/plain; charset=latin-1", "message/rfc822", "multipart/mixed", "TEXT/plain", "nonsense",
                  "application/", None]  # fmt: skip
-PLAIN_HEADERS = ["X-Tag", "X-Ref", "List-Unsubscribe", "X-Mailer"]
+PLAIN_HEADERS = ["X-Tag", "X-Ref", "List-Unsubscribe", "X-Mailer", "Message-ID", "message-id"]
 UNUSUAL_HEADERS = ["Date", "To", "Bcc", "Message-ID", "Content-Type", "Subject", "From", "Reply-To"]
 texts = mostly(
     st.text(alphabet="Hello wörld ✓<>&;:,.'\"=?", max_size=12), st.text(alphabet=TRICKY + "xyz", max_size=10)
 )
+message_ids = st.builds("<{}.{}@{}.{}>".format, atoms, atoms, atoms, labels)
+values = mostly(texts, mostly(message_ids, st.builds("<{}@{}>".format, texts, texts)))  # header values
 plain_addresses = st.builds("{}@{}.com".format, atoms, labels) | st.builds(
     "Ada {} <{}@example.com>".format, atoms, atoms
 )
@@ -142,7 +144,7 @@ def emails(draw):
         draw(st.lists(any_addresses, min_size=1, max_size=2)),
         cc=draw(st.lists(any_addresses, max_size=1)),
         reply_to=draw(st.lists(any_addresses, max_size=1)),
-        headers=draw(st.dictionaries(mostly(st.sampled_from(PLAIN_HEADERS), st.sampled_from(UNUSUAL_HEADERS)), texts)),
+        headers=draw(st.dictionaries(mostly(st.sampled_from(PLAIN_HEADERS), st.sampled_from(UNUSUAL_HEADERS)), values)),
     )
     email.attachments = draw(st.lists(attachments, max_size=2))
     if cls is EmailMultiAlternatives:
@@ -195,6 +197,22 @@ def test_an_alternative_given_as_a_bare_tuple_is_refused_when_queued_where_djang
         with pytest.raises(AttributeError):
             DbBackend().send_messages([email])
         assert Message.objects.count() == 0
+    else:
+        assert DbBackend().send_messages([email]) == 1
+
+
+def test_a_sites_own_message_id_is_kept_and_two_are_left_to_django():
+    """A plain Message-ID of the site's own needs no rendering; two of them (in two cases) are Django's to judge."""
+    email = EmailMessage("Subject", "Body", "f@example.com", ["t@example.com"], headers={"Message-ID": "<1.a@site>"})
+    assert DbBackend().send_messages([email]) == 1
+    assert Message.objects.get().message_id == "<1.a@site>"
+
+    email.extra_headers["message-id"] = "<2.a@site>"
+    try:
+        email.message()
+    except ValueError:  # Django 6.1: at most one
+        with pytest.raises(ValueError, match="at most 1"):
+            DbBackend().send_messages([email])
     else:
         assert DbBackend().send_messages([email]) == 1
 
