@@ -110,6 +110,7 @@ class Signaller:
     in_flight: str | None = None
     at_message: int = 0
     _first: int = 0
+    _reached: int = 0  # how many had reached the server when a delayed signal was set
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _timers: list[threading.Timer] = field(default_factory=list)
 
@@ -131,6 +132,7 @@ class Signaller:
             if self._fire(number, received.message["Subject"]):
                 time.sleep(self.moment.delay if self.moment.kind == "while sending" else 0.05)  # still unanswered
         elif self.moment.kind == "after a message" and number == self.moment.message:
+            self._reached = number  # counted before the server lists it: a short delay may fire first
             self._later(self.moment.delay)
 
     def _later(self, delay: float) -> None:
@@ -145,7 +147,9 @@ class Signaller:
                 return False
             self.fired = True
             self.in_flight = subject
-            self.at_message = number if number is not None else len(self.server.received) - self._first
+            if number is None:
+                number = max(self._reached, len(self.server.received) - self._first)
+            self.at_message = number
             self.process.send_signal(self.signum)
             return True
 
