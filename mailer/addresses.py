@@ -292,9 +292,12 @@ def is_plain(email: EmailMessage) -> bool:
 
 
 def _is_sendable_text(text: Any) -> bool:
-    """Return whether ``text`` is a str that UTF-8 can carry: no lone surrogate."""
-    if type(text) is not str:
-        return False
+    """Return whether ``text`` is a str that UTF-8 can carry."""
+    return type(text) is str and is_utf8(text)
+
+
+def is_utf8(text: str) -> bool:
+    """Return whether UTF-8 can carry ``text``: whether it holds no lone surrogate."""
     if text.isascii():
         return True
     try:

@@ -503,10 +503,7 @@ class SendingPass:
         emails = {item.pk: item.email for item in claimed if item.email is not None}
         # The list may have grown since the messages were queued.
         listed = DontSendEntry.objects.suppressed_addresses(
-            recipient
-            for email in emails.values()
-            for recipient in email.recipients()
-            if storable_text(recipient) == recipient  # else it cannot be on the list, nor be asked about
+            recipient for email in emails.values() for recipient in email.recipients()
         )
         for item in claimed:
             if item.pk in emails:

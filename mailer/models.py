@@ -17,7 +17,7 @@ from django.utils.timezone import now as datetime_now
 from django.utils.translation import gettext_lazy as _
 
 from mailer import conf
-from mailer.addresses import bare_address, check_addresses, is_plain
+from mailer.addresses import bare_address, check_addresses, is_plain, is_utf8
 from mailer.codec import SEARCH_COLUMNS, db_to_email, email_to_db, search_columns, storable_text
 from mailer.message_id import ensure_message_id, get_message_id
 from mailer.priority import (
@@ -407,17 +407,6 @@ class Message(models.Model):
 _NOT_LOADED = object()
 
 
-def _is_utf8(text: str) -> bool:
-    """Return whether UTF-8 can carry ``text``: whether it holds no lone surrogate."""
-    if text.isascii():
-        return True
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _copy_of(email: EmailMessage) -> EmailMessage:
     """Return a shallow copy of ``email`` with its own dict of extra headers.
 
@@ -476,7 +465,7 @@ class DontSendEntryManager(models.Manager["DontSendEntry"]):
         """
         # One that UTF-8 cannot carry (a lone surrogate, from a damaged row) cannot be on the
         # list, and no database would take it as a parameter.
-        addresses = sorted({address for address in map(bare_address, recipients) if _is_utf8(address)})
+        addresses = sorted({address for address in map(bare_address, recipients) if is_utf8(address)})
         if not addresses:
             return set()
         connection = connections[self.db]

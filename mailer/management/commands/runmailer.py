@@ -14,13 +14,18 @@ from mailer.stopping import stopping_on_signals
 class Command(BaseCommand):
     help = "Send queued mail continuously, checking the queue every MAILER_EMPTY_QUEUE_SLEEP seconds."
 
+    # The loggers that --debug turns to DEBUG.
+    debug_loggers: tuple[str, ...] = ("mailer.engine",)
+
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("--debug", action="store_true", help="Log mailer.engine at DEBUG level")
+        loggers = " and ".join(self.debug_loggers)
+        parser.add_argument("--debug", action="store_true", help=f"Log {loggers} at DEBUG level")
         add_connections_argument(parser)
 
     def handle(self, *args: Any, **options: Any) -> None:
         if options["debug"]:
-            logging.getLogger("mailer.engine").setLevel(logging.DEBUG)
+            for name in self.debug_loggers:
+                logging.getLogger(name).setLevel(logging.DEBUG)
         self.stdout.write(datetime.now().strftime("%B %d, %Y - %X"))
         self.stdout.write("Starting django-mailer send loop.")
         quit_command = "CTRL-BREAK" if sys.platform == "win32" else "CONTROL-C"
@@ -28,5 +33,8 @@ class Command(BaseCommand):
         # SIGTERM, SIGINT (Ctrl-C) and SIGHUP end the loop after the message in
         # flight; a second one ends it at once.
         with stopping_on_signals(), contextlib.suppress(KeyboardInterrupt):
-            engine.send_loop(connections=options["connections"])
+            self.send_loop(options["connections"])
         self.stdout.write("Stopped.")
+
+    def send_loop(self, connections: int | None) -> None:
+        engine.send_loop(connections=connections)
