@@ -13,16 +13,15 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.processes import MANAGE_PY, VENDOR, ProcessDatabase, fresh_database, manage, process_environment
+from tests.processes import VENDOR, ProcessDatabase, fresh_database, manage
+from tests.test_runmailer_survives import Runmailer
 
 needs_postgresql = pytest.mark.skipif(
     VENDOR != "postgresql", reason=f"runmailer_pg runs on PostgreSQL only (MAILER_TEST_DB={VENDOR})"
@@ -44,51 +43,10 @@ NOTIFIED = "notification(s) of new mail"
 PASS_FAILED = "the sending pass failed"
 
 
-class RunmailerPg:
+class RunmailerPg(Runmailer):
     """``manage.py runmailer_pg --debug`` in the background, its log (stderr) collected line by line."""
 
-    def __init__(self, db: ProcessDatabase, smtp_port: int, lock_path: Path, sleep: float, *args: str, **env: str):
-        self.lines: list[str] = []
-        self.process = subprocess.Popen(
-            [sys.executable, "-W", "error::DeprecationWarning", str(MANAGE_PY), "runmailer_pg", "--debug", *args],
-            env=process_environment(
-                db,
-                smtp_port,
-                MAILER_PROCESS_EMPTY_QUEUE_SLEEP=str(sleep),
-                MAILER_PROCESS_LOCK_PATH=str(lock_path),
-                **env,
-            ),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.reader = threading.Thread(target=self._read, name="runmailer_pg stderr", daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.lines.append(line.rstrip("\n"))
-
-    def log(self, since: int = 0) -> str:
-        return "\n".join(self.lines[since:])
-
-    def count(self, text: str, since: int = 0) -> int:
-        return sum(text in line for line in list(self.lines)[since:])
-
-    def assert_running(self) -> None:
-        assert self.process.poll() is None, f"runmailer_pg exited with {self.process.returncode}:\n{self.log()}"
-
-    def wait_until(self, condition: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
-        """Wait until ``condition()`` holds; fail at once, with the log, if the process exits meanwhile."""
-        deadline = time.monotonic() + timeout
-        while not condition():
-            self.assert_running()
-            assert time.monotonic() < deadline, f"timed out waiting for {what}; runmailer_pg's log:\n{self.log()}"
-            time.sleep(0.05)
-
-    def wait_for_line(self, text: str, count: int = 1, since: int = 0) -> None:
-        self.wait_until(lambda: self.count(text, since) >= count, f"{count} log line(s) with {text!r}")
+    command = "runmailer_pg"
 
     def wait_until_idle(self, listening: int = 1) -> None:
         """Wait until it listens (for the ``listening``-th time) and has looked at the queue since: mail queued
@@ -97,21 +55,6 @@ class RunmailerPg:
         self.wait_for_line(LISTENING, listening)
         since = [n for n, line in enumerate(list(self.lines)) if LISTENING in line][listening - 1]
         self.wait_for_line(WAITING, since=since)
-
-    def terminate(self, signum: int = signal.SIGTERM) -> tuple[int, str, float]:
-        """Send ``signum`` (SIGTERM: as systemd does); return the exit status, what it printed, and how long it took."""
-        sent_at = time.monotonic()
-        self.process.send_signal(signum)
-        returncode = self.process.wait(timeout=TIMEOUT)
-        took = time.monotonic() - sent_at
-        self.reader.join(10)
-        assert self.process.stdout is not None
-        return returncode, self.process.stdout.read(), took
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
 
 
 @pytest.fixture

@@ -59,10 +59,14 @@ needs_database_server = pytest.mark.skipif(
 class Runmailer:
     """``manage.py runmailer --debug`` in the background, its log (stderr) collected line by line as it comes."""
 
-    def __init__(self, db: ProcessDatabase, smtp_port: int, lock_path: Path, sleep: float = SLEEP, **env: str):
+    command = "runmailer"
+
+    def __init__(
+        self, db: ProcessDatabase, smtp_port: int, lock_path: Path, sleep: float = SLEEP, *args: str, **env: str
+    ):
         self.lines: list[str] = []
         self.process = subprocess.Popen(
-            [sys.executable, "-W", "error::DeprecationWarning", str(MANAGE_PY), "runmailer", "--debug"],
+            [sys.executable, "-W", "error::DeprecationWarning", str(MANAGE_PY), self.command, "--debug", *args],
             env=process_environment(
                 db,
                 smtp_port,
@@ -74,7 +78,7 @@ class Runmailer:
             stderr=subprocess.PIPE,
             text=True,
         )
-        self.reader = threading.Thread(target=self._read, name="runmailer stderr", daemon=True)
+        self.reader = threading.Thread(target=self._read, name=f"{self.command} stderr", daemon=True)
         self.reader.start()
 
     def _read(self) -> None:
@@ -82,35 +86,35 @@ class Runmailer:
         for line in self.process.stderr:
             self.lines.append(line.rstrip("\n"))
 
-    def log(self) -> str:
-        return "\n".join(self.lines)
+    def log(self, since: int = 0) -> str:
+        return "\n".join(self.lines[since:])
 
-    def count(self, text: str) -> int:
-        return sum(text in line for line in list(self.lines))
+    def count(self, text: str, since: int = 0) -> int:
+        return sum(text in line for line in list(self.lines)[since:])
 
     def assert_running(self) -> None:
-        assert self.process.poll() is None, f"runmailer exited with {self.process.returncode}:\n{self.log()}"
+        assert self.process.poll() is None, f"{self.command} exited with {self.process.returncode}:\n{self.log()}"
 
     def wait_until(self, condition: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
-        """Wait until ``condition()`` holds; fail at once, with the log, if runmailer exits meanwhile."""
+        """Wait until ``condition()`` holds; fail at once, with the log, if the process exits meanwhile."""
         deadline = time.monotonic() + timeout
         while not condition():
             self.assert_running()
-            assert time.monotonic() < deadline, f"timed out waiting for {what}; runmailer's log:\n{self.log()}"
+            assert time.monotonic() < deadline, f"timed out waiting for {what}; {self.command}'s log:\n{self.log()}"
             time.sleep(0.05)
 
-    def wait_for_line(self, text: str, count: int = 1) -> None:
-        self.wait_until(lambda: self.count(text) >= count, f"{count} log line(s) with {text!r}")
+    def wait_for_line(self, text: str, count: int = 1, since: int = 0) -> None:
+        self.wait_until(lambda: self.count(text, since) >= count, f"{count} log line(s) with {text!r}")
 
     def wait_for_passes(self, count: int) -> None:
         """Wait until runmailer has gone to sleep ``count`` more times: it went round its loop."""
         seen = self.count("sleeping for")
         self.wait_for_line("sleeping for", seen + count)
 
-    def terminate(self) -> tuple[int, str, float]:
-        """Send SIGTERM, as systemd does; return the exit status, what it printed, and how long it took."""
+    def terminate(self, signum: int = signal.SIGTERM) -> tuple[int, str, float]:
+        """Send ``signum`` (SIGTERM: as systemd does); return the exit status, what it printed, and how long it took."""
         sent_at = time.monotonic()
-        self.process.send_signal(signal.SIGTERM)
+        self.process.send_signal(signum)
         returncode = self.process.wait(timeout=TIMEOUT)
         took = time.monotonic() - sent_at
         self.reader.join(10)
