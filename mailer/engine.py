@@ -86,6 +86,10 @@ LONG_HELD_LOCK = 3600
 CLAIM_SECONDS = 0.5
 CLAIM_BATCH_MIN = 5
 CLAIM_BATCH_MAX = 100
+# A claim that finds every due message locked by other workers' claims looks
+# again every CLAIM_RACE_PAUSE seconds for up to CLAIM_RACE_SECONDS.
+CLAIM_RACE_SECONDS = 1.0
+CLAIM_RACE_PAUSE = 0.005
 
 # How much message data a pass reads from the database in one query: small
 # messages are read together, a large one alone, so memory stays flat.
@@ -425,10 +429,17 @@ class SendingPass:
         A message this pass has already tried keeps its ``claimed_by`` token,
         so a failure that leaves it in the queue is not tried twice in one pass.
         """
-        now = datetime_now()
-        self.held_until = _claim_expiry()
-        candidates = prioritize(self.queryset).due(now).claimable(now).exclude(claimed_by=self.token)
-        claimed = candidates.claim_batch(self.token, self.held_until, self._claims_wanted())
+        deadline = time.monotonic() + CLAIM_RACE_SECONDS
+        while True:
+            now = datetime_now()
+            self.held_until = _claim_expiry()
+            candidates = prioritize(self.queryset).due(now).claimable(now).exclude(claimed_by=self.token)
+            claimed = candidates.claim_batch(self.token, self.held_until, self._claims_wanted())
+            # Nothing claimed does not mean nothing left: another worker's claim may have held every row
+            # for a moment (MariaDB locks all the rows it sorts, not only those it takes). Look again.
+            if claimed or time.monotonic() > deadline or _asked_to_stop() or not candidates.exists():
+                break
+            time.sleep(CLAIM_RACE_PAUSE)
         self.held = [pk for pk, _size in claimed]
         self.sizes = {pk: size or 0 for pk, size in claimed}
         return bool(self.held)
