@@ -8,8 +8,10 @@ from django.core.mail.backends.base import BaseEmailBackend
 from django.db import router, transaction
 
 from mailer import conf
+from mailer.exceptions import InvalidMailerEntry
 from mailer.models import DontSendEntry, Message
-from mailer.priority import get_priority
+from mailer.priority import get_priority, priority_option
+from mailer.signals import mail_queued
 
 # Without MAILER_MESSAGES_BATCH_SIZE, one INSERT holds up to this many
 # messages, and no more stored data than BATCH_DATA_SIZE characters (unless
@@ -27,14 +29,36 @@ class DbBackend(BaseEmailBackend):
     Set it as ``EMAIL_BACKEND``, or on Django 6.1 as a ``MAILERS`` entry,
     where two ``OPTIONS`` apply: ``deliver_using``, the alias of the mailer
     that delivers queued mail, and ``priority``, given to every message
-    queued through this mailer.
+    queued through this mailer ("high", "medium", "low" or a ``PRIORITY_*``
+    constant from ``mailer.priority``). Any other option is refused by name,
+    as Django's own backends refuse theirs (``InvalidMailer``).
     """
 
-    def __init__(self, *args: Any, deliver_using: str | None = None, priority: int | str | None = None, **kwargs: Any):
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        fail_silently: bool = False,
+        *,
+        deliver_using: str | None = None,
+        priority: int | str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        # Django passes ``alias`` (6.1) and reports unknown options; fail_silently
+        # is this backend's own, as Django 6.1 wants of backends that take it.
+        super().__init__(**kwargs)
+        self.fail_silently = fail_silently
+        alias = getattr(self, "alias", None)
+        if deliver_using is not None and (not isinstance(deliver_using, str) or not deliver_using):
+            raise InvalidMailerEntry(
+                f"OPTIONS['deliver_using'] must be the alias of a mailer, not {deliver_using!r}.",
+                alias=alias,
+                check_id="mailer.E006",
+            )
         self.deliver_using = deliver_using
-        # Checked now so that a wrong OPTIONS value fails at start-up, not per message.
-        self.priority = get_priority(priority)
+        # Checked now so that a wrong OPTIONS value fails when the mailer is made, not per message.
+        try:
+            self.priority = priority_option(priority)
+        except ValueError as exc:
+            raise InvalidMailerEntry(f"OPTIONS['priority']: {exc}", alias=alias, check_id="mailer.E004") from None
 
     def send_messages(self, email_messages: Sequence[EmailMessage]) -> int:
         """Queue ``email_messages`` in bulk; return how many were queued.
@@ -44,12 +68,16 @@ class DbBackend(BaseEmailBackend):
         (``InvalidAddress``) queues none of them; ``fail_silently`` does not
         hide that, as nothing is sent here that could fail later.
         """
-        return queue_in_bulk(email_messages, self.priority)
+        return queue_in_bulk(email_messages, self.priority, alias=getattr(self, "alias", None))
 
 
-def queue_in_bulk(emails: Iterable[EmailMessage], priority: int | str | None = None) -> int:
+def queue_in_bulk(
+    emails: Iterable[EmailMessage], priority: int | str | None = None, *, alias: str | None = None
+) -> int:
     """Queue ``emails`` together, all or none; return how many were queued (those with recipients).
 
+    ``alias`` is the ``MAILERS`` entry they are queued through (Django 6.1),
+    stored with each, so that they leave through its ``deliver_using``.
     The don't-send list is read once for all of them; then every email is
     checked and stored (``Message.for_email``), so that one refused writes
     nothing; then the rows are inserted in batches, in one transaction. The
@@ -66,6 +94,8 @@ def queue_in_bulk(emails: Iterable[EmailMessage], priority: int | str | None = N
     messages = [message for email, message in checked if email.recipients()]
     if not messages:
         return 0
+    for message in messages:
+        message.mailer_alias = alias
     using = router.db_for_write(Message)
     batch_size = conf.get_setting("MAILER_MESSAGES_BATCH_SIZE")
     with transaction.atomic(using=using):
@@ -74,6 +104,7 @@ def queue_in_bulk(emails: Iterable[EmailMessage], priority: int | str | None = N
         else:
             for batch in _batches(messages):
                 Message.objects.using(using).bulk_create(batch)
+    mail_queued.send(sender=Message, using=using, count=len(messages))
     return len(messages)
 
 

@@ -131,12 +131,16 @@ def decode(data: str | bytes | None) -> Any:
     """
     if not data:
         return None
-    if isinstance(data, bytes):
-        data = data.decode("utf-8", "surrogateescape")
     if len(data) > MAX_DATA_SIZE:
         raise UndecodableData(f"message data is larger than {MAX_DATA_SIZE} characters")
     try:
-        value = _decode_document(data) if not is_legacy(data) else legacy.loads(data)
+        if isinstance(data, bytes):
+            # A pickle in bytes (django-mailer before 2.0 stored it raw) is read as the bytes it is:
+            # decoding it as text would change it.
+            is_json = data.lstrip().startswith(b"{")
+            value = _decode_document(data.decode("utf-8", "surrogateescape")) if is_json else legacy.loads(data)
+        else:
+            value = _decode_document(data) if not is_legacy(data) else legacy.loads(data)
         if isinstance(value, EmailMessage):
             check_email(value)
     except UndecodableData:
@@ -227,16 +231,18 @@ def _require(condition: bool, problem: str) -> None:
         raise UndecodableData(f"message data is damaged: {problem}")
 
 
-SEARCH_COLUMNS = ("subject", "from_email", "recipients", "message_id")
+# The fields of ``Message`` that copy parts of its email, for searching. The subject's is
+# ``subject_copy`` (in the column "subject"): ``Message.subject`` is django-mailer's property.
+SEARCH_COLUMNS = ("subject_copy", "from_email", "recipients", "message_id")
 
 
 def search_columns(value: Any) -> dict[str, str | None]:
-    """Return what the searchable columns hold for an email: subject, sender, recipients, Message-ID."""
+    """Return what the searchable fields hold for an email: subject, sender, recipients, Message-ID."""
     if not isinstance(value, EmailMessage):
-        return {"subject": "", "from_email": "", "recipients": "", "message_id": None}
+        return {"subject_copy": "", "from_email": "", "recipients": "", "message_id": None}
     message_id = get_message_id(value)
     columns = {
-        "subject": str(value.subject or ""),
+        "subject_copy": str(value.subject or ""),
         "from_email": str(value.from_email or ""),
         "recipients": ", ".join(map(str, value.recipients())),
         "message_id": str(message_id) if message_id is not None else None,

@@ -30,6 +30,8 @@ DEFAULTS: dict[str, Any] = {
     "MAILER_RETRY_MAX_ATTEMPTS": 10,
     "MAILER_LEGACY_PICKLE_CLASSES": [],
     "MAILER_EMAIL_CLASSES": [],
+    "MAILER_TASK_BACKEND": None,
+    "MAILER_TASK_QUEUE": "default",
 }
 
 

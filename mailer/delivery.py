@@ -4,20 +4,25 @@ Everything that needs a delivering connection asks ``get_delivery_connection``,
 so this module is the only place that knows about ``MAILER_EMAIL_BACKEND``,
 Django 6.1's ``MAILERS`` and how they combine:
 
-- Without ``MAILERS`` (Django 5.2 and 6.0, or 6.1 with the old settings), the
-  backend class named by ``MAILER_EMAIL_BACKEND`` delivers, as in
-  django-mailer 2.x.
+- Without ``MAILERS`` (Django 5.2 and 6.0, or 6.1 with the classic settings),
+  the backend class named by ``MAILER_EMAIL_BACKEND`` delivers, as in
+  django-mailer 2.x, configured by the ``EMAIL_*`` settings.
 - With ``MAILERS``, and ``MAILER_EMAIL_BACKEND`` set, the mailer configured
   with that class delivers (so its ``OPTIONS`` apply); if no mailer uses that
-  class, the class is created as it is.
+  class, the class is created as it is (not Django's SMTP backend, which
+  would need the ``EMAIL_*`` settings that ``MAILERS`` replaces).
 - With ``MAILERS`` and no ``MAILER_EMAIL_BACKEND``, the default mailer
   delivers, unless it is the queue itself (``DbBackend``): then its
   ``deliver_using`` option names the mailer that delivers.
+
+Every way this can be wrong is a ``ConfigurationError`` carrying the id of
+the system check that reports it before anything runs (``mailer.checks``).
 """
 
 from dataclasses import dataclass
 from typing import Any
 
+import django.core.mail
 from django.conf import settings
 from django.core.mail.backends.base import BaseEmailBackend
 from django.core.mail.backends.smtp import EmailBackend as DjangoSMTPBackend
@@ -51,89 +56,173 @@ def mailers_configured() -> bool:
     return hasattr(settings, "MAILERS")
 
 
-def _mailer_config(alias: str) -> dict[str, Any]:
-    try:
-        config: dict[str, Any] = settings.MAILERS[alias]
-    except KeyError as exc:
-        raise InvalidDeliveryMailer(f"The mailer {alias!r} that should deliver queued mail is not in MAILERS.") from exc
-    return config
+def django_has_mailers() -> bool:
+    """Return whether this Django has ``MAILERS`` (6.1 and later), whether or not the site uses it."""
+    return hasattr(django.core.mail, "mailers")
 
 
-def _backend_path(config: dict[str, Any]) -> str:
-    return str(config.get("BACKEND", DJANGO_DEFAULT_BACKEND))
+def mailer_options(alias: str) -> dict[str, Any]:
+    """Return the ``OPTIONS`` of the ``MAILERS`` entry ``alias`` (which must exist)."""
+    config: dict[str, Any] = settings.MAILERS[alias]
+    options: dict[str, Any] = config.get("OPTIONS", {})
+    return options
 
 
-def delivery_route() -> Route:
-    """Decide how queued mail is delivered, from the settings as they are now."""
-    if not mailers_configured():
-        return Route(conf.get_setting("MAILER_EMAIL_BACKEND"))
-
-    if conf.is_set("MAILER_EMAIL_BACKEND"):
-        path = conf.get_setting("MAILER_EMAIL_BACKEND")
-        for alias, config in settings.MAILERS.items():
-            if _backend_path(config) == path:
-                return Route(path, alias)
-        return Route(path)
-
-    default = _mailer_config(DEFAULT_MAILER)
-    if not _is_queue(_backend_path(default)):
-        return Route(_backend_path(default), DEFAULT_MAILER)
-    alias = default.get("OPTIONS", {}).get("deliver_using")
-    if not alias:
-        raise InvalidDeliveryMailer(
-            f"{DB_BACKEND} queues mail rather than delivering it: "
-            "set its OPTIONS['deliver_using'] to the alias of the mailer that delivers queued mail.",
-            alias=DEFAULT_MAILER,
-        )
-    return Route(_backend_path(_mailer_config(alias)), alias)
+def backend_path(alias: str) -> str:
+    """Return the ``BACKEND`` of the ``MAILERS`` entry ``alias`` (which must exist)."""
+    return str(settings.MAILERS[alias].get("BACKEND", DJANGO_DEFAULT_BACKEND))
 
 
-def _is_queue(backend_path: str) -> bool:
-    if backend_path == DB_BACKEND:
+def is_queue(path: str) -> bool:
+    """Return whether the backend class at ``path`` queues mail (``DbBackend`` or a subclass)."""
+    if path == DB_BACKEND:
         return True
     try:
-        backend_class = import_string(backend_path)
+        backend_class = import_string(path)
     except ImportError:
         return False
     return isinstance(backend_class, type) and issubclass(backend_class, DbBackend)
 
 
-def check_delivery_route() -> Route:
-    """Return the route, or raise ConfigurationError if it would put mail back on the queue."""
-    route = delivery_route()
-    if _is_queue(route.backend_path):
-        if not mailers_configured() and getattr(settings, "EMAIL_BACKEND", None) == route.backend_path:
+def _is_django_smtp(path: str) -> bool:
+    try:
+        backend_class = import_string(path)
+    except ImportError:
+        return False
+    return isinstance(backend_class, type) and issubclass(backend_class, DjangoSMTPBackend)
+
+
+def delivery_route(alias: str | None = None) -> Route:
+    """Decide how queued mail is delivered, from the settings as they are now.
+
+    ``alias`` is the ``MAILERS`` entry a message was queued through, for
+    routing each message by its own mailer; None is the site's default
+    route, which every message takes today.
+    """
+    if alias is not None:
+        return _route_of_mailer(alias)
+    if not mailers_configured():
+        return Route(conf.get_setting("MAILER_EMAIL_BACKEND"))
+
+    if conf.is_set("MAILER_EMAIL_BACKEND"):
+        path = conf.get_setting("MAILER_EMAIL_BACKEND")
+        for name in settings.MAILERS:
+            if backend_path(name) == path:
+                return Route(path, name)
+        return Route(path)
+
+    if DEFAULT_MAILER not in settings.MAILERS:
+        raise InvalidDeliveryMailer(
+            "MAILERS has no 'default' mailer, and MAILER_EMAIL_BACKEND is not set: nothing says how "
+            "queued mail is delivered.",
+            check_id="mailer.E001",
+            hint="Add a 'default' mailer, or set MAILER_EMAIL_BACKEND.",
+        )
+    return _route_of_mailer(DEFAULT_MAILER)
+
+
+def _route_of_mailer(alias: str) -> Route:
+    """Return the route of mail queued through the ``MAILERS`` entry ``alias``.
+
+    A delivering mailer delivers itself; a queue (``DbBackend``) hands its
+    mail to the mailer its ``deliver_using`` option names, which must exist
+    and deliver.
+    """
+    if not mailers_configured() or alias not in settings.MAILERS:
+        raise InvalidDeliveryMailer(
+            f"The mailer {alias!r} that should deliver queued mail is not in MAILERS.", check_id="mailer.E002"
+        )
+    path = backend_path(alias)
+    if not is_queue(path):
+        return Route(path, alias)
+    target = mailer_options(alias).get("deliver_using")
+    if not target and alias != DEFAULT_MAILER:
+        return delivery_route()  # mail queued through another queue leaves as the default mailer's does
+    if not target:
+        raise InvalidDeliveryMailer(
+            f"{DB_BACKEND} queues mail rather than delivering it: "
+            "set its OPTIONS['deliver_using'] to the alias of the mailer that delivers queued mail.",
+            alias=alias,
+            check_id="mailer.E001",
+            hint='For example "OPTIONS": {"deliver_using": "smtp"}, with an "smtp" mailer that delivers.',
+        )
+    if target not in settings.MAILERS:
+        raise InvalidDeliveryMailer(
+            f"The mailer {target!r} that should deliver queued mail is not in MAILERS.",
+            alias=alias,
+            check_id="mailer.E002",
+            hint=f"OPTIONS['deliver_using'] must be one of: {', '.join(map(repr, settings.MAILERS))}.",
+        )
+    if is_queue(backend_path(target)):
+        raise InvalidDeliveryMailer(
+            f"OPTIONS['deliver_using'] names MAILERS[{target!r}], which queues mail again rather than delivering it.",
+            alias=alias,
+            check_id="mailer.E003",
+            hint="Name a mailer whose BACKEND delivers mail, such as django.core.mail.backends.smtp.EmailBackend.",
+        )
+    return Route(backend_path(target), target)
+
+
+def check_delivery_route(alias: str | None = None) -> Route:
+    """Return the route, or raise ConfigurationError if queued mail could not be delivered that way."""
+    route = delivery_route(alias)
+    if is_queue(route.backend_path):
+        if not mailers_configured():
+            # Both settings are named without reading EMAIL_BACKEND, which
+            # Django 6.1 deprecates: the loop is MAILER_EMAIL_BACKEND's.
             raise ConfigurationError(
                 f'EMAIL_BACKEND and MAILER_EMAIL_BACKEND should not both be set to "{route.backend_path}" '
-                "at the same time: MAILER_EMAIL_BACKEND must name the backend that really delivers mail."
+                "at the same time: MAILER_EMAIL_BACKEND must name the backend that really delivers mail.",
+                check_id="mailer.E005",
+                hint="Set MAILER_EMAIL_BACKEND to the backend that delivers, such as "
+                f'"{DJANGO_DEFAULT_BACKEND}" (its default).',
             )
         raise ConfigurationError(
             f"Queued mail would be delivered by {route.describe()}, which queues it again. "
-            "MAILER_EMAIL_BACKEND (or the deliver_using option) must name a backend that really delivers mail."
+            "MAILER_EMAIL_BACKEND must name a backend that really delivers mail.",
+            check_id="mailer.E005",
+            hint="Remove MAILER_EMAIL_BACKEND and give the queue's mailer a deliver_using option.",
+        )
+    if route.alias is None and mailers_configured() and _is_django_smtp(route.backend_path):
+        raise ConfigurationError(
+            f"MAILER_EMAIL_BACKEND names {route.backend_path}, but no MAILERS entry uses it: it would need "
+            "the EMAIL_* settings, which Django does not allow with MAILERS.",
+            check_id="mailer.E008",
+            hint='Add a MAILERS entry with that BACKEND and its "OPTIONS" (host, port, ...), '
+            "or remove MAILER_EMAIL_BACKEND and use deliver_using.",
         )
     return route
 
 
-def get_delivery_connection(message: object = None) -> BaseEmailBackend:
+def get_delivery_connection(message: object = None, *, alias: str | None = None) -> BaseEmailBackend:
     """Return a new, unopened connection of the backend that delivers ``message``.
 
-    Every queued message leaves the same way today; ``message`` is where
-    routing a message to the mailer it was queued for will hook in.
+    ``alias`` is the ``MAILERS`` entry the message was queued through; None
+    (every message today) takes the site's default route. Routing each
+    message by a mailer stored with it passes that mailer here.
 
     Where Django's SMTP backend delivers, its subclass in ``mailer.smtp``
     does, with the same options, so that refused recipients are logged.
     """
-    route = check_delivery_route()
+    route = check_delivery_route(alias)
     backend_class = import_string(route.backend_path)
     if backend_class is DjangoSMTPBackend:
         backend_class = KeepingRefusalsBackend
-    if route.alias is None:
-        connection: BaseEmailBackend = backend_class()
+    smtp = isinstance(backend_class, type) and issubclass(backend_class, DjangoSMTPBackend)
+    if route.alias is not None:
+        if smtp:
+            connection: BaseEmailBackend = backend_class(alias=route.alias, **mailer_options(route.alias))
+            return connection
+        from django.core.mail import mailers  # Django 6.1 and later; the route has an alias only there
+
+        connection = mailers[route.alias]
         return connection
-    if backend_class is KeepingRefusalsBackend:
-        return KeepingRefusalsBackend(alias=route.alias, **_mailer_config(route.alias).get("OPTIONS", {}))
-
-    from django.core.mail import mailers  # Django 6.1 and later; the route has an alias only there
-
-    connection = mailers[route.alias]
+    if smtp and django_has_mailers():
+        # The classic settings on Django 6.1: this backend is no MAILERS entry
+        # (alias None), so it reads the EMAIL_* settings itself, as it does
+        # for Django's own get_connection(), without the warning Django gives
+        # code that makes backends instead of asking mail.mailers.
+        connection = backend_class(alias=None)
+        return connection
+    connection = backend_class()
     return connection

@@ -26,16 +26,32 @@ class MailerError(Exception):
 
 
 class ConfigurationError(MailerError, ImproperlyConfigured):
-    """Mailer's settings do not make sense; the message says which and why."""
+    """Mailer's settings do not make sense; the message says which and why.
+
+    ``check_id`` is the id of the system check that reports the same problem
+    (``manage.py check``), and ``hint`` what to change; see ``mailer.checks``.
+    """
+
+    def __init__(self, msg: str, *, check_id: str | None = None, hint: str | None = None) -> None:
+        super().__init__(msg)
+        self.check_id = check_id
+        self.hint = hint
 
 
-class InvalidDeliveryMailer(ConfigurationError, InvalidMailer):
-    """The ``MAILERS`` entry that should deliver queued mail is missing or unusable."""
+class InvalidMailerEntry(ConfigurationError, InvalidMailer):
+    """A ``MAILERS`` entry that mailer uses is wrong; the message starts with its alias, as Django's do."""
 
-    def __init__(self, msg: str, *, alias: str | None = None) -> None:
+    def __init__(
+        self, msg: str, *, alias: str | None = None, check_id: str | None = None, hint: str | None = None
+    ) -> None:
         if alias is not None:
             msg = f"MAILERS[{alias!r}]: {msg}"
-        ImproperlyConfigured.__init__(self, msg)
+        ConfigurationError.__init__(self, msg, check_id=check_id, hint=hint)
+        self.alias = alias
+
+
+class InvalidDeliveryMailer(InvalidMailerEntry):
+    """The ``MAILERS`` entry that should deliver queued mail is missing or unusable."""
 
 
 class InvalidAddress(MailerError, ValueError):

@@ -824,25 +824,26 @@ def _import_legacy_class(path: str) -> type[EmailMessage]:
 # The way in --------------------------------------------------------------
 
 
-def loads(data: str, limits: Limits | None = None) -> Any:
+def loads(data: str | bytes, limits: Limits | None = None) -> Any:
     """Read a django-mailer row: base64 of a pickle, or (before 2.0) the pickle itself.
 
-    Return the email (or the plain value) it holds. Raise RefusedPickle
-    when it asks for what no email is made of or passes a bound of
-    ``limits`` (``LIMITS`` by default), and UndecodableData when it is not a
-    pickle at all.
+    ``data`` is the text of the column, or bytes (a pickle as ``pickle.dumps``
+    returns it, which django-mailer's ``db_to_email`` also took). Return the
+    email (or the plain value) it holds. Raise RefusedPickle when it asks for
+    what no email is made of or passes a bound of ``limits`` (``LIMITS`` by
+    default), and UndecodableData when it is not a pickle at all.
     """
     limits = limits or LIMITS
     if len(data) > limits.input_size:
         raise RefusedPickle(f"legacy pickle refused: message data is larger than {limits.input_size} characters")
     try:
-        raw = base64.b64decode(data.encode("ascii"))
+        raw = base64.b64decode(data if isinstance(data, bytes) else data.encode("ascii"))
         tree, opcodes = read_tree(raw, limits)
     except RefusedPickle:
         raise
     except (UnicodeEncodeError, binascii.Error, UndecodableData):
         try:
-            raw = data.encode("latin-1")
+            raw = data if isinstance(data, bytes) else data.encode("latin-1")
             tree, opcodes = read_tree(raw, limits)
         except RefusedPickle:
             raise

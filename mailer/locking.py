@@ -36,7 +36,7 @@ from typing import Any
 import lockfile
 from lockfile.linklockfile import LinkLockFile
 
-__all__ = ["acquire", "describe_failure", "held_for", "process_name"]
+__all__ = ["LockState", "acquire", "describe_failure", "held_for", "lock_state", "process_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +60,9 @@ HOLDER_NAME = re.compile(r"-[0-9a-f]{1,8}\.([0-9]+)(-[0-9]+)?")
 # What the holder writes into the lock: its pid and a newline, which tells
 # a complete write from one still under way.
 NOTED_PID = re.compile(rb"([1-9][0-9]{0,6})\n")
+
+# A holder's whole file name, whatever its host: "<host>-<thread>.<pid><hash>".
+HOLDER_FILE_NAME = re.compile(r"(.+?)(" + HOLDER_NAME.pattern + ")")
 
 
 def acquire(lock: Any, timeout: float | None) -> tuple[int, ...]:
@@ -327,3 +330,72 @@ def _linux_process(pid: int) -> tuple[str, float] | None:
     except (OSError, ValueError, IndexError):
         return None
     return state, time.time() - uptime + started_ticks / ticks_per_second
+
+
+@dataclass(frozen=True)
+class LockState:
+    """What the lock file says about its holder, read without taking or breaking it.
+
+    For monitoring (``manage.py mailer_status``): a lock that stays held
+    stops every pass, and an operator must be able to tell a busy pass from
+    a dead one without reading lockfile's file names.
+    """
+
+    lock_file: str  # the absolute path of "<path>.lock"
+    held: bool  # the lock file is there: a pass that starts now finds the lock taken
+    taken_at: float | None  # when it was taken (as time.time() tells), if held
+    host: str | None  # the host name in its holder's file name; None if there is no such file
+    pids: tuple[int, ...]  # the pids its holder may have: one when known, several when lockfile's name can't tell
+    stale: bool  # its holder is a process of this host that certainly no longer runs: the next pass breaks it
+
+
+def lock_state(path: str) -> LockState:
+    """Describe the lock file that ``lockfile.FileLock(path)`` takes, changing nothing.
+
+    The holder is found as ``acquire`` finds it (the file linked to the
+    lock), but on any host, since the directory may be shared. ``stale`` is
+    what ``acquire`` would conclude before breaking the lock, so it errs as
+    ``acquire`` does: a lock of another host, or of a holder that cannot be
+    identified, is never called stale.
+    """
+    lock_file = os.path.abspath(path) + ".lock"
+    try:
+        lock_stat = os.lstat(lock_file)
+    except OSError:
+        return LockState(lock_file, held=False, taken_at=None, host=None, pids=(), stale=False)
+    host, pids = _any_holder(lock_file, lock_stat)
+    stale = os.name == "posix" and host == socket.gethostname() and _dead_holder(lock_file) is not None
+    return LockState(lock_file, held=True, taken_at=lock_stat.st_mtime, host=host, pids=pids, stale=stale)
+
+
+def _any_holder(lock_file: str, lock_stat: os.stat_result) -> tuple[str | None, tuple[int, ...]]:
+    """Return the host and the possible pids of the holder of the lock, from its file; (None, ()) if unknown."""
+    if not stat.S_ISREG(lock_stat.st_mode) or lock_stat.st_nlink != 2:
+        return None, ()
+    linked = []
+    try:
+        with os.scandir(os.path.dirname(lock_file)) as entries:
+            for entry in entries:
+                with contextlib.suppress(OSError):  # a file removed meanwhile is not the holder's
+                    entry_stat = entry.stat(follow_symlinks=False)
+                    same_file = (entry_stat.st_dev, entry_stat.st_ino) == (lock_stat.st_dev, lock_stat.st_ino)
+                    if same_file and entry.path != lock_file:
+                        linked.append(entry)
+    except OSError:
+        return None, ()
+    if len(linked) != 1:
+        return None, ()
+    this_host = socket.gethostname()
+    name = linked[0].name
+    if name.startswith(this_host) and HOLDER_NAME.fullmatch(name[len(this_host) :]):
+        host, rest = this_host, name[len(this_host) :]
+    else:
+        match = HOLDER_FILE_NAME.fullmatch(name)
+        if match is None:
+            return None, ()
+        host, rest = match.group(1), match.group(2)
+    pids = _pids_in_name(rest)
+    noted = _noted_pid(linked[0].path)
+    if noted in pids:
+        pids = (noted,)
+    return host, pids

@@ -1,7 +1,9 @@
 """Priorities of queued messages.
 
-This module imports no models, so settings modules and ``OPTIONS`` can use
-the constants; ``mailer.models`` exports them too, as django-mailer 2.x did.
+This module imports no models and reads no settings, so a settings module
+can use the constants (``from mailer.priority import PRIORITY_HIGH``) in a
+``DbBackend`` mailer's ``OPTIONS``; ``mailer.models`` exports them too, as
+django-mailer 2.x did.
 """
 
 import warnings
@@ -41,3 +43,27 @@ def get_priority(priority: int | str | None) -> int:
     if isinstance(priority, bool) or priority not in PRIORITY_MAPPING.values():
         raise ValueError(f"Invalid priority {priority!r}")
     return priority
+
+
+# What a DbBackend mailer's "priority" option may name: the priorities mail
+# is queued at. "deferred" is where failed mail waits for retry_deferred.
+QUEUEING_PRIORITIES = {"high": PRIORITY_HIGH, "medium": PRIORITY_MEDIUM, "low": PRIORITY_LOW}
+
+
+def priority_option(value: int | str | None) -> int:
+    """Return the priority a ``DbBackend`` mailer's ``priority`` option names; None means medium.
+
+    A settings file may give a label ("high", "medium", "low") or a
+    constant; no warning, unlike ``get_priority``, whose labels are
+    deprecated arguments of ``send_mail``. Anything else is a ValueError.
+    """
+    if value is None:
+        return PRIORITY_MEDIUM
+    if isinstance(value, str) and value in QUEUEING_PRIORITIES:
+        return QUEUEING_PRIORITIES[value]
+    if isinstance(value, int) and not isinstance(value, bool) and value in QUEUEING_PRIORITIES.values():
+        return value
+    raise ValueError(
+        f"the priority option must be 'high', 'medium', 'low' or one of PRIORITY_HIGH, PRIORITY_MEDIUM, "
+        f"PRIORITY_LOW (from mailer.priority), not {value!r}."
+    )

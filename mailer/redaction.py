@@ -31,7 +31,7 @@ class Searchable(Protocol):
     """What redaction needs of a queued message: its searchable columns and its email."""
 
     @property
-    def subject(self) -> str | None: ...
+    def subject_copy(self) -> str | None: ...
 
     @property
     def from_email(self) -> str | None: ...
@@ -75,7 +75,7 @@ def secrets_of(message: Searchable) -> set[str]:
     which are empty for a row no version of mailer has saved yet. Each text
     is read on its own, so one that does not parse costs nothing else.
     """
-    subjects = [message.subject]
+    subjects = [message.subject_copy]
     address_texts = [message.from_email, message.recipients]
     try:
         email = message.email

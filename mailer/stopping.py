@@ -23,6 +23,11 @@ def stop_requested() -> bool:
     return _requested.is_set()
 
 
+def handling_signals() -> bool:
+    """Return whether a signal can ask for a stop now (inside ``stopping_on_signals``)."""
+    return any(signal.getsignal(signum) is _on_signal for signum in SIGNALS)
+
+
 def _on_signal(signum: int, frame: FrameType | None) -> None:
     if _requested.is_set():
         raise KeyboardInterrupt(f"stopped by a second {signal.Signals(signum).name}")

@@ -38,22 +38,15 @@ def test_default_delivery_is_smtp(legacy_settings):
     assert delivery_route() == Route(SMTP)
 
 
-# Django 6.1 warns about reading EMAIL_BACKEND, which this configuration has to do.
-@pytest.mark.filterwarnings("ignore:The EMAIL_BACKEND setting is deprecated")
 def test_both_settings_on_db_backend_is_refused_with_both_names(legacy_settings):
+    """As django-mailer 2.x said it; the message names EMAIL_BACKEND without reading it (Django 6.1 deprecates it)."""
     settings = legacy_settings
-    settings.EMAIL_BACKEND = DB
     settings.MAILER_EMAIL_BACKEND = DB
     with pytest.raises(
         ConfigurationError, match=r'EMAIL_BACKEND and MAILER_EMAIL_BACKEND .*"mailer.backend.DbBackend"'
-    ):
+    ) as refused:
         engine.send_all()
-
-
-def test_delivering_through_the_queue_itself_is_refused(settings):
-    settings.MAILER_EMAIL_BACKEND = DB
-    with pytest.raises(ConfigurationError, match="queues it again"):
-        check_delivery_route()
+    assert refused.value.check_id == "mailer.E005"
 
 
 @needs_mailers
@@ -119,8 +112,49 @@ class TestWithMailers:
             mailers["wrong"]
 
     def test_a_wrong_priority_option_fails_when_the_mailer_is_made(self, settings):
-        from django.core.mail import mailers
+        from django.core.mail import InvalidMailer, mailers
 
         settings.MAILERS = {"default": {"BACKEND": DB, "OPTIONS": {"priority": 9}}}
-        with pytest.raises(ValueError, match="Invalid priority 9"):
+        with pytest.raises(InvalidMailer, match=r"^MAILERS\['default'\]: OPTIONS\['priority'\]: .*not 9"):
             mailers["default"]
+
+    def test_delivering_through_a_queue_named_by_mailer_email_backend_is_refused(self, settings):
+        settings.MAILER_EMAIL_BACKEND = DB
+        settings.MAILERS = {"default": {"BACKEND": DB}}
+        with pytest.raises(ConfigurationError, match="queues it again") as refused:
+            check_delivery_route()
+        assert refused.value.check_id == "mailer.E005"
+
+    def test_deliver_using_another_queue_is_refused(self, settings):
+        del settings.MAILER_EMAIL_BACKEND
+        settings.MAILERS = {
+            "default": {"BACKEND": DB, "OPTIONS": {"deliver_using": "other"}},
+            "other": {"BACKEND": DB, "OPTIONS": {"deliver_using": "default"}},
+        }
+        with pytest.raises(InvalidDeliveryMailer, match=r"names MAILERS\['other'\], which queues mail again"):
+            engine.send_all()
+
+    def test_smtp_named_by_mailer_email_backend_without_a_mailer_is_refused(self, settings):
+        """Django's SMTP backend made without an alias would read EMAIL_HOST, which MAILERS takes away."""
+        settings.MAILER_EMAIL_BACKEND = SMTP
+        settings.MAILERS = {"default": {"BACKEND": DB}}
+        with pytest.raises(ConfigurationError, match="no MAILERS entry uses it") as refused:
+            engine.send_all()
+        assert refused.value.check_id == "mailer.E008"
+
+    def test_mail_of_a_queue_mailer_leaves_through_its_own_deliver_using(self, settings):
+        """Where routing each message by the mailer it was queued through plugs in."""
+        del settings.MAILER_EMAIL_BACKEND
+        settings.MAILERS = {
+            "default": {"BACKEND": DB, "OPTIONS": {"deliver_using": "smtp"}},
+            "bulk": {"BACKEND": DB, "OPTIONS": {"deliver_using": "outbound"}},
+            "plain": {"BACKEND": DB},
+            "smtp": {"BACKEND": SMTP, "OPTIONS": {"host": "mail.example.com"}},
+            "outbound": {"BACKEND": LOCMEM},
+        }
+        assert delivery_route("bulk") == Route(LOCMEM, "outbound")
+        assert delivery_route("plain") == Route(SMTP, "smtp")  # no deliver_using: as the default mailer's mail
+        assert delivery_route("outbound") == Route(LOCMEM, "outbound")
+        assert get_delivery_connection(alias="bulk").alias == "outbound"  # type: ignore[attr-defined]
+        with pytest.raises(InvalidDeliveryMailer, match="'gone' that should deliver queued mail is not in MAILERS"):
+            get_delivery_connection(alias="gone")

@@ -48,6 +48,12 @@ def test_a_bad_delivering_mailer_is_djangos_invalid_mailer_on_6_1():
     assert str(error) == "MAILERS['default']: OPTIONS must define 'deliver_using'."
 
 
+def test_a_configuration_error_carries_the_id_and_hint_of_the_check_that_reports_it():
+    error = InvalidDeliveryMailer("no deliver_using", alias="default", check_id="mailer.E001", hint="Set it.")
+    assert (error.check_id, error.hint, error.alias) == ("mailer.E001", "Set it.", "default")
+    assert str(error) == "MAILERS['default']: no deliver_using"
+
+
 def test_a_wrong_admins_setting_is_a_configuration_error(settings):
     settings.ADMINS = "ada@example.com"
     with pytest.raises(ConfigurationError, match="The ADMINS setting must be a list"):

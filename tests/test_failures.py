@@ -132,7 +132,7 @@ def test_the_refusals_of_one_message_are_not_logged_on_the_next(deliver_to_smtp)
 
     engine.send_all()
 
-    assert dict(MessageLog.objects.values_list("subject", "log_message")) == {
+    assert dict(MessageLog.objects.values_list("subject_copy", "log_message")) == {
         "Partly": "sent; recipients refused: gone@example.com: 550 5.1.1 No such user",
         "Whole": "",
     }

@@ -125,7 +125,7 @@ def test_messages_pickled_before_django_5_2_render_today():
 def test_subject_sender_and_recipients_are_searchable_columns(settings):
     mailer.send_mail("Columns", "Body", "Sender <s@example.com>", ["a@example.com"])
     message = Message.objects.get()
-    assert (message.subject, message.from_email, message.recipients) == (
+    assert (message.subject_copy, message.from_email, message.recipients) == (
         "Columns",
         "Sender <s@example.com>",
         "a@example.com",
@@ -133,8 +133,8 @@ def test_subject_sender_and_recipients_are_searchable_columns(settings):
     assert Message.objects.filter(recipients__contains="a@example.com").exists()
 
     log = MessageLog.objects.log(message, RESULT_SUCCESS)
-    assert (log.subject, log.from_email, log.recipients) == ("Columns", "Sender <s@example.com>", "a@example.com")
+    assert (log.subject_copy, log.from_email, log.recipients) == ("Columns", "Sender <s@example.com>", "a@example.com")
 
     settings.MAILER_EMAIL_LOG_MESSAGE_DATA = False
     bare = MessageLog.objects.log(message, RESULT_SUCCESS)
-    assert (bare.message_data, bare.subject, bare.from_email, bare.recipients) == (None, None, None, None)
+    assert (bare.message_data, bare.subject_copy, bare.from_email, bare.recipients) == (None, None, None, None)

@@ -170,7 +170,7 @@ def queue(scenario: Scenario) -> Message:
         # As django-mailer left it: inserted without save(), so no search column is filled.
         (row,) = Message.objects.bulk_create([Message(message_data=data)])
         message = Message.objects.get(pk=row.pk)
-        assert (message.subject, message.from_email, message.recipients) == ("", "", "")
+        assert (message.subject_copy, message.from_email, message.recipients) == ("", "", "")
         return message
     message = Message.for_email(scenario.email)
     message.save()
@@ -181,7 +181,7 @@ def written_texts(caplog) -> list[str]:
     """Every text mailer wrote: its log rows (every column) and its log records (every level)."""
     texts = []
     for log in MessageLog.objects.all():
-        texts += [log.log_message, log.subject, log.from_email, log.recipients, log.message_data]
+        texts += [log.log_message, log.subject_copy, log.from_email, log.recipients, log.message_data]
     for record in caplog.records:
         if record.name == "mailer" or record.name.startswith("mailer."):
             texts.append(record.getMessage())
@@ -430,7 +430,7 @@ def test_many_refused_recipients_are_logged_in_time(settings, deliver_to_smtp, m
 class Queued:
     """A queued message as redaction sees it, with no email to read."""
 
-    subject: str | None
+    subject_copy: str | None
     from_email: str | None
     recipients: str | None
     email: None = None

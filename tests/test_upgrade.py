@@ -53,6 +53,8 @@ OUR_MIGRATIONS = [
     "0010_convert_pickled_message_data",
     "0011_retry_after_failed_permanently",
     "0012_sending_order_and_purge_indexes",
+    "0013_subject_copy",
+    "0014_message_mailer_alias",
 ]
 
 
@@ -273,18 +275,18 @@ def test_log_of_django_mailer_2_3_2_stays_readable(legacy_db, manifest):
     by_result: dict[str, list[tuple]] = {}
     for log_id, result, data, message_id, log_message, subject in rows:
         # The subject column is filled by the migration that converts the pickles.
-        log = MessageLog(message_data=data, subject=subject)
+        log = MessageLog(message_data=data, subject_copy=subject)
         by_result.setdefault(result, []).append((log_id, log, message_id, log_message))
 
     [(log_id, sent, message_id, _)] = by_result[RESULT_SUCCESS]
     assert log_id == manifest["sent_before"]["log_id"]
-    assert sent.subject == manifest["sent_before"]["subject"]
+    assert sent.subject_copy == sent.subject == manifest["sent_before"]["subject"]
     assert message_id == manifest["sent_before"]["message_id"]
     assert sent.email.extra_headers["Message-ID"] == message_id
 
     [(_, failed, _, log_message)] = by_result[RESULT_FAILURE]
     deferred = next(m for m in manifest["messages"] if m["key"] == "deferred")
-    assert failed.subject == deferred["subject"]
+    assert failed.subject_copy == failed.subject == deferred["subject"]
     assert failed.to_addresses == deferred["to"]
     assert log_message == "421 4.3.0 try again later"
 

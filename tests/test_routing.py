@@ -1,0 +1,135 @@
+"""Routing by alias (Django 6.1): each message leaves through the mailer it was queued through.
+
+A site with two queueing mailers, "default" delivering through one mail
+server and "urgent" through another: mail queued with ``using="urgent"``
+(through Django's own ``send_mail`` or mailer's) is stored with that alias,
+queued at that mailer's priority, and delivered by that mailer's
+``deliver_using``, while everything else keeps the default route. Two real
+SMTP servers on loopback tell the routes apart.
+"""
+
+import django
+import pytest
+from django.core import mail
+
+import mailer
+from mailer import engine
+from mailer.models import Message, MessageLog
+from mailer.priority import PRIORITY_HIGH, PRIORITY_MEDIUM
+from tests.smtp import SMTPServer
+
+pytestmark = [
+    pytest.mark.django_db,
+    pytest.mark.skipif(django.VERSION < (6, 1), reason="MAILERS arrived in Django 6.1"),
+]
+
+DB = "mailer.backend.DbBackend"
+SMTP = "django.core.mail.backends.smtp.EmailBackend"
+
+
+@pytest.fixture
+def urgent_server():
+    server = SMTPServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def two_routes(settings, smtp_server, urgent_server):
+    """The default mailer queues for ``smtp_server``; "urgent" queues at high priority for ``urgent_server``."""
+    if hasattr(settings, "MAILER_EMAIL_BACKEND"):
+        del settings.MAILER_EMAIL_BACKEND
+    settings.MAILERS = {
+        "default": {"BACKEND": DB, "OPTIONS": {"deliver_using": "smtp"}},
+        "urgent": {"BACKEND": DB, "OPTIONS": {"deliver_using": "smtp_urgent", "priority": "high"}},
+        "smtp": {"BACKEND": SMTP, "OPTIONS": {"host": smtp_server.host, "port": smtp_server.port, "timeout": 10}},
+        "smtp_urgent": {
+            "BACKEND": SMTP,
+            "OPTIONS": {"host": urgent_server.host, "port": urgent_server.port, "timeout": 10},
+        },
+    }
+    return smtp_server, urgent_server
+
+
+def subjects(server: SMTPServer) -> list[str]:
+    return sorted(received.message["Subject"] for received in server.received)
+
+
+def test_mail_queued_through_an_alias_leaves_through_its_deliver_using(two_routes):
+    default_server, urgent_server = two_routes
+    mail.send_mail("Weekly digest", "Body", "from@example.com", ["to@example.com"])
+    mail.send_mail("Password reset", "Body", "from@example.com", ["to@example.com"], using="urgent")
+    mailer.send_mail("Sign-up", "Body", "from@example.com", ["to@example.com"], using="urgent")
+    mailer.send_mail("Invoice", "Body", "from@example.com", ["to@example.com"])
+
+    queued = {m.subject: m for m in Message.objects.all()}
+    assert {subject: (m.mailer_alias, m.priority) for subject, m in queued.items()} == {
+        "Weekly digest": ("default", PRIORITY_MEDIUM),
+        "Password reset": ("urgent", PRIORITY_HIGH),
+        "Sign-up": ("urgent", PRIORITY_HIGH),
+        "Invoice": ("default", PRIORITY_MEDIUM),
+    }
+
+    assert engine.send_all() == {"sent": 4}
+
+    assert subjects(urgent_server) == ["Password reset", "Sign-up"]
+    assert subjects(default_server) == ["Invoice", "Weekly digest"]
+    # Interleaved routes keep one session each for the whole pass.
+    assert (urgent_server.connections, default_server.connections) == (1, 1)
+    assert MessageLog.objects.filter(result="1").count() == 4
+
+
+def test_bulk_queueing_through_an_alias_is_routed_too(two_routes):
+    default_server, urgent_server = two_routes
+    messages = [mail.EmailMessage(f"Alert {n}", "Body", "from@example.com", ["to@example.com"]) for n in range(3)]
+    with mail.mailers["urgent"] as connection:
+        connection.send_messages(messages)
+    mailer.send_mass_mail([("Batch", "Body", "from@example.com", ["to@example.com"])], using="urgent")
+
+    engine.send_all()
+
+    assert subjects(urgent_server) == ["Alert 0", "Alert 1", "Alert 2", "Batch"]
+    assert default_server.received == []
+
+
+def test_messages_queued_before_routing_keep_the_default_route(two_routes):
+    default_server, urgent_server = two_routes
+    mailer.send_mail("Queued by an older release", "Body", "from@example.com", ["to@example.com"])
+    Message.objects.update(mailer_alias=None)  # as every row queued before migration 0014
+
+    engine.send_all()
+
+    assert subjects(default_server) == ["Queued by an older release"]
+    assert urgent_server.received == []
+
+
+def test_a_message_whose_mailer_was_removed_is_set_aside_and_the_rest_goes_on(settings, two_routes):
+    default_server, urgent_server = two_routes
+    mail.send_mail("Urgent", "Body", "from@example.com", ["to@example.com"], using="urgent")
+    mail.send_mail("Ordinary", "Body", "from@example.com", ["to@example.com"])
+    del settings.MAILERS["urgent"]  # the site dropped the alias with mail still queued through it
+
+    counts = engine.send_all()
+
+    assert counts == {"sent": 1, "deferred": 1}
+    assert subjects(default_server) == ["Ordinary"]
+    assert urgent_server.received == []
+    kept = Message.objects.get()
+    assert (kept.subject, kept.mailer_alias) == ("Urgent", "urgent")
+    assert "'urgent'" in MessageLog.objects.get(result="3").log_message
+
+    settings.MAILERS["urgent"] = {"BACKEND": DB, "OPTIONS": {"deliver_using": "smtp_urgent"}}
+    Message.objects.retry_deferred()
+    assert engine.send_all() == {"sent": 1}
+    assert subjects(urgent_server) == ["Urgent"]
+
+
+def test_a_site_back_on_the_classic_settings_sends_routed_mail_the_default_way(settings, two_routes):
+    default_server, urgent_server = two_routes
+    mail.send_mail("Urgent", "Body", "from@example.com", ["to@example.com"], using="urgent")
+    del settings.MAILERS
+    settings.MAILER_EMAIL_BACKEND = SMTP
+    settings.EMAIL_HOST, settings.EMAIL_PORT = default_server.host, default_server.port
+
+    assert engine.send_all() == {"sent": 1}
+    assert subjects(default_server) == ["Urgent"]
