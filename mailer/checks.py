@@ -15,7 +15,11 @@ Each problem has a stable id, so a site can silence one with
 - ``mailer.E007``: ``MAILER_EMAIL_BACKEND`` cannot be imported;
 - ``mailer.E008``: with ``MAILERS``, ``MAILER_EMAIL_BACKEND`` names Django's SMTP
   backend but no ``MAILERS`` entry uses it;
+- ``mailer.E010``: the mailer that delivers queued mail cannot be made (its
+  ``BACKEND`` cannot be imported, or it refuses its ``OPTIONS``);
 - ``mailer.W001``: a ``deliver_using`` option that ``MAILER_EMAIL_BACKEND`` overrides.
+
+(``mailer.E009`` is ``mailer.tasks``'s: :setting:`MAILER_TASK_BACKEND`.)
 
 The checks run the code that sending runs (``mailer.delivery``, ``DbBackend``),
 so what they report is what ``send_mail`` would refuse, in the same words.
@@ -44,7 +48,7 @@ def check_mail_delivery(app_configs: Any = None, **kwargs: Any) -> list[CheckMes
             problems += _check_queue_mailer(alias)
         problems += _check_route(queues)
     else:
-        problems += _as_messages(delivery.check_delivery_route)
+        problems += _as_messages(delivery.check_delivery_route) or _check_delivering_mailer()
     # The default mailer's route is checked both as a mailer's and as the default route.
     unique: list[CheckMessage] = []
     for problem in problems:
@@ -80,13 +84,37 @@ def _check_queue_mailer(alias: str) -> list[CheckMessage]:
     except ImproperlyConfigured as exc:  # Django's InvalidMailer: an option DbBackend does not take
         return [Error(str(exc), hint="A DbBackend mailer takes deliver_using and priority.", id="mailer.E006")]
     if delivery.mailer_options(alias).get("deliver_using"):
-        return _as_messages(delivery.check_delivery_route, alias)
+        return _as_messages(delivery.check_delivery_route, alias) or _check_delivering_mailer(alias)
+    return []
+
+
+def _check_delivering_mailer(alias: str | None = None) -> list[CheckMessage]:
+    """Make the connection that delivers mail queued through ``alias`` (None: the default route), as a pass
+    would: a misspelt ``BACKEND`` or an option it refuses would otherwise fail every pass.
+
+    Making a connection connects to nothing.
+    """
+    try:
+        delivery.get_delivery_connection(alias=alias)
+    except ConfigurationError:
+        return []  # the route's own checks say it
+    except (ImportError, ImproperlyConfigured, TypeError, ValueError) as exc:
+        route = delivery.delivery_route(alias)
+        if isinstance(exc, ImportError) and route.alias is None:
+            return []  # MAILER_EMAIL_BACKEND: mailer.E007 says it
+        return [
+            Error(
+                f"{route.describe()}, which delivers queued mail, cannot be made: {type(exc).__name__}: {exc}",
+                hint="Check its BACKEND and OPTIONS (or the EMAIL_* settings it reads).",
+                id="mailer.E010",
+            )
+        ]
     return []
 
 
 def _check_route(queues: list[str]) -> list[CheckMessage]:
     """Check the route of the default mailer's mail, and warn of a ``deliver_using`` it ignores."""
-    problems = _as_messages(delivery.check_delivery_route)
+    problems = _as_messages(delivery.check_delivery_route) or _check_delivering_mailer()
     if conf.is_set("MAILER_EMAIL_BACKEND"):
         for alias in queues:
             if delivery.mailer_options(alias).get("deliver_using"):

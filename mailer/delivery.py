@@ -19,6 +19,7 @@ Every way this can be wrong is a ``ConfigurationError`` carrying the id of
 the system check that reports it before anything runs (``mailer.checks``).
 """
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,8 @@ from mailer import conf
 from mailer.backend import DbBackend
 from mailer.exceptions import ConfigurationError, InvalidDeliveryMailer
 from mailer.smtp import EmailBackend as KeepingRefusalsBackend
+
+logger = logging.getLogger(__name__)
 
 DB_BACKEND = "mailer.backend.DbBackend"
 DJANGO_DEFAULT_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
@@ -90,6 +93,27 @@ def _is_django_smtp(path: str) -> bool:
     except ImportError:
         return False
     return isinstance(backend_class, type) and issubclass(backend_class, DjangoSMTPBackend)
+
+
+def routing_alias(alias: str | None) -> str | None:
+    """Return the ``MAILERS`` entry whose route mail queued through ``alias`` takes; None: the default route.
+
+    The mailer a message was queued through chooses its route only with
+    ``MAILERS`` and without ``MAILER_EMAIL_BACKEND``, which, when set,
+    delivers all queued mail (``deliver_using`` is then ignored, check
+    ``mailer.W001``). Mail queued through the default mailer, before the
+    alias was stored, or through a mailer since removed from ``MAILERS``
+    (rather than waiting for ever), takes the default route.
+    """
+    if not alias or alias == DEFAULT_MAILER or not mailers_configured() or conf.is_set("MAILER_EMAIL_BACKEND"):
+        return None
+    if alias not in settings.MAILERS:
+        logger.warning(
+            "a message was queued through the mailer %r, which is no longer in MAILERS: it leaves the default way",
+            alias,
+        )
+        return None
+    return alias
 
 
 def delivery_route(alias: str | None = None) -> Route:

@@ -45,9 +45,9 @@ from django.db import DatabaseError, DataError, IntegrityError, transaction
 from django.db import connections as database_connections
 from django.utils.module_loading import import_string
 
-from mailer import conf, failures, locking, stopping, workers
+from mailer import conf, failures, locking, reporting, stopping, workers
 from mailer.codec import decode, storable_text
-from mailer.delivery import check_delivery_route, delivery_route, get_delivery_connection
+from mailer.delivery import check_delivery_route, delivery_route, get_delivery_connection, routing_alias
 from mailer.exceptions import ConfigurationError, SentButNotRecorded, UndecodableData, UnstorableEmail
 from mailer.message_id import ensure_message_id, get_message_id
 from mailer.models import (
@@ -246,11 +246,20 @@ def send_all(queryset: Any = None, *, connections: int | None = None) -> Counter
     database is gone, the configuration is wrong) ends it and is raised,
     after every claim and the lock are given back.
     """
+    try:
+        return _send_all(queryset, connections)
+    except Exception as exc:
+        reporting.observer().pass_failed(exc)
+        raise
+
+
+def _send_all(queryset: Any, connections: int | None) -> Counter[str] | None:
     check_delivery_route()
     _check_retry_settings()
     senders = _delivery_connections(connections)
     if conf.get_setting("MAILER_PAUSE_SEND"):
         logger.info("sending is paused, quitting.")
+        reporting.observer().paused()
         return None
     error_handler = import_string(conf.get_setting("MAILER_ERROR_HANDLER"))
 
@@ -258,8 +267,10 @@ def send_all(queryset: Any = None, *, connections: int | None = None) -> Counter
     if use_file_lock:
         acquired, lock = acquire_lock()
         if not acquired:
+            reporting.observer().lock_held()
             return None
     started = time.monotonic()
+    reporting.observer().pass_started()
     try:
         counts = _send_pass(queryset, error_handler, senders)
     finally:
@@ -275,7 +286,12 @@ def send_all(queryset: Any = None, *, connections: int | None = None) -> Counter
         duration,
         extra={"sent": counts["sent"], "deferred": counts["deferred"], "duration": duration},
     )
+    reporting.observer().pass_ended(counts, duration)
     return counts
+
+
+# send_loop tells this from a replacement that code written for django-mailer 2.x patched in.
+_OWN_SEND_ALL = send_all
 
 
 def _delivery_connections(given: int | None) -> int:
@@ -321,13 +337,20 @@ def send_loop(*, connections: int | None = None) -> None:
     """
     while not stopping.stop_requested():
         _drop_broken_database_connections()
+        # Looked up each time, and called as django-mailer called it unless told otherwise: code written
+        # for it patches send_all.
+        make_pass = send_all
         try:
             if Message.objects.non_deferred().due(datetime_now()).exists():
-                # Called as django-mailer called it unless told otherwise: code written for it may patch it.
-                counts = send_all() if connections is None else send_all(connections=connections)
+                counts = make_pass() if connections is None else make_pass(connections=connections)
                 if counts and counts["sent"]:
                     continue  # there may be more: look again at once
-        except Exception:
+        except Exception as exc:
+            if make_pass is not _OWN_SEND_ALL:
+                # What a replacement raises means what its author meant: 2.x code (tests, mostly) ends
+                # the loop this way, as django-mailer, which caught nothing here, let it.
+                raise
+            reporting.observer().pass_failed(exc)  # once: send_all's own report of it is the same error
             logger.error(
                 "the sending pass failed; trying again in %s seconds",
                 conf.get_setting("MAILER_EMPTY_QUEUE_SLEEP"),
@@ -354,7 +377,12 @@ def _drop_if_broken(connection: Any) -> None:
 def _sleep_before_checking_again() -> None:
     sleep = conf.get_setting("MAILER_EMPTY_QUEUE_SLEEP")
     logger.debug("sleeping for %s seconds before checking queue again", sleep)
-    workers.sleep(sleep)
+    if stopping.handling_signals():
+        workers.sleep(sleep)  # in short steps: a SIGTERM is answered within one, not after the whole sleep
+    else:
+        # Called directly (a site's own code, its tests), nothing can ask the loop to stop meanwhile: one
+        # sleep, as django-mailer slept (its tests patch time.sleep and expect one call).
+        time.sleep(sleep)
 
 
 @dataclass(frozen=True)
@@ -399,8 +427,12 @@ class SendingPass:
         self.unrecorded_at_most = unrecorded_at_most
         # Which process holds the claims, so that its claims can be given back if it is killed.
         self.token = f"{uuid.uuid4().hex}.{locking.process_name()}"
+        # The delivery connection of the route of the message at hand (``route``, a MAILERS alias or None for
+        # the default one); those of the other routes the pass used wait in ``idle``, still open, for later messages.
         self.connection: BaseEmailBackend | None = None
         self.connection_open = False
+        self.route: str | None = None
+        self.idle: dict[str | None, BaseEmailBackend] = {}
         # The claims not yet handled, and until when they hold.
         self.held: list[int] = []
         self.held_until = datetime_now()
@@ -421,7 +453,7 @@ class SendingPass:
             try:
                 self._record_unrecorded()
             finally:
-                self._drop_connection()
+                self._drop_connections()
 
     def _claim_next(self) -> bool:
         """Claim the next few due messages of the queue, in sending order; return whether there were any.
@@ -470,6 +502,8 @@ class SendingPass:
                 finally:
                     # None: deleted since it was claimed.
                     self.progress.finished(outcome.status if outcome else None, bool(outcome and outcome.ends_pass))
+                if outcome is not None:
+                    reporting.observer().message_handled(claimed.pk, claimed.message, outcome.status)
                 if self.progress.ended:
                     return
                 if outcome is not None and conf.get_setting("MAILER_EMAIL_THROTTLE"):
@@ -559,25 +593,26 @@ class SendingPass:
             if message is None:
                 return None
             if claimed.read_error is not None or email is None:
+                if _holds_nothing(message):
+                    _discard_empty(message)
+                    return None  # gone
                 _set_aside_unreadable(message, claimed.read_error or UndecodableData("no email"))
                 return Outcome("deferred")
-            if self.connection is None:
-                # Outside the message's own isolation: a backend that cannot
-                # even be made fails every message alike.
-                self.connection = get_delivery_connection(message)
+            if not self._use_route_of(message):
+                return Outcome("deferred")
             try:
                 if claimed.suppressed and claimed.suppressed == email.recipients():
                     message.record(RESULT_DONT_SEND, _dont_send_reason(claimed.suppressed))
                     return Outcome("dont_send")
 
-                attributes = dict(vars(email))
+                before = _snapshot(email)
                 outcome, refused = self._deliver(message, email)
                 if outcome is not None:
                     return outcome
                 sent = True
-                if vars(email) != attributes:
+                if _changed_since(email, before):
                     # The backend changed the message (an email service noting its
-                    # own id, say): log it as the backend left it, as django-mailer did.
+                    # own id, a header added): log it as the backend left it, as django-mailer did.
                     with contextlib.suppress(UnstorableEmail):  # not plain data: log it as queued
                         message.email = email
                 note = _refusals_note(message, email, refused)
@@ -624,7 +659,7 @@ class SendingPass:
                 logger.info("the mail server ended the session (%s); opening a new one", loggable(str(exc), message))
                 self._drop_connection()
                 connecting = True
-                self._send_over_connection(email, get_delivery_connection(message))
+                self._send_over_connection(email, get_delivery_connection(message, alias=self.route))
         except Exception as exc:
             return self._failed(message, exc, while_connecting=connecting and not self.connection_open), {}
         refused = getattr(self.connection, "refused_recipients", None)
@@ -663,16 +698,58 @@ class SendingPass:
                 _server_name(connection),
                 loggable(failure.reason, message),
             )
+            reporting.observer().server_unreachable(_server_name(connection), loggable(failure.reason, message))
         return Outcome(status, ends_pass=failure.outage)
+
+    def _use_route_of(self, message: Message) -> bool:
+        """Make the connection of the mailer ``message`` was queued through the one at hand; False if that
+        mailer's delivering connection cannot be made (the message is then set aside, and the others go on).
+
+        A message queued through a ``MAILERS`` entry leaves through that
+        entry's ``deliver_using`` (``delivery.routing_alias`` says when). The
+        default route is checked when the pass starts; a connection of it
+        that cannot be made fails every message alike and ends the pass.
+        """
+        route = routing_alias(message.mailer_alias)
+        if route != self.route:
+            if self.connection is not None:
+                if self.connection_open:
+                    self.idle[self.route] = self.connection
+                else:
+                    self._drop_connection()
+            self.connection = self.idle.pop(route, None)
+            self.connection_open = self.connection is not None
+            self.route = route
+        if self.connection is None:
+            if route is None:
+                self.connection = get_delivery_connection(message)
+                return True
+            try:
+                self.connection = get_delivery_connection(message, alias=route)
+            except (ImportError, ImproperlyConfigured, TypeError, ValueError) as exc:
+                _set_aside(message, exc)
+                return False
+        return True
 
     def _drop_connection(self) -> None:
         if self.connection is not None:
-            try:
-                self.connection.close()
-            except Exception:
-                logger.debug("closing the delivery connection failed", exc_info=True)
+            _close_quietly(self.connection)
         self.connection = None
         self.connection_open = False
+
+    def _drop_connections(self) -> None:
+        """Close the connection at hand and those of the other routes the pass used."""
+        self._drop_connection()
+        idle, self.idle = self.idle, {}
+        for connection in idle.values():
+            _close_quietly(connection)
+
+
+def _close_quietly(connection: BaseEmailBackend) -> None:
+    try:
+        connection.close()
+    except Exception:
+        logger.debug("closing the delivery connection failed", exc_info=True)
 
 
 def _read_one(pk: int) -> Claimed:
@@ -713,6 +790,44 @@ def _read_email(message: Message) -> EmailMessage:
         if len(message.message_data) > READ_BYTES:
             del message.__dict__["message_data"]  # held once, as the email
     return email
+
+
+def _snapshot(email: EmailMessage) -> dict[str, Any]:
+    """Return the attributes of ``email`` with its dicts and lists copied, to tell whether a backend changes it.
+
+    One level deep: an attribute replaced, and a change in place (a header
+    added to ``extra_headers``, a recipient appended), are seen. The copies
+    share their items, so a large attachment is neither copied nor compared
+    byte by byte.
+    """
+    return {name: copy.copy(value) if isinstance(value, dict | list) else value for name, value in vars(email).items()}
+
+
+def _changed_since(email: EmailMessage, snapshot: dict[str, Any]) -> bool:
+    try:
+        return bool(vars(email) != snapshot)
+    except Exception:  # a subclass's attribute that cannot be compared: store it again, to be sure
+        return True
+
+
+def _holds_nothing(message: Message) -> bool:
+    """Return whether the row's ``message_data`` is empty (a large one is off the instance, see ``_read_email``)."""
+    return "message_data" in message.__dict__ and not message.message_data
+
+
+def _discard_empty(message: Message) -> None:
+    """Delete a row with no message data, with a warning and no log row, as django-mailer did.
+
+    There is nothing in it to send, to keep for a human, or to retry; a row
+    that holds data, however damaged, is set aside instead.
+    """
+    logger.warning(
+        "message discarded due to failure in converting from DB: it holds no message data. "
+        "Added on '%s' with priority '%s'",
+        message.when_added,
+        message.priority,
+    )
+    message.delete()
 
 
 def _set_aside_unreadable(message: Message, exc: Exception) -> None:

@@ -18,8 +18,10 @@ alternatives, MIME parts, ``SafeString`` (as plain text), bytes, dates.
 A pickled email backend (the ``connection`` of mail queued through
 ``DbBackend``) is dropped unread.
 
-Every read is bounded (``LIMITS``): a row past any bound is refused as
-undecodable, so a crafted row costs little time and memory.
+Every read is bounded (``LIMITS``, and ``mailer.mime``'s bounds on the
+headers of MIME attachments, 32 KB for a row's attachments in all): a row
+past any bound is refused as undecodable, so a crafted row costs at most a
+few seconds of CPU and little memory, once (it is set aside).
 """
 
 import _compat_pickle
@@ -45,7 +47,7 @@ from django.utils.module_loading import import_string
 from mailer import conf
 from mailer.compat import detach_connection
 from mailer.exceptions import RefusedPickle, UndecodableData
-from mailer.mime import StoredMIMEBase, check_bounds
+from mailer.mime import MAX_HEADERS_LENGTH, StoredMIMEBase, check_bounds
 
 __all__ = ["LIMITS", "Limits", "is_behaviour", "is_header_value", "loads"]
 
@@ -427,6 +429,9 @@ class _Rebuilder:
         self.nodes = nodes
         self.limits = limits
         self.in_progress: set[int] = set()
+        # Characters of MIME headers the row's attachments may have in all, counting an attachment again
+        # each time the pickle refers to it: rendering them costs time that grows faster than their length.
+        self.mime_headers_left = MAX_HEADERS_LENGTH
 
     # Accounting ---------------------------------------------------------
 
@@ -688,6 +693,12 @@ class _Rebuilder:
     def attachment(self, node: Any, depth: int) -> Any:
         item = self.value(node, depth)
         if isinstance(item, email.message.Message):
+            self.mime_headers_left -= sum(len(str(value)) for part in item.walk() for _name, value in part.raw_items())
+            if self.mime_headers_left < 0:
+                raise RefusedPickle(
+                    f"legacy pickle refused: its MIME attachments have more than {MAX_HEADERS_LENGTH} "
+                    "characters of headers in all"
+                )
             try:
                 check_bounds(item)
                 item.as_bytes()  # what sending will do; a part that cannot be rendered is refused now

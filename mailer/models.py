@@ -11,9 +11,10 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from django.core.mail import EmailMessage, EmailMultiAlternatives
-from django.db import DataError, IntegrityError, connections, models, transaction
-from django.db.models.functions import Length
+from django.db import DataError, IntegrityError, connections, models, router, transaction
+from django.db.models.functions import Length, Lower
 from django.utils.timezone import now as datetime_now
+from django.utils.translation import gettext
 from django.utils.translation import gettext_lazy as _
 
 from mailer import conf
@@ -45,6 +46,7 @@ __all__ = [
     "Message",
     "MessageLog",
     "DontSendEntry",
+    "DuplicateAddress",
     "make_message",
     "email_to_db",
     "db_to_email",
@@ -221,10 +223,18 @@ class Message(models.Model):
     failed_permanently = models.BooleanField(default=False, db_default=False, editable=False)
     # Copies of what is inside message_data, so that the admin and plain SQL
     # can search and filter; derived from it whenever it is saved (``save``).
-    subject = models.TextField(blank=True, default="", editable=False)
-    from_email = models.TextField(blank=True, default="", editable=False)
-    recipients = models.TextField(blank=True, default="", editable=False)
+    # Their database default lets a django-mailer process still running
+    # during an upgrade insert its four columns.
+    # The subject's copy is ``subject_copy`` (column "subject"): ``subject``
+    # is django-mailer's property, read from message_data.
+    subject_copy = models.TextField(db_column="subject", blank=True, default="", db_default="", editable=False)
+    from_email = models.TextField(blank=True, default="", db_default="", editable=False)
+    recipients = models.TextField(blank=True, default="", db_default="", editable=False)
     message_id = models.TextField(null=True, editable=False)
+    # The MAILERS entry (Django 6.1) the message was queued through, whose
+    # deliver_using sends it; None: the default route (and every message
+    # queued before this column, or on a site without MAILERS).
+    mailer_alias = models.CharField(max_length=100, null=True, blank=True, editable=False)
 
     objects = MessageManager()
 
@@ -242,10 +252,13 @@ class Message(models.Model):
     def __str__(self) -> str:
         if not keeps_message_data():  # the admin's own history keeps this text
             return f"Message {self.pk} {self.message_id or ''}".rstrip()
-        email = self.email
-        if not isinstance(email, EmailMessage):
+        try:
+            email = self.email
+            if not isinstance(email, EmailMessage):
+                return "<Message repr unavailable>"
+            return f'On {self.when_added}, "{email.subject}" to {", ".join(map(str, email.to))}'
+        except Exception:  # str() serves logs and the admin: it must not raise, whatever the row holds
             return "<Message repr unavailable>"
-        return f'On {self.when_added}, "{email.subject}" to {", ".join(map(str, email.to))}'
 
     def save(self, *args: Any, **kwargs: Any) -> None:
         """Save the row; whenever ``message_data`` is written, its search columns are written from it.
@@ -400,8 +413,19 @@ class Message(models.Model):
 
     @property
     def to_addresses(self) -> list[str]:
+        """The ``to`` of the stored email, as django-mailer had it: [] when it cannot be decoded."""
         email = self.email
         return email.to if email is not None else []
+
+    @property
+    def subject(self) -> str:
+        """The subject of the stored email, as django-mailer had it: "" when it cannot be decoded.
+
+        Read from ``message_data`` each time, so it follows a change to it at
+        once; ``subject_copy`` is the searchable column, written on ``save``.
+        """
+        email = self.email
+        return email.subject if email is not None else ""
 
 
 _NOT_LOADED = object()
@@ -450,6 +474,24 @@ def make_message(
 
 
 class DontSendEntryManager(models.Manager["DontSendEntry"]):
+    def listed(self, address: str) -> "models.QuerySet[DontSendEntry]":
+        """The entries for ``address``, in whatever case they were written."""
+        return self.annotate(address_lower=Lower("to_address")).filter(address_lower=address.lower())
+
+    def add_addresses(self, addresses: Iterable[str]) -> list[str]:
+        """Put the bare addresses of ``addresses`` on the list; return those that were not on it already."""
+        wanted = {bare_address(address).lower() for address in addresses}
+        wanted = {address for address in wanted if address and is_utf8(address)}
+        added = []
+        for address in sorted(wanted - self.suppressed_addresses(wanted)):
+            try:
+                with transaction.atomic(using=self.db):
+                    self.create(to_address=address, when_added=datetime_now())
+            except IntegrityError:  # added by someone else in between
+                continue
+            added.append(address)
+        return added
+
     def has_address(self, address: str) -> bool:
         """Return whether ``address`` is on the don't-send list (case-insensitive)."""
         return bool(self.suppressed_addresses([address]))
@@ -507,8 +549,20 @@ class DontSendEntryManager(models.Manager["DontSendEntry"]):
         return removed
 
 
+class DuplicateAddress(IntegrityError):
+    """The address is already on the don't-send list, perhaps written in another case."""
+
+
 class DontSendEntry(models.Model):
-    """An address that must never receive mail from this site."""
+    """An address that must never receive mail from this site.
+
+    Each address is listed once, whatever its case: a unique constraint on
+    ``LOWER(to_address)`` where the database can index an expression
+    (SQLite, PostgreSQL, MySQL 8), and ``save`` looks first on every
+    database (MariaDB cannot index an expression; there two sessions adding
+    the same address at the same moment could both succeed, which the
+    lookup, case-insensitive, does not mind).
+    """
 
     to_address = models.EmailField(max_length=254)
     when_added = models.DateTimeField()
@@ -518,13 +572,45 @@ class DontSendEntry(models.Model):
     class Meta:
         verbose_name = _("don't send entry")
         verbose_name_plural = _("don't send entries")
+        constraints = [
+            models.UniqueConstraint(
+                Lower("to_address"),
+                name="mailer_dontsendentry_address_unique",
+                violation_error_message=_("This address is already on the don't send list."),
+            ),
+        ]
 
     def __str__(self) -> str:
         return self.to_address
 
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        """Save the entry; raise ``DuplicateAddress`` if its address is listed already, in any case."""
+        using = kwargs.get("using") or router.db_for_write(type(self), instance=self)
+        listed = type(self)._default_manager.db_manager(using).listed(self.to_address).exclude(pk=self.pk)
+        if listed.exists():
+            raise DuplicateAddress(
+                gettext("%(address)s is already on the don't send list.") % {"address": self.to_address}
+            )
+        super().save(*args, **kwargs)
+
+    @classmethod
+    def check(cls, **kwargs: Any) -> list[Any]:
+        """Django's checks, without its warning (models.W044) that MariaDB cannot have the constraint.
+
+        There ``save`` and the admin's form (which validates constraints
+        itself) keep the list unique instead; a warning on every ``migrate``
+        would tell the site nothing it can act on.
+        """
+        return [problem for problem in super().check(**kwargs) if problem.id != "models.W044"]
+
 
 def _ascii(text: str | None) -> str | None:
     return text.encode("ascii", "backslashreplace").decode("ascii").replace("\x00", "") if text else text
+
+
+def _message_id_of(value: Any) -> str | None:
+    """The Message-ID of a stored email; None for a row that holds something else (a plain value, nothing)."""
+    return get_message_id(value) if isinstance(value, EmailMessage) else None
 
 
 class MessageLogManager(models.Manager["MessageLog"]):
@@ -545,10 +631,10 @@ class MessageLogManager(models.Manager["MessageLog"]):
         keep_data = keeps_message_data()
         return self.model(
             message_data=message.message_data if keep_data else None,
-            subject=storable_text(message.subject) if keep_data else None,
+            subject_copy=storable_text(message.subject_copy) if keep_data else None,
             from_email=storable_text(message.from_email) if keep_data else None,
             recipients=storable_text(message.recipients) if keep_data else None,
-            message_id=storable_text(message.message_id or get_message_id(message.email)),
+            message_id=storable_text(message.message_id or _message_id_of(message.email)),
             when_added=message.when_added or datetime_now(),
             priority=message.priority,
             result=result_code,
@@ -584,8 +670,9 @@ class MessageLog(models.Model):
     when_attempted = models.DateTimeField(default=datetime_now)
     result = models.CharField(max_length=1, choices=RESULT_CODES)
     log_message = models.TextField()
-    # Searchable copies, empty (None) when MAILER_EMAIL_LOG_MESSAGE_DATA is off.
-    subject = models.TextField(null=True, editable=False)
+    # Searchable copies, empty (None) when MAILER_EMAIL_LOG_MESSAGE_DATA is off; the subject's is
+    # ``subject_copy`` (column "subject"), as on Message.
+    subject_copy = models.TextField(db_column="subject", null=True, editable=False)
     from_email = models.TextField(null=True, editable=False)
     recipients = models.TextField(null=True, editable=False)
 
@@ -600,10 +687,13 @@ class MessageLog(models.Model):
         ]
 
     def __str__(self) -> str:
-        email = self.email
-        if not isinstance(email, EmailMessage):
-            return f'On {self.when_attempted}, "{self.message_id}"'
-        return f'On {self.when_attempted}, "{email.subject}" to {", ".join(map(str, email.to))}'
+        try:
+            email = self.email
+            if not isinstance(email, EmailMessage):
+                return f'On {self.when_attempted}, "{self.message_id}"'
+            return f'On {self.when_attempted}, "{email.subject}" to {", ".join(map(str, email.to))}'
+        except Exception:  # str() serves logs and the admin: it must not raise, whatever the row holds
+            return "<MessageLog repr unavailable>"
 
     @property
     def email(self) -> Any:
@@ -611,5 +701,15 @@ class MessageLog(models.Model):
 
     @property
     def to_addresses(self) -> list[str] | None:
+        """The ``to`` of the logged email, as django-mailer had it: None when the row keeps no email."""
         email = self.email
         return email.to if email is not None else None
+
+    @property
+    def subject(self) -> str | None:
+        """The subject of the logged email, as django-mailer had it: None when the row keeps no email.
+
+        ``subject_copy`` is the searchable column.
+        """
+        email = self.email
+        return email.subject if email is not None else None

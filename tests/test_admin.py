@@ -6,6 +6,7 @@ leaves. A page that renders (status 200) but shows the wrong row, an empty
 field or a wrong count fails.
 """
 
+from datetime import timedelta
 from html.parser import HTMLParser
 
 import pytest
@@ -216,7 +217,7 @@ def test_queue_list_shows_a_row_per_message_newest_first(admin_client):
         (str(second.pk), "c@example.com", "Second", "high", "0"),
         (str(first.pk), "a@example.com, b@example.com", "First", "medium", "0"),
     ]
-    assert all(r["when_added"] for r in rows)
+    assert all(r["age"] for r in rows)
 
 
 @pytest.mark.parametrize(
@@ -469,7 +470,7 @@ def test_the_stored_data_cannot_be_edited_in_the_admin(admin_client):
     message.refresh_from_db()
     assert message.priority == PRIORITY_MEDIUM
     assert message.message_data == stored
-    assert (message.subject, message.recipients) == ("Original", "a@example.com")
+    assert (message.subject_copy, message.recipients) == ("Original", "a@example.com")
     assert "message_data" not in change_page(admin_client, "message", message.pk)
 
 
@@ -528,7 +529,7 @@ def test_a_view_only_user_can_run_no_action(client, deliver_to_smtp, action):
     run_action(viewer, action, waiting, deferred)
 
     assert deliver_to_smtp.received == []
-    assert sorted(Message.objects.values_list("subject", "priority", "retry_count")) == [
+    assert sorted(Message.objects.values_list("subject_copy", "priority", "retry_count")) == [
         ("Deferred", PRIORITY_DEFERRED, 0),
         ("Waiting", PRIORITY_MEDIUM, 0),
     ]
@@ -594,11 +595,468 @@ def test_defer_and_retry_actions_move_the_selected_messages(client):
 
     response = run_action(changer, "defer_messages", first)
     assert user_messages(response) == [("info", "1 message deferred.")]
-    assert dict(Message.objects.values_list("subject", "priority")) == {
+    assert dict(Message.objects.values_list("subject_copy", "priority")) == {
         "First": PRIORITY_DEFERRED,
         "Second": PRIORITY_MEDIUM,
     }
 
     response = run_action(changer, "retry_messages", first, second)
     assert user_messages(response) == [("info", "1 message queued again.")]
-    assert dict(Message.objects.values_list("subject", "retry_count")) == {"First": 1, "Second": 0}
+    assert dict(Message.objects.values_list("subject_copy", "retry_count")) == {"First": 1, "Second": 0}
+
+
+def test_requeue_action_counts_only_the_permanent_failures_it_put_back(client):
+    """Two selected, one refused for good: the report says one, and only that one is back in the queue."""
+    changer = staff_client(client, "view_message", "change_message")
+    refused = queue("Refused", ["a@example.com"])
+    refused.fail_permanently("550 5.1.1 No such user")
+    waiting = queue("Waiting", ["b@example.com"])
+
+    response = run_action(changer, "requeue_failed_messages", refused, waiting)
+
+    assert user_messages(response) == [("info", "1 message queued again.")]
+    refused.refresh_from_db()
+    assert (refused.failed_permanently, refused.priority, refused.retry_count) == (False, PRIORITY_MEDIUM, 1)
+
+
+# --------------------------------------------------------------------------
+# What the queue list tells an operator
+# --------------------------------------------------------------------------
+
+
+def test_queue_list_shows_sender_state_message_id_and_the_latest_error(admin_client):
+    """The last error is the server's reply at the message's latest failure, not an earlier one nor a success."""
+    failing = queue("Failing", ["a@example.com"], from_email="Billing <billing@example.com>")
+    failing.defer("451 4.3.0 first: try later")
+    failing.fail_permanently("550 5.1.1 latest: no such user")
+    queue("Fresh", ["b@example.com"])
+
+    rows = {r["subject"]: r for r in changelist(admin_client, "message")}
+
+    assert {k: rows["Failing"][k] for k in ("sender", "state", "last_error", "message_id")} == {
+        "sender": "Billing <billing@example.com>",
+        "state": "permanently failed",
+        "last_error": "550 5.1.1 latest: no such user",
+        "message_id": failing.message_id,
+    }
+    assert (rows["Fresh"]["state"], rows["Fresh"]["last_error"]) == ("queued", "-")
+
+
+def test_queue_list_reads_the_last_errors_in_the_same_query_however_many_rows(admin_client):
+    """The last error comes with the rows (a subquery), not one query per row."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    def queries_for_list() -> int:
+        with CaptureQueriesContext(connection) as captured:
+            assert admin_client.get(reverse("admin:mailer_message_changelist")).status_code == 200
+        return len(captured)
+
+    queue("One", ["a@example.com"]).defer("451 busy")
+    with_one = queries_for_list()
+    for n in range(5):
+        queue(f"More {n}", ["b@example.com"]).defer(f"451 busy {n}")
+
+    assert queries_for_list() == with_one
+    assert {r["last_error"] for r in changelist(admin_client, "message")} == {"451 busy"} | {
+        f"451 busy {n}" for n in range(5)
+    }
+
+
+def test_queue_search_by_message_id_finds_only_that_message(admin_client):
+    wanted = queue("Wanted", ["a@example.com"])
+    queue("Other", ["b@example.com"])
+
+    search = str(wanted.message_id).strip("<>")
+    assert [r["subject"] for r in changelist(admin_client, "message", q=search)] == ["Wanted"]
+
+
+def test_queue_filter_by_state_shows_each_state_alone(admin_client):
+    queue("Waiting", ["a@example.com"])
+    queue("Deferred", ["b@example.com"]).defer()
+    queue("Refused", ["c@example.com"]).fail_permanently("550 no")
+    held = queue("Held", ["d@example.com"])
+    Message.objects.filter(pk=held.pk).update(claimed_by="pass", claimed_until=timezone.now() + timedelta(1))
+
+    shown = {
+        state: [r["subject"] for r in changelist(admin_client, "message", state=state)]
+        for state in ("queued", "deferred", "failed", "sending")
+    }
+    assert shown == {"queued": ["Waiting"], "deferred": ["Deferred"], "failed": ["Refused"], "sending": ["Held"]}
+
+
+def test_queue_filter_by_date_leaves_out_older_messages(admin_client):
+    old = queue("Old", ["a@example.com"])
+    Message.objects.filter(pk=old.pk).update(when_added=timezone.now() - timedelta(days=30))
+    queue("Today", ["b@example.com"])
+
+    since = (timezone.now() - timedelta(days=7)).isoformat()
+    assert [r["subject"] for r in changelist(admin_client, "message", when_added__gte=since)] == ["Today"]
+
+
+# --------------------------------------------------------------------------
+# The HTML part, previewed without running it; attachments as downloads
+# --------------------------------------------------------------------------
+
+HOSTILE_HTML = (
+    '<p id="shown">Hello</p><script>document.title = "ran"</script>'
+    '<img src="http://127.0.0.1:9/tracker.png"><form action="/admin/"><button>go</button></form>'
+)
+
+
+def html_message(**kwargs) -> Message:
+    from django.core.mail import EmailMultiAlternatives
+
+    email = EmailMultiAlternatives("Newsletter", "Text version", "f@example.com", ["reader@example.com"], **kwargs)
+    email.attach_alternative(HOSTILE_HTML, "text/html")
+    message = Message.for_email(email)
+    message.save()
+    return message
+
+
+def preview_frames(response) -> list[Node]:
+    return page(response).find_all("iframe")
+
+
+def test_the_html_part_is_previewed_in_a_frame_that_may_run_no_script(admin_client):
+    """The frame is sandboxed with no exception (no allow-scripts, no same origin), and its page forbids the rest.
+
+    The policy lets nothing load (no remote image tells the sender the mail
+    was read), runs no script even if the page is opened on its own, and
+    only this site may frame it.
+    """
+    message = html_message()
+
+    [frame] = preview_frames(admin_client.get(reverse("admin:mailer_message_change", args=[message.pk])))
+    assert frame.attrs["sandbox"] == ""
+    assert frame.attrs["src"] == reverse("admin:mailer_message_html", args=[message.pk, 0])
+
+    preview = admin_client.get(frame.attrs["src"])
+    assert preview.status_code == 200
+    assert preview.content.decode() == HOSTILE_HTML
+    assert preview["Content-Type"] == "text/html; charset=utf-8"
+    policy = {d.split()[0]: d.split()[1:] for d in preview["Content-Security-Policy"].split("; ")}
+    assert policy == {
+        "default-src": ["'none'"],
+        "style-src": ["'unsafe-inline'"],
+        "img-src": ["data:"],
+        "sandbox": [],
+    }
+    assert preview["X-Frame-Options"] == "SAMEORIGIN"
+    assert preview["X-Content-Type-Options"] == "nosniff"
+
+
+def test_a_log_row_previews_its_html_part_the_same_way(admin_client):
+    message = html_message()
+    log = MessageLog.objects.log(message, RESULT_FAILURE, "550 no")
+
+    [frame] = preview_frames(admin_client.get(reverse("admin:mailer_messagelog_change", args=[log.pk])))
+    assert frame.attrs["sandbox"] == ""
+    preview = admin_client.get(frame.attrs["src"])
+    assert preview.content.decode() == HOSTILE_HTML
+    assert "default-src 'none'" in preview["Content-Security-Policy"]
+
+
+def test_a_message_without_html_has_no_preview_and_a_missing_part_is_not_found(admin_client):
+    plain = queue("Plain", ["a@example.com"])
+
+    assert preview_frames(admin_client.get(reverse("admin:mailer_message_change", args=[plain.pk]))) == []
+    assert admin_client.get(reverse("admin:mailer_message_html", args=[plain.pk, 0])).status_code == 404
+    assert admin_client.get(reverse("admin:mailer_message_html", args=[plain.pk + 1000, 0])).status_code == 404
+
+
+def test_attachments_are_links_that_download_under_a_safe_name(admin_client):
+    """Whatever type and name the sender gave, the file is downloaded (never shown) and named without a path."""
+    message = queue(
+        "With files",
+        ["a@example.com"],
+        attachments=[
+            ("../../etc/report.html", "<script>alert(1)</script>", "text/html"),
+            ("Grüße.pdf", b"%PDF-1.4 bytes", "application/pdf"),
+        ],
+    )
+
+    links = page(admin_client.get(reverse("admin:mailer_message_change", args=[message.pk]))).find_all("a")
+    hrefs = [a.attrs["href"] for a in links if "/attachment/" in a.attrs.get("href", "")]
+    assert hrefs == [reverse("admin:mailer_message_attachment", args=[message.pk, i]) for i in (0, 1)]
+
+    first = admin_client.get(hrefs[0])
+    assert first["Content-Type"] == "application/octet-stream"
+    assert first["Content-Disposition"] == 'attachment; filename="report.html"'
+    assert first.content == b"<script>alert(1)</script>"
+    second = admin_client.get(hrefs[1])
+    assert second["Content-Disposition"] == "attachment; filename*=utf-8''Gr%C3%BC%C3%9Fe.pdf"
+    assert second.content == b"%PDF-1.4 bytes"
+    assert admin_client.get(reverse("admin:mailer_message_attachment", args=[message.pk, 2])).status_code == 404
+
+
+def test_previews_and_downloads_need_the_view_permission(client):
+    """A staff user who may not see messages gets a 403, not the HTML part nor the file."""
+    message = html_message(attachments=[("secret.txt", "secret", "text/plain")])
+    log = MessageLog.objects.log(message, RESULT_FAILURE, "550 no")
+    outsider = staff_client(client, "view_dontsendentry")
+
+    for url in (
+        reverse("admin:mailer_message_html", args=[message.pk, 0]),
+        reverse("admin:mailer_message_attachment", args=[message.pk, 0]),
+        reverse("admin:mailer_messagelog_html", args=[log.pk, 0]),
+        reverse("admin:mailer_messagelog_attachment", args=[log.pk, 0]),
+    ):
+        response = outsider.get(url)
+        assert response.status_code == 403, url
+        assert b"secret" not in response.content and b"Hello" not in response.content
+
+
+def test_the_message_page_links_to_its_log_rows(admin_client):
+    message = queue("Tried", ["a@example.com"])
+    message.defer("451 4.4.1 first try")
+    other = queue("Other", ["b@example.com"])
+    other.defer("451 not this one")
+    [row] = MessageLog.objects.filter(message_id=message.message_id)
+
+    response = admin_client.get(reverse("admin:mailer_message_change", args=[message.pk]))
+    hrefs = [a.attrs.get("href", "") for a in page(response).find_all("a")]
+    links = [href for href in hrefs if "/messagelog/" in href and href.endswith("/change/")]
+    assert links == [reverse("admin:mailer_messagelog_change", args=[row.pk])]
+    assert shown_fields(response)["log_rows"].endswith("failure 451 4.4.1 first try")
+    assert shown_fields(response)["last_error"] == "451 4.4.1 first try"
+
+
+# --------------------------------------------------------------------------
+# The log: the server's reply, the way back to the queue, queueing a copy
+# --------------------------------------------------------------------------
+
+
+def test_log_list_shows_the_servers_reply_and_links_to_a_message_still_queued(admin_client):
+    deferred = queue("Deferred", ["a@example.com"])
+    deferred.defer("451 4.7.1 greylisted")
+    gone = queue("Gone", ["b@example.com"])
+    gone.record(RESULT_FAILURE, "550 5.1.1 no such user")
+
+    response = admin_client.get(reverse("admin:mailer_messagelog_changelist"))
+    rows = {r["subject"]: r for r in list_rows(response)}
+    assert (rows["Deferred"]["server_reply"], rows["Deferred"]["queued_message"]) == (
+        "451 4.7.1 greylisted",
+        f"#{deferred.pk}",
+    )
+    assert (rows["Gone"]["server_reply"], rows["Gone"]["queued_message"]) == ("550 5.1.1 no such user", "-")
+    assert page(response).find("a", href=reverse("admin:mailer_message_change", args=[deferred.pk])) is not None
+
+
+def test_log_filter_by_date_leaves_out_older_attempts(admin_client):
+    old = queue("Old", ["a@example.com"])
+    old.record(RESULT_FAILURE, "550 old")
+    MessageLog.objects.update(when_attempted=timezone.now() - timedelta(days=30))
+    queue("New", ["b@example.com"]).record(RESULT_SUCCESS)
+
+    since = (timezone.now() - timedelta(days=7)).isoformat()
+    assert [r["subject"] for r in changelist(admin_client, "messagelog", when_attempted__gte=since)] == ["New"]
+
+
+def run_log_action(client, action: str, *rows: MessageLog):
+    return client.post(
+        reverse("admin:mailer_messagelog_changelist"),
+        {"action": action, "_selected_action": [r.pk for r in rows]},
+        follow=True,
+    )
+
+
+def test_requeue_from_the_log_queues_one_copy_of_each_message_no_longer_queued(admin_client, settings):
+    """Copies for the failures whose rows kept the email; none for a message still queued, a success, or a bare row."""
+    refused = queue("Refused", ["a@example.com"], body="Keep me")
+    refused.defer("451 first")
+    refused.record(RESULT_FAILURE, "550 for good")
+    first_try, last_try = MessageLog.objects.filter(message_id=refused.message_id).order_by("pk")
+    still_queued = queue("Still queued", ["b@example.com"])
+    still_queued.defer("451 later")
+    [still_queued_row] = MessageLog.objects.filter(message_id=still_queued.message_id)
+    delivered = queue("Delivered", ["c@example.com"])
+    delivered.record(RESULT_SUCCESS)
+    [success_row] = MessageLog.objects.filter(message_id=delivered.message_id)
+    settings.MAILER_EMAIL_LOG_MESSAGE_DATA = False
+    bare = queue("Bare", ["d@example.com"])
+    bare.record(RESULT_FAILURE, "550 no")
+    [bare_row] = MessageLog.objects.filter(message_id=bare.message_id)
+
+    response = run_log_action(
+        admin_client, "requeue_copies", first_try, last_try, still_queued_row, success_row, bare_row
+    )
+
+    assert user_messages(response) == [("info", "1 message queued again.")]
+    copy = Message.objects.get(subject_copy="Refused")
+    assert (copy.message_id, copy.email.body, copy.priority) == (refused.message_id, "Keep me", PRIORITY_MEDIUM)
+    assert sorted(Message.objects.values_list("subject_copy", flat=True)) == ["Refused", "Still queued"]
+
+
+# --------------------------------------------------------------------------
+# The don't-send list: each address once, whatever its case
+# --------------------------------------------------------------------------
+
+
+def test_dont_send_action_lists_every_recipient_and_counts_only_the_new_ones(admin_client, deliver_to_smtp):
+    DontSendEntry.objects.create(to_address="Already@Example.com", when_added=timezone.now())
+    first = queue("First", ["Reader <reader@example.com>"], cc=["already@example.com"], bcc=["hidden@example.com"])
+    second = queue("Second", ["READER@example.com"])
+    queue("Not selected", ["other@example.com"])
+
+    response = run_action(admin_client, "add_to_dont_send", first, second)
+
+    assert user_messages(response) == [("info", "2 addresses added to the don't send list.")]
+    assert sorted(DontSendEntry.objects.values_list("to_address", flat=True)) == [
+        "Already@Example.com",
+        "hidden@example.com",
+        "reader@example.com",
+    ]
+    engine.send_all()
+    assert [r.message["Subject"] for r in deliver_to_smtp.received] == ["Not selected"]
+
+
+def test_the_dont_send_form_refuses_an_address_listed_in_another_case(admin_client):
+    DontSendEntry.objects.create(to_address="stop@example.com", when_added=timezone.now())
+
+    response = admin_client.post(
+        reverse("admin:mailer_dontsendentry_add"),
+        {"to_address": "STOP@Example.COM", "when_added_0": "2024-01-01", "when_added_1": "00:00:00"},
+    )
+
+    assert response.status_code == 200  # the form again, with the error
+    errors = [li.text() for ul in page(response).find_all("ul", "errorlist") for li in ul.find_all("li")]
+    assert errors == ["This address is already on the don't send list."]
+    assert list(DontSendEntry.objects.values_list("to_address", flat=True)) == ["stop@example.com"]
+
+
+def test_the_dont_send_list_refuses_a_duplicate_in_code_too_and_the_lookup_still_finds_it():
+    from mailer.models import DuplicateAddress
+
+    DontSendEntry.objects.create(to_address="Stop@Example.com", when_added=timezone.now())
+
+    with pytest.raises(DuplicateAddress, match="STOP@example.com is already on the don't send list"):
+        DontSendEntry.objects.create(to_address="STOP@example.com", when_added=timezone.now())
+    assert DontSendEntry.objects.count() == 1
+    assert DontSendEntry.objects.has_address("stop@EXAMPLE.com")
+    assert DontSendEntry.objects.suppressed_addresses(["x <STOP@example.COM>", "go@example.com"]) == {
+        "stop@example.com"
+    }
+    entry = DontSendEntry.objects.get()
+    entry.to_address = "stop@example.com"
+    entry.save()  # the entry itself is no duplicate of itself
+    assert DontSendEntry.objects.get().to_address == "stop@example.com"
+
+
+def test_the_database_refuses_a_case_duplicate_where_it_can_index_an_expression():
+    """Two sessions adding at once pass the check in save(); the unique index is what stops the second."""
+    from django.db import IntegrityError, connection, transaction
+
+    if not connection.features.supports_expression_indexes:
+        pytest.skip(f"{connection.display_name} cannot index an expression: save() is the only check")
+    DontSendEntry.objects.bulk_create([DontSendEntry(to_address="stop@example.com", when_added=timezone.now())])
+    with pytest.raises(IntegrityError), transaction.atomic():
+        DontSendEntry.objects.bulk_create([DontSendEntry(to_address="Stop@Example.com", when_added=timezone.now())])
+
+
+@pytest.fixture
+def before_unique_addresses(transactional_db):
+    from tests.test_migrations import latest_mailer_migration, migrate_mailer
+
+    migrate_mailer("0014_message_mailer_alias")
+    yield
+    migrate_mailer(latest_mailer_migration())
+
+
+def test_migration_0015_keeps_the_oldest_of_each_address_written_in_several_cases(before_unique_addresses):
+    from django.db import connection
+    from django.db.migrations.executor import MigrationExecutor
+
+    from tests.test_migrations import migrate_mailer
+
+    state = MigrationExecutor(connection).loader.project_state(("mailer", "0014_message_mailer_alias"))
+    Entry = state.apps.get_model("mailer", "DontSendEntry")
+    now = timezone.now()
+    for address, days_ago in [("new@Example.com", 1), ("NEW@example.com", 5), ("new@example.com", 3), ("a@b.c", 0)]:
+        Entry.objects.create(to_address=address, when_added=now - timedelta(days=days_ago))
+
+    migrate_mailer("0015_dont_send_case_insensitive")
+
+    assert sorted(DontSendEntry.objects.values_list("to_address", flat=True)) == ["NEW@example.com", "a@b.c"]
+    assert DontSendEntry.objects.has_address("new@example.com")
+
+
+# --------------------------------------------------------------------------
+# Every action needs its permission
+# --------------------------------------------------------------------------
+
+
+def queue_state() -> list[tuple]:
+    return sorted(Message.objects.values_list("subject_copy", "priority", "retry_count", "failed_permanently"))
+
+
+@pytest.mark.parametrize(
+    ("action", "granted"),
+    [
+        ("send_messages", ["view_message"]),
+        ("defer_messages", ["view_message"]),
+        ("retry_messages", ["view_message"]),
+        ("requeue_failed_messages", ["view_message"]),
+        # Changing messages is not adding to the list, nor is being allowed to see the list.
+        ("add_to_dont_send", ["view_message", "change_message", "view_dontsendentry"]),
+    ],
+)
+def test_a_message_action_without_its_permission_is_not_offered_and_does_nothing(
+    client, deliver_to_smtp, action, granted
+):
+    user = staff_client(client, *granted)
+    waiting = queue("Waiting", ["a@example.com"])
+    deferred = queue("Deferred", ["b@example.com"])
+    deferred.defer()
+    refused = queue("Refused", ["c@example.com"])
+    refused.fail_permanently("550 no")
+    before = queue_state()
+
+    response = user.get(reverse("admin:mailer_message_changelist"))
+    choices = page(response).find("select", name="action")
+    assert choices is None or action not in [o.attrs.get("value") for o in choices.find_all("option")]
+
+    response = run_action(user, action, waiting, deferred, refused)
+
+    assert user_messages(response) in ([], [("warning", "No action selected.")])
+    assert deliver_to_smtp.received == [] and queue_state() == before
+    assert DontSendEntry.objects.count() == 0
+
+
+def test_the_dont_send_action_is_offered_with_the_add_permission_alone(client):
+    user = staff_client(client, "view_message", "add_dontsendentry")
+    listed = queue("Listed", ["a@example.com"])
+
+    response = run_action(user, "add_to_dont_send", listed)
+
+    assert user_messages(response) == [("info", "1 address added to the don't send list.")]
+    assert DontSendEntry.objects.has_address("a@example.com")
+
+
+def test_requeue_from_the_log_needs_the_change_permission_on_messages(client):
+    refused = queue("Refused", ["a@example.com"])
+    refused.record(RESULT_FAILURE, "550 no")
+    row = MessageLog.objects.get()
+    user = staff_client(client, "view_messagelog", "view_message")
+
+    response = user.get(reverse("admin:mailer_messagelog_changelist"))
+    assert page(response).find("select", name="action") is None
+    response = run_log_action(user, "requeue_copies", row)
+
+    assert user_messages(response) in ([], [("warning", "No action selected.")])
+    assert Message.objects.count() == 0
+
+    client.logout()
+    allowed = staff_client_named(client, "changer", "view_messagelog", "change_message")
+    response = run_log_action(allowed, "requeue_copies", row)
+    assert user_messages(response) == [("info", "1 message queued again.")]
+    assert Message.objects.get().subject_copy == "Refused"
+
+
+def staff_client_named(client, username: str, *codenames: str):
+    from django.contrib.auth.models import Permission, User
+
+    user = User.objects.create_user(username, password="x", is_staff=True)
+    user.user_permissions.set(Permission.objects.filter(content_type__app_label="mailer", codename__in=codenames))
+    client.force_login(user)
+    return client

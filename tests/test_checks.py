@@ -148,3 +148,33 @@ class TestMailers:
         settings.MAILERS = {"default": {"BACKEND": DB, "OPTIONS": {"deliver_using": "stmp"}}}
         with pytest.raises(SystemCheckError, match=r"(?s)mailer\.E002.*HINT"):
             call_command("check")
+
+
+# The mailer that delivers ---------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(django.VERSION < (6, 1), reason="MAILERS arrived in Django 6.1")
+@pytest.mark.parametrize(
+    "delivering",
+    [
+        {"BACKEND": "django.core.mail.backends.smpt.EmailBackend"},  # misspelt module
+        {"BACKEND": "django.core.mail.backends.smtp.EmailBackend", "OPTIONS": {"hots": "smtp.example.com"}},
+    ],
+    ids=["misspelt-backend", "unknown-option"],
+)
+@pytest.mark.parametrize("queue", ["default", "urgent"])
+def test_a_delivering_mailer_that_cannot_be_made_is_reported(settings, delivering, queue):
+    if hasattr(settings, "MAILER_EMAIL_BACKEND"):
+        del settings.MAILER_EMAIL_BACKEND
+    settings.MAILERS = {
+        "default": {"BACKEND": "mailer.backend.DbBackend", "OPTIONS": {"deliver_using": "smtp"}},
+        "urgent": {"BACKEND": "mailer.backend.DbBackend", "OPTIONS": {"deliver_using": "smtp"}},
+        "smtp": {"BACKEND": "django.core.mail.backends.locmem.EmailBackend"},
+        "broken": delivering,
+    }
+    settings.MAILERS[queue]["OPTIONS"]["deliver_using"] = "broken"
+
+    [problem] = [p for p in check_mail_delivery() if p.id == "mailer.E010"]
+
+    assert "MAILERS['broken']" in problem.msg
+    assert problem.hint

@@ -904,3 +904,26 @@ def test_mutated_genuine_pickles_never_call_anything_nor_raise_anything_but_unde
         assert value is None or isinstance(value, (EmailMessage, str, bytes, int, float, list, tuple, dict))
 
     check()
+
+
+def test_a_mime_attachment_referred_to_again_and_again_is_refused_before_it_is_rendered_again():
+    """Rendering long address headers costs time that grows faster than their length; the pickle memo lets a
+    small row refer to one such attachment many times. The row's attachments may have 32 KB of MIME headers in
+    all, each reference counted, so such a row is refused after rendering that attachment once, not ten times.
+    """
+    import email.message
+    import email.policy
+
+    part = email.message.EmailMessage(policy=email.policy.default)
+    part._headers = [("To", "," * 4000) for _ in range(8)] + [("Content-Type", "text/plain")]  # type: ignore[attr-defined]
+    part._payload = "x"  # type: ignore[attr-defined]
+    once = EmailMessage("S", "B", "f@example.com", ["t@example.com"])
+    once.attachments = [part]
+    again_and_again = EmailMessage("S", "B", "f@example.com", ["t@example.com"])
+    again_and_again.attachments = [part] * 10
+    row = b64(pickle.dumps(again_and_again, 2))
+    assert len(row) < 7000  # small: the memo refers to the one part ten times
+
+    with pytest.raises(UndecodableData, match="characters of headers in all"):
+        legacy.loads(row)
+    assert legacy.loads(b64(pickle.dumps(once, 2))).attachments  # one such attachment is read

@@ -70,11 +70,13 @@ def test_mail_queued_through_an_alias_leaves_through_its_deliver_using(two_route
         "Invoice": ("default", PRIORITY_MEDIUM),
     }
 
+    Message.objects.filter(pk=queued["Invoice"].pk).update(mailer_alias=None)  # as if queued before 0014
+
     assert engine.send_all() == {"sent": 4}
 
     assert subjects(urgent_server) == ["Password reset", "Sign-up"]
     assert subjects(default_server) == ["Invoice", "Weekly digest"]
-    # Interleaved routes keep one session each for the whole pass.
+    # Interleaved routes keep one session each for the whole pass; "default" and no alias are one route.
     assert (urgent_server.connections, default_server.connections) == (1, 1)
     assert MessageLog.objects.filter(result="1").count() == 4
 
@@ -103,22 +105,34 @@ def test_messages_queued_before_routing_keep_the_default_route(two_routes):
     assert urgent_server.received == []
 
 
-def test_a_message_whose_mailer_was_removed_is_set_aside_and_the_rest_goes_on(settings, two_routes):
+def test_mail_queued_through_a_mailer_since_removed_leaves_the_default_way_with_a_warning(settings, two_routes, caplog):
+    default_server, urgent_server = two_routes
+    mail.send_mail("Urgent", "Body", "from@example.com", ["to@example.com"], using="urgent")
+    del settings.MAILERS["urgent"]  # the site dropped the alias with mail still queued through it
+
+    assert engine.send_all() == {"sent": 1}
+
+    assert subjects(default_server) == ["Urgent"]
+    assert urgent_server.received == []
+    assert "'urgent', which is no longer in MAILERS" in caplog.text
+
+
+def test_a_route_whose_mailer_cannot_be_made_sets_its_own_mail_aside_and_the_others_go_on(settings, two_routes):
     default_server, urgent_server = two_routes
     mail.send_mail("Urgent", "Body", "from@example.com", ["to@example.com"], using="urgent")
     mail.send_mail("Ordinary", "Body", "from@example.com", ["to@example.com"])
-    del settings.MAILERS["urgent"]  # the site dropped the alias with mail still queued through it
+    settings.MAILERS["smtp_urgent"]["OPTIONS"]["prot"] = 25  # a typo: Django's SMTP backend refuses it
 
-    counts = engine.send_all()
+    assert engine.send_all() == {"sent": 1, "deferred": 1}
+    assert engine.send_all() is not None  # and again: the broken route does not stop the queue
 
-    assert counts == {"sent": 1, "deferred": 1}
     assert subjects(default_server) == ["Ordinary"]
     assert urgent_server.received == []
     kept = Message.objects.get()
     assert (kept.subject, kept.mailer_alias) == ("Urgent", "urgent")
-    assert "'urgent'" in MessageLog.objects.get(result="3").log_message
+    assert "prot" in MessageLog.objects.get(result="3").log_message
 
-    settings.MAILERS["urgent"] = {"BACKEND": DB, "OPTIONS": {"deliver_using": "smtp_urgent"}}
+    del settings.MAILERS["smtp_urgent"]["OPTIONS"]["prot"]
     Message.objects.retry_deferred()
     assert engine.send_all() == {"sent": 1}
     assert subjects(urgent_server) == ["Urgent"]
@@ -133,3 +147,14 @@ def test_a_site_back_on_the_classic_settings_sends_routed_mail_the_default_way(s
 
     assert engine.send_all() == {"sent": 1}
     assert subjects(default_server) == ["Urgent"]
+
+
+def test_mailer_email_backend_delivers_all_queued_mail_whatever_it_was_queued_through(settings, two_routes):
+    """With MAILER_EMAIL_BACKEND set, deliver_using is ignored (check mailer.W001 says so), for routed mail too."""
+    default_server, urgent_server = two_routes
+    mail.send_mail("Urgent", "Body", "from@example.com", ["to@example.com"], using="urgent")
+    settings.MAILER_EMAIL_BACKEND = SMTP  # MAILERS["smtp"] uses it: that mailer delivers
+
+    assert engine.send_all() == {"sent": 1}
+    assert subjects(default_server) == ["Urgent"]
+    assert urgent_server.received == []

@@ -55,6 +55,8 @@ OUR_MIGRATIONS = [
     "0012_sending_order_and_purge_indexes",
     "0013_subject_copy",
     "0014_message_mailer_alias",
+    "0015_dont_send_case_insensitive",
+    "0016_search_columns_database_default",
 ]
 
 

@@ -165,3 +165,22 @@ def test_send_loop_called_directly_sleeps_once_and_lets_a_patched_send_all_end_i
     with mock.patch("mailer.engine.send_all", side_effect=EndLoop) as send_all, pytest.raises(EndLoop), time_limit(5):
         engine.send_loop()
     send_all.assert_called_once_with()
+
+
+def test_a_django_mailer_process_still_running_during_the_upgrade_can_queue_and_its_mail_is_sent(deliver_to_smtp):
+    """A rolling upgrade: a django-mailer 2.3.2 process inserts only the four columns its model has, with a
+    base64 pickle; the columns added since have database defaults, so the insert works and the mail leaves.
+    """
+    import base64
+
+    from django.utils import timezone
+
+    data = base64.b64encode(pickle.dumps(EmailMessage("Old code", "Body", "f@example.com", ["t@example.com"])))
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO mailer_message (message_data, when_added, priority, retry_count) VALUES (%s, %s, %s, %s)",
+            [data.decode(), timezone.now(), 2, 0],
+        )
+
+    assert engine.send_all() == {"sent": 1}
+    assert [received.message["Subject"] for received in deliver_to_smtp.received] == ["Old code"]

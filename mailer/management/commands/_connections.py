@@ -2,6 +2,8 @@
 
 import argparse
 
+from django.utils.translation import gettext
+
 
 def positive_count(text: str) -> int:
     try:
@@ -9,7 +11,10 @@ def positive_count(text: str) -> int:
     except ValueError:
         count = 0
     if count < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number, 1 or more, not {text!r}")
+        raise argparse.ArgumentTypeError(
+            # Translators: argparse puts "argument --connections: " before this; the value is shown quoted.
+            gettext("must be a whole number, 1 or more, not %(value)s") % {"value": repr(text)}
+        )
     return count
 
 
@@ -19,5 +24,5 @@ def add_connections_argument(parser: argparse.ArgumentParser) -> None:
         type=positive_count,
         default=None,
         metavar="N",
-        help="Send over N delivery connections at once (default: MAILER_DELIVERY_CONNECTIONS, 1).",
+        help=gettext("Send over N delivery connections at once (default: MAILER_DELIVERY_CONNECTIONS, 1)."),
     )

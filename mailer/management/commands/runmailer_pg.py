@@ -1,6 +1,7 @@
 from typing import Any
 
 from django.core.management.base import CommandError
+from django.utils.translation import gettext_lazy
 
 from mailer import postgres
 from mailer.exceptions import ConfigurationError
@@ -8,7 +9,7 @@ from mailer.management.commands import runmailer
 
 
 class Command(runmailer.Command):
-    help = (
+    help = gettext_lazy(
         "Send queued mail as soon as it is queued (PostgreSQL LISTEN/NOTIFY), "
         "and look at the queue every MAILER_EMPTY_QUEUE_SLEEP seconds."
     )

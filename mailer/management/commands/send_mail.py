@@ -1,29 +1,39 @@
 import logging
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import CommandParser
+from django.utils.translation import gettext_lazy
 
 from mailer import engine
 from mailer.management.commands._connections import add_connections_argument
 from mailer.management.commands._cron import add_cron_argument, warn_if_cron_given
+from mailer.management.commands._output import PassReport, debug_log_shown, errors_as_exit_status
+from mailer.management.commands._translated import TranslatedCommand
+from mailer.reporting import observing
 from mailer.stopping import stopping_on_signals
 
 logger = logging.getLogger(__name__)
 
 
-class Command(BaseCommand):
-    help = "Do one pass through the mail queue, attempting to send all mail."
+class Command(TranslatedCommand):
+    help = gettext_lazy("Do one pass through the mail queue, attempting to send all mail.")
 
     def add_arguments(self, parser: CommandParser) -> None:
         add_cron_argument(parser)
         add_connections_argument(parser)
 
     def handle(self, *args: Any, **options: Any) -> None:
-        warn_if_cron_given("send_mail", options)
+        warn_if_cron_given("send_mail", options, self.stderr)
         logger.info("-" * 72)
+        verbosity = options["verbosity"]
         # SIGTERM, SIGINT and SIGHUP end the pass after the message in flight,
         # which is recorded; the lock is released and the command exits 0.
-        with stopping_on_signals():
+        with (
+            observing(PassReport(self.stdout, self.stderr, verbosity)),
+            debug_log_shown(self.stderr, ("mailer",) if verbosity >= 3 else ()),
+            errors_as_exit_status(),
+            stopping_on_signals(),
+        ):
             if options["connections"] is None:
                 engine.send_all()  # as django-mailer called it: code written for it may patch it
             else:
