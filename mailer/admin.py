@@ -19,7 +19,7 @@ from django.contrib import admin, messages
 from django.contrib.admin.utils import quote, unquote
 from django.core.exceptions import PermissionDenied
 from django.core.mail import EmailMessage, EmailMultiAlternatives
-from django.db.models import OuterRef, QuerySet, Subquery
+from django.db.models import Exists, OuterRef, QuerySet, Subquery
 from django.http import Http404, HttpRequest, HttpResponse
 from django.template.defaultfilters import linebreaksbr
 from django.urls import URLPattern, path, reverse
@@ -40,7 +40,9 @@ from mailer.models import (
     PRIORITY_HIGH,
     PRIORITY_LOW,
     PRIORITY_MEDIUM,
+    RESULT_DONT_SEND,
     RESULT_FAILURE,
+    RESULT_SUCCESS,
     DontSendEntry,
     Message,
     MessageLog,
@@ -493,7 +495,13 @@ class MessageLogAdmin(StoredEmailDisplay, admin.ModelAdmin):
         """
         queued = 0
         copied: set[str] = set()
-        failures = queryset.filter(result=RESULT_FAILURE, queued_pk__isnull=True)  # type: ignore[misc]  # annotated
+        # Not a failure that a later attempt got through (or the don't-send list stopped): that would send twice.
+        settled = MessageLog.objects.filter(
+            message_id=OuterRef("message_id"), result__in=[RESULT_SUCCESS, RESULT_DONT_SEND]
+        )
+        failures = queryset.filter(result=RESULT_FAILURE, queued_pk__isnull=True).exclude(  # type: ignore[misc]
+            Exists(settled)
+        )
         for row in failures.order_by("-when_attempted"):
             if row.message_id in copied:
                 continue

@@ -103,7 +103,11 @@ class MessageQuerySet(models.QuerySet["Message", "Message"]):
         max_retries = conf.get_setting("MAILER_EMAIL_MAX_RETRIES")
         if max_retries is not None:
             queryset = queryset.filter(retry_count__lt=max_retries)
-        return queryset.update(priority=new_priority, retry_count=models.F("retry_count") + 1, retry_after=None)
+        # retry_after: due from now on, so that monitoring counts its wait from now (mailer.status), not from
+        # when it was first queued.
+        return queryset.update(
+            priority=new_priority, retry_count=models.F("retry_count") + 1, retry_after=datetime_now()
+        )
 
     def failed_permanently(self) -> "MessageQuerySet":
         """The messages the mail server refused for good (a 5xx reply), kept for a human to read."""
@@ -115,7 +119,7 @@ class MessageQuerySet(models.QuerySet["Message", "Message"]):
             priority=new_priority,
             failed_permanently=False,
             retry_count=models.F("retry_count") + 1,
-            retry_after=None,
+            retry_after=datetime_now(),
         )
 
     def claimable(self, now: datetime.datetime) -> "MessageQuerySet":
@@ -584,14 +588,22 @@ class DontSendEntry(models.Model):
         return self.to_address
 
     def save(self, *args: Any, **kwargs: Any) -> None:
-        """Save the entry; raise ``DuplicateAddress`` if its address is listed already, in any case."""
+        """Save the entry, lower-cased; raise ``DuplicateAddress`` if its address is listed already, in any case.
+
+        Stored lower-cased, an address matches on every database: SQLite's
+        LOWER() leaves non-ASCII capitals as they are.
+        """
+        given, self.to_address = self.to_address, self.to_address.lower()
         using = kwargs.get("using") or router.db_for_write(type(self), instance=self)
         listed = type(self)._default_manager.db_manager(using).listed(self.to_address).exclude(pk=self.pk)
         if listed.exists():
-            raise DuplicateAddress(
-                gettext("%(address)s is already on the don't send list.") % {"address": self.to_address}
-            )
+            raise DuplicateAddress(gettext("%(address)s is already on the don't send list.") % {"address": given})
         super().save(*args, **kwargs)
+
+    def clean(self) -> None:
+        # Lower-cased before the admin's form checks the constraint, as save() stores it.
+        super().clean()
+        self.to_address = self.to_address.lower()
 
     @classmethod
     def check(cls, **kwargs: Any) -> list[Any]:

@@ -18,7 +18,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from django.db.models import Count, Q
+from django.db.models import Count, Min, Q
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from mailer import conf, locking
@@ -138,7 +139,7 @@ class QueueStatus:
             "sent_not_recorded": self.sent_not_recorded,
             "oldest_due": None
             if self.oldest_due is None
-            else {"queued_at": _iso(self.oldest_due), "age_seconds": _seconds(self.oldest_due_age)},
+            else {"due_since": _iso(self.oldest_due), "age_seconds": _seconds(self.oldest_due_age)},
             "paused": self.paused,
             "log": {"last_hour": self.last_hour.as_json(), "last_day": self.last_day.as_json()},
             "lock": {
@@ -217,25 +218,22 @@ def _count_claims(now: datetime.datetime) -> tuple[int, int]:
 
 
 def _oldest_due(now: datetime.datetime) -> datetime.datetime | None:
-    """When the oldest message that a pass would send now was queued.
+    """Since when the message that a pass would send now and that has waited longest has been due.
 
     Due: not deferred, not waiting for an automatic retry, not already sent
     (a mark). A message being sent counts: until it is recorded it has not
-    gone. One query per priority, each the head of the sending-order index.
+    gone. A message is due from when it was queued, or from when it was put
+    back (``retry_after``: ``retry_deferred``, an automatic retry), so a
+    message deferred for hours does not look as if it had waited all along.
+    One aggregate query.
     """
-    heads = []
-    for priority in (PRIORITY_HIGH, PRIORITY_MEDIUM, PRIORITY_LOW):
-        head = (
-            Message.objects.filter(priority=priority)
-            .due(now)
-            .exclude(claimed_by__startswith=SENT_MARK)
-            .order_by("when_added", "pk")
-            .values_list("when_added", flat=True)
-            .first()
-        )
-        if head is not None:
-            heads.append(head)
-    return min(heads, default=None)
+    oldest: datetime.datetime | None = (
+        Message.objects.filter(priority__in=[PRIORITY_HIGH, PRIORITY_MEDIUM, PRIORITY_LOW])
+        .due(now)
+        .exclude(claimed_by__startswith=SENT_MARK)
+        .aggregate(oldest=Min(Coalesce("retry_after", "when_added")))["oldest"]
+    )
+    return oldest
 
 
 def _log_counts(now: datetime.datetime) -> tuple[LogCounts, LogCounts]:

@@ -903,7 +903,7 @@ def test_dont_send_action_lists_every_recipient_and_counts_only_the_new_ones(adm
 
     assert user_messages(response) == [("info", "2 addresses added to the don't send list.")]
     assert sorted(DontSendEntry.objects.values_list("to_address", flat=True)) == [
-        "Already@Example.com",
+        "already@example.com",
         "hidden@example.com",
         "reader@example.com",
     ]
@@ -977,7 +977,8 @@ def test_migration_0015_keeps_the_oldest_of_each_address_written_in_several_case
 
     migrate_mailer("0015_dont_send_case_insensitive")
 
-    assert sorted(DontSendEntry.objects.values_list("to_address", flat=True)) == ["NEW@example.com", "a@b.c"]
+    # The oldest of each kept, stored lower-cased (as save() stores addresses now).
+    assert sorted(DontSendEntry.objects.values_list("to_address", flat=True)) == ["a@b.c", "new@example.com"]
     assert DontSendEntry.objects.has_address("new@example.com")
 
 
@@ -1060,3 +1061,56 @@ def staff_client_named(client, username: str, *codenames: str):
     user.user_permissions.set(Permission.objects.filter(content_type__app_label="mailer", codename__in=codenames))
     client.force_login(user)
     return client
+
+
+# Found by a review: non-ASCII capitals, and failures a later attempt got through --------------------------
+
+
+def test_an_address_with_a_non_ascii_capital_is_stored_lower_cased_and_suppressed_on_every_database(settings):
+    """SQLite's LOWER() leaves non-ASCII capitals alone: addresses are stored lower-cased, so they match."""
+    settings.MAILER_EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+    from django.core import mail
+
+    DontSendEntry.objects.create(to_address="x@ÉXAMPLE.com", when_added=timezone.now())
+    queue("Listed", ["x@ÉXAMPLE.com"], cc=["y@example.com"])
+    queue("Listed too", ["x@éxample.com"])
+
+    assert DontSendEntry.objects.get().to_address == "x@éxample.com"
+    assert DontSendEntry.objects.has_address("x@ÉXAMPLE.com")
+    engine.send_all()
+    assert [sorted(m.recipients()) for m in mail.outbox] == [["y@example.com"]]
+
+
+@pytest.mark.parametrize(
+    ("listed", "typed"), [("stop@example.com", "Stop@Example.com"), ("x@éxample.com", "x@ÉXAMPLE.com")]
+)
+def test_a_case_duplicate_typed_in_the_admin_is_a_form_error(admin_client, listed, typed):
+    DontSendEntry.objects.add_addresses([listed])
+    response = admin_client.post(
+        reverse("admin:mailer_dontsendentry_add"),
+        {"to_address": typed, "when_added_0": "2026-01-01", "when_added_1": "00:00:00"},
+    )
+    assert response.status_code == 200  # the form again, not a server error
+    assert "already on the don" in response.content.decode()
+    assert DontSendEntry.objects.count() == 1
+
+
+def test_requeueing_from_the_log_skips_a_failure_that_a_later_attempt_got_through(admin_client, deliver_to_smtp):
+    deliver_to_smtp.reply_to_data("451 4.3.0 Try again later")
+    queue("Sent on the second try", ["reader@example.com"])
+    engine.send_all()
+    deliver_to_smtp.reply_to_data(None)
+    Message.objects.retry_deferred()
+    engine.send_all()
+    assert len(deliver_to_smtp.received) == 1 and not Message.objects.exists()
+    failure = MessageLog.objects.get(result="3")
+
+    response = admin_client.post(
+        reverse("admin:mailer_messagelog_changelist"),
+        {"action": "requeue_copies", "_selected_action": [failure.pk]},
+        follow=True,
+    )
+
+    assert user_messages(response) == [("info", "0 messages queued again.")]
+    engine.send_all()
+    assert len(deliver_to_smtp.received) == 1

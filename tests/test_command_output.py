@@ -5,6 +5,7 @@ themselves is then all an operator (or cron, or systemd) sees, and the exit
 status is what a monitoring script goes by.
 """
 
+import io
 import re
 import signal
 import subprocess
@@ -130,6 +131,8 @@ def test_send_mail_tells_when_the_server_is_down(tmp_path, process_db):
 
         assert result.returncode == 0  # the pass ran; the messages wait for the mail server
         assert re.search(r"^Mail server unreachable: 127\.0\.0\.1:1\b", result.stderr, re.MULTILINE)
+        if verbosity == "0":  # for cron: the one line, not the log's own words for it as well
+            assert result.stderr.count("\n") == 1, result.stderr
     [summary] = summaries(result.stdout)
     assert (summary["sent"], summary["deferred"]) == (0, 1)  # the pass ends after one
 
@@ -368,6 +371,8 @@ def test_runmailer_says_a_pass_failed_and_goes_on(site, command):
         returncode = running.stop()
 
     assert returncode == 0
+    assert running.out == []  # -v 0: no banner, no "Stopped.", only the errors
+    assert all(line.startswith("The sending pass failed: ") for line in running.err), running.err
 
 
 def test_runmailer_debug_shows_the_engine_log_without_logging_settings(site):
@@ -409,3 +414,16 @@ def test_several_delivery_connections_print_whole_lines(site, smtp_server):
     sent = re.findall(r"^sent: <[^>]+> 'Subject (\d)' to r\1@example\.com$", result.stdout, re.MULTILINE)
     assert sorted(sent) == [str(n) for n in range(9)]
     assert summaries(result.stdout)[0]["sent"] == 9
+
+
+@pytest.mark.django_db
+def test_verbosity_3_in_a_process_that_goes_on_leaves_the_log_levels_as_they_were(settings, tmp_path):
+    """``call_command("send_mail", verbosity=3)`` in a worker: the mailer log is not left at DEBUG after it."""
+    import logging
+
+    from django.core.management import call_command
+
+    settings.MAILER_LOCK_PATH = str(tmp_path / "lock")
+    before = logging.getLogger("mailer").level
+    call_command("send_mail", verbosity=3, stdout=io.StringIO(), stderr=io.StringIO())
+    assert logging.getLogger("mailer").level == before

@@ -142,7 +142,7 @@ def test_json_counts_the_queue_the_claims_and_the_log_of_the_last_hour_and_day()
     assert document["format"] == 1 and document["exceeded"] == []
     age = document["oldest_due"]["age_seconds"]
     assert OLDEST_DUE_AGE <= age < OLDEST_DUE_AGE + 60
-    queued_at = datetime.datetime.fromisoformat(document["oldest_due"]["queued_at"])
+    queued_at = datetime.datetime.fromisoformat(document["oldest_due"]["due_since"])
     now = datetime.datetime.fromisoformat(document["time"])
     assert queued_at.utcoffset() == now.utcoffset() == datetime.timedelta(0)
     assert abs((now - queued_at).total_seconds() - age) <= 1  # the time is given to the second
@@ -498,3 +498,21 @@ def test_the_lock_of_a_pass_in_progress_then_of_the_same_pass_killed(process_db,
         "the next pass breaks it",
         lock_line,
     )
+
+
+@pytest.mark.django_db
+def test_a_message_put_back_by_retry_deferred_counts_its_wait_from_then_not_from_when_it_was_queued():
+    """``retry_deferred`` every 20 minutes and ``mailer_status --max-age 900`` every 5 must not raise a false alarm
+    for a message that was deferred for hours and has just been put back.
+    """
+    message = make_message("Deferred for hours", "Body", "f@example.com", ["t@example.com"])
+    message.when_added = timezone.now() - 180 * MINUTE
+    message.priority = PRIORITY_DEFERRED
+    message.save()
+
+    Message.objects.retry_deferred()
+    status = queue_status()
+
+    assert status.oldest_due is not None and status.oldest_due_age is not None
+    assert status.oldest_due_age < 60
+    assert status_json("--max-age", "900")["oldest_due"]["age_seconds"] < 60

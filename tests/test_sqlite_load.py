@@ -47,8 +47,12 @@ BULK = 3
 # One web process: each round, a request under ATOMIC_REQUESTS that reads
 # (the user, say) and queues one message; then a bulk send through the
 # queueing backend, in autocommit (what Django's send_mass_mail does when
-# EMAIL_BACKEND is mailer's DbBackend).
+# EMAIL_BACKEND is mailer's DbBackend). Rounds come a tenth of a second
+# apart, as requests do, so that queueing lasts while the drain runs (on a
+# busy machine, unpaced rounds may all end before the drain looks again).
 WEB_PROCESS = """
+import time
+
 from django.contrib.auth.models import User
 from django.core.mail import EmailMessage
 from django.db import transaction
@@ -64,6 +68,7 @@ for turn in range({rounds}):
     subjects = [f"Web {web} bulk {{turn}}.{{n}}" for n in range({bulk})]
     emails = [EmailMessage(subject, "Body", "f@example.com", ["b@example.com"]) for subject in subjects]
     queued += DbBackend().send_messages(emails)
+    time.sleep(0.1)
 print("queued", queued)
 """
 

@@ -14,18 +14,27 @@ from django.db import migrations, models
 
 
 def merge_case_duplicates(apps: Any, schema_editor: Any) -> None:
-    """Delete every entry whose address, lower-cased, an older entry already has."""
+    """Delete every entry whose address, lower-cased, an older entry already has; lower-case the rest.
+
+    Stored lower-cased (as ``DontSendEntry.save`` stores them now), addresses
+    match on SQLite too, whose LOWER() leaves non-ASCII capitals as they are.
+    """
     entries = apps.get_model("mailer", "DontSendEntry").objects.using(schema_editor.connection.alias)
     seen: set[str] = set()
     duplicates = []
+    capitals = []
     for pk, address in entries.order_by("when_added", "pk").values_list("pk", "to_address").iterator():
         key = address.lower()
         if key in seen:
             duplicates.append(pk)
         else:
             seen.add(key)
+            if key != address:
+                capitals.append((pk, key))
     for start in range(0, len(duplicates), 500):
         entries.filter(pk__in=duplicates[start : start + 500]).delete()
+    for pk, key in capitals:
+        entries.filter(pk=pk).update(to_address=key)
 
 
 class Migration(migrations.Migration):

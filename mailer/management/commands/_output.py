@@ -68,24 +68,35 @@ def errors_as_exit_status() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def debug_log_shown(stderr: OutputWrapper, loggers: tuple[str, ...]) -> Iterator[None]:
+def debug_log_shown(stderr: OutputWrapper, loggers: tuple[str, ...], verbosity: int = 1) -> Iterator[None]:
     """Set ``loggers`` to DEBUG; show the ``mailer`` log on ``stderr`` if the site's logging shows it nowhere.
 
     Without a handler, Python shows only warnings and errors: ``--debug`` and
-    ``-v 3`` would show nothing more. No ``loggers``: nothing changes.
+    ``-v 3`` would show nothing more. At verbosity 0 on such a site the log
+    is silenced instead: the command prints its own errors, and cron mails
+    whatever is printed. No ``loggers``: their levels stay as they are; the
+    levels are restored afterwards either way.
     """
+    mailer_log = logging.getLogger("mailer")
     handler: logging.Handler | None = None
-    if loggers and not logging.getLogger("mailer").hasHandlers():
-        handler = logging.StreamHandler(stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logging.getLogger("mailer").addHandler(handler)
+    if not mailer_log.hasHandlers():
+        if loggers:
+            handler = logging.StreamHandler(stderr)
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        elif verbosity == 0:
+            handler = logging.NullHandler()
+    if handler is not None:
+        mailer_log.addHandler(handler)
+    levels = {name: logging.getLogger(name).level for name in loggers}
     for name in loggers:
         logging.getLogger(name).setLevel(logging.DEBUG)
     try:
         yield
     finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
         if handler is not None:
-            logging.getLogger("mailer").removeHandler(handler)
+            mailer_log.removeHandler(handler)
 
 
 class PassReport(Observer):
@@ -110,13 +121,17 @@ class PassReport(Observer):
         self._handled = 0
         self._due: int | None = None
 
+    # Each line is flushed as it is written: under systemd, a container or a pipe, stdout is block-buffered, and
+    # a long-running runmailer would otherwise say nothing for hours.
     def _out(self, text: str) -> None:
         with self._lock:
             self.stdout.write(text)
+            self.stdout.flush()
 
     def _err(self, text: str) -> None:
         with self._lock:
             self.stderr.write(text)
+            self.stderr.flush()
 
     def _idle(self, why: str, text: str) -> None:
         if self.verbosity >= 1 and self._last_idle != why:

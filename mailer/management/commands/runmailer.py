@@ -40,22 +40,25 @@ class Command(TranslatedCommand):
             debug_loggers = ("mailer",)
         else:
             debug_loggers = ()
-        self.stdout.write(datetime.now().strftime("%B %d, %Y - %X"))
-        self.stdout.write(gettext("Starting django-mailer send loop."))
-        quit_command = "CTRL-BREAK" if sys.platform == "win32" else "CONTROL-C"
-        self.stdout.write(gettext("Quit the loop with %(quit_command)s.") % {"quit_command": quit_command})
+        if verbosity >= 1:  # -v 0: errors only
+            self.stdout.write(datetime.now().strftime("%B %d, %Y - %X"))
+            self.stdout.write(gettext("Starting django-mailer send loop."))
+            quit_command = "CTRL-BREAK" if sys.platform == "win32" else "CONTROL-C"
+            self.stdout.write(gettext("Quit the loop with %(quit_command)s.") % {"quit_command": quit_command})
+            self.stdout.flush()  # a pipe or a journal block-buffers it: the banner is seen when the loop starts
         # A pass that fails is printed, and the loop goes on (the engine logs it and sleeps).
         report = PassReport(self.stdout, self.stderr, verbosity, failures_printed=True)
         # SIGTERM, SIGINT (Ctrl-C) and SIGHUP end the loop after the message in
         # flight; a second one ends it at once.
         with (
             observing(report),
-            debug_log_shown(self.stderr, debug_loggers),
+            debug_log_shown(self.stderr, debug_loggers, verbosity),
             stopping_on_signals(),
             contextlib.suppress(KeyboardInterrupt),
         ):
             self.send_loop(options["connections"])
-        self.stdout.write(gettext("Stopped."))
+        if verbosity >= 1:
+            self.stdout.write(gettext("Stopped."))
 
     def send_loop(self, connections: int | None) -> None:
         engine.send_loop(connections=connections)

@@ -30,7 +30,7 @@ class Command(TranslatedCommand):
         # which is recorded; the lock is released and the command exits 0.
         with (
             observing(PassReport(self.stdout, self.stderr, verbosity)),
-            debug_log_shown(self.stderr, ("mailer",) if verbosity >= 3 else ()),
+            debug_log_shown(self.stderr, ("mailer",) if verbosity >= 3 else (), verbosity),
             errors_as_exit_status(),
             stopping_on_signals(),
         ):
