@@ -227,3 +227,28 @@ def test_migration_0010_leaves_a_row_json_cannot_hold_as_it_was(before_conversio
     assert unconvertible.subject == ""
     convertible.refresh_from_db()
     assert (json.loads(convertible.message_data)["mailer"], convertible.subject) == (1, "Plain")
+
+
+@pytest.mark.django_db
+def test_the_message_id_of_the_queue_and_of_the_log_is_indexed_on_every_database():
+    """The admin looks up a message's log rows, its last error and whether it is still queued by Message-ID."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        for table, index in [
+            ("mailer_message", "mailer_message_message_id"),
+            ("mailer_messagelog", "mailer_messagelog_message_id"),
+        ]:
+            constraints = connection.introspection.get_constraints(cursor, table)
+            assert index in constraints, sorted(constraints)
+            assert constraints[index]["index"]
+    # A long Message-ID still fits (PostgreSQL's B-tree would refuse one past about 2.7 KB; the index is a hash).
+    from django.utils import timezone
+
+    from mailer.models import MessageLog
+
+    long_id = "<" + "x" * 5000 + "@example.com>"
+    MessageLog.objects.create(
+        message_data="{}", message_id=long_id, result="1", log_message="", priority=2, when_added=timezone.now()
+    )
+    assert MessageLog.objects.filter(message_id=long_id).count() == 1

@@ -57,6 +57,7 @@ OUR_MIGRATIONS = [
     "0014_message_mailer_alias",
     "0015_dont_send_case_insensitive",
     "0016_search_columns_database_default",
+    "0017_message_id_indexes",
 ]
 
 
