@@ -91,6 +91,10 @@ CLAIM_BATCH_MAX = 100
 CLAIM_RACE_SECONDS = 1.0
 CLAIM_RACE_PAUSE = 0.005
 
+# Each delivery connection of a pass holds a thread and a database connection
+# of its own: more than this would exhaust the database sooner than it helps.
+MAX_DELIVERY_CONNECTIONS = 64
+
 # How much message data a pass reads from the database in one query: small
 # messages are read together, a large one alone, so memory stays flat.
 READ_BYTES = 1024 * 1024
@@ -298,8 +302,10 @@ def _delivery_connections(given: int | None) -> int:
     """How many delivery connections a pass uses: ``given``, else ``MAILER_DELIVERY_CONNECTIONS``; checked."""
     name = "MAILER_DELIVERY_CONNECTIONS"
     count = conf.get_setting(name) if given is None else given
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ConfigurationError(f"{name} (or --connections) must be a whole number, 1 or more, not {count!r}.")
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_DELIVERY_CONNECTIONS:
+        raise ConfigurationError(
+            f"{name} (or --connections) must be a whole number from 1 to {MAX_DELIVERY_CONNECTIONS}, not {count!r}."
+        )
     return count
 
 

@@ -164,7 +164,7 @@ def test_inside_a_transaction_several_connections_fall_back_to_one(deliver_to_sm
     assert "several delivery connections need a database outside a transaction; using one" in caplog.text
 
 
-@pytest.mark.parametrize("value", [0, -1, "4", 2.5, True])
+@pytest.mark.parametrize("value", [0, -1, "4", 2.5, True, 65, 10_000])
 def test_a_bad_number_of_connections_is_refused_before_anything_is_sent(settings, value):
     settings.MAILER_DELIVERY_CONNECTIONS = value
     with pytest.raises(ConfigurationError, match="MAILER_DELIVERY_CONNECTIONS"):
