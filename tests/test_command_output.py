@@ -52,6 +52,7 @@ class Site:
             PYTHONPATH=str(self.tmp_path),
             MAILER_PROCESS_LOCK_PATH=self.lock_path,
             MAILER_PROCESS_EMPTY_QUEUE_SLEEP="0.2",
+            PYTHONDONTWRITEBYTECODE="1",  # the settings file may be rewritten within the second: no stale .pyc
         )
 
     def run(self, *args: str, warnings_are_errors: bool = True) -> subprocess.CompletedProcess:
