@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.processes import VENDOR, ProcessDatabase, fresh_database, manage
-from tests.test_runmailer_survives import Runmailer
+from tests.test_runmailer_survives import Runmailer, started_runners
 
 needs_postgresql = pytest.mark.skipif(
     VENDOR != "postgresql", reason=f"runmailer_pg runs on PostgreSQL only (MAILER_TEST_DB={VENDOR})"
@@ -59,20 +59,8 @@ class RunmailerPg(Runmailer):
 
 @pytest.fixture
 def runmailer_pg():
-    """Start ``RunmailerPg``s; any still running at the end (a failed test) is killed before its database is dropped."""
-    started: list[RunmailerPg] = []
-
-    def start(*args, **kwargs) -> RunmailerPg:
-        runner = RunmailerPg(*args, **kwargs)
-        started.append(runner)
-        return runner
-
-    yield start
-    for runner in started:
-        runner.kill()
-        for stream in (runner.process.stdout, runner.process.stderr):
-            if stream is not None:
-                stream.close()
+    """Start ``RunmailerPg``s, killed at the end if still running."""
+    yield from started_runners(RunmailerPg)
 
 
 def queue(db: ProcessDatabase, *subjects: str, priority: int | None = None) -> None:

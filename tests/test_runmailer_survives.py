@@ -127,13 +127,14 @@ class Runmailer:
             self.process.wait(10)
 
 
-@pytest.fixture
-def runmailers():
-    """Start ``Runmailer``s; any still running at the end (a failed test) is killed before its database is dropped."""
+def started_runners(runner_class: type[Runmailer]):
+    """For a fixture: start ``runner_class`` processes; any still running at the end (a failed test) is killed
+    before its database is dropped.
+    """
     started: list[Runmailer] = []
 
     def start(*args, **kwargs) -> Runmailer:
-        runner = Runmailer(*args, **kwargs)
+        runner = runner_class(*args, **kwargs)
         started.append(runner)
         return runner
 
@@ -143,6 +144,12 @@ def runmailers():
         for stream in (runner.process.stdout, runner.process.stderr):
             if stream is not None:
                 stream.close()
+
+
+@pytest.fixture
+def runmailers():
+    """Start ``Runmailer``s, killed at the end if still running."""
+    yield from started_runners(Runmailer)
 
 
 def queue(db: ProcessDatabase, *subjects: str) -> None:
