@@ -75,6 +75,8 @@ class EmailBackend(DjangoSMTPBackend):
         ``email`` is the message just sent. A recipient named twice is named once.
         """
         refused: Refusals = getattr(self.connection, "refused", {})
+        if not refused:  # the usual case: no need to work out each recipient's envelope address
+            return {}
         named: Refusals = {}
         seen = set()
         for recipient in email.recipients():

@@ -89,13 +89,29 @@ def test_the_claim_query_walks_the_sending_order_index_on_postgresql():
     with CaptureQueriesContext(connection) as queries:
         claimed = candidates.claim_batch("token", now, 10)
     assert len(claimed) == 10
-    [select] = [query["sql"] for query in queries.captured_queries if query["sql"].startswith("SELECT")]
-    assert "FOR UPDATE SKIP LOCKED" in select
+    assert [pk for pk, _size in claimed] == sorted(pk for pk, _size in claimed)  # in sending order
+    # One statement, one round trip: the UPDATE picks its rows with SELECT ... FOR UPDATE SKIP LOCKED.
+    [claim] = [query["sql"] for query in queries.captured_queries]
+    assert claim.startswith("UPDATE") and "FOR UPDATE SKIP LOCKED" in claim, claim
     with connection.cursor() as cursor:
-        cursor.execute("EXPLAIN " + select)
+        cursor.execute("EXPLAIN " + claim)
         plan = "\n".join(row[0] for row in cursor.fetchall())
     assert "mailer_message_sending_order" in plan, plan
     assert "Sort" not in plan, plan  # the index gives the order: the queue is not sorted to find 10
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_batch_is_claimed_in_sending_order():
+    """Outside a transaction PostgreSQL claims in one UPDATE ... RETURNING, which keeps no order of its own."""
+    low, high, medium = (Message(message_data=f"{{}}{n}", priority=priority) for n, priority in enumerate([3, 1, 2]))
+    for message in (low, high, medium):
+        message.save()
+    now = datetime_now()
+
+    claimed = engine.prioritize(None).due(now).claimable(now).claim_batch("token", now, 10)
+
+    assert claimed == [(high.pk, 3), (medium.pk, 3), (low.pk, 3)]
+    assert set(Message.objects.values_list("claimed_by", flat=True)) == {"token"}
 
 
 # Several delivery connections ----------------------------------------------------------------------

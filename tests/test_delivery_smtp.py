@@ -209,7 +209,7 @@ def test_a_pass_that_ends_with_an_error_still_closes_its_connection(settings, de
         else:
             # The database error is mocked: it cannot be produced for real without breaking the test database.
             with (
-                mock.patch.object(MessageLog.objects, "log", side_effect=OperationalError("disk full")),
+                mock.patch.object(MessageLog.objects, "log_and_delete", side_effect=OperationalError("disk full")),
                 mock.patch("time.sleep"),
                 pytest.raises(SentButNotRecorded, match="disk full"),
             ):

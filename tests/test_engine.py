@@ -12,6 +12,7 @@ from django.core import mail
 from django.core.mail import EmailMessage
 from django.core.mail.backends.locmem import EmailBackend as LocmemBackend
 from django.db import OperationalError
+from django.db.models.signals import post_delete, post_save
 from django.utils import timezone
 
 import mailer
@@ -419,6 +420,32 @@ def test_a_message_id_given_at_the_first_attempt_is_saved_with_its_column(delive
     assert message.message_id and message.message_id == message.email.extra_headers["Message-ID"]
 
 
+@pytest.mark.parametrize("count", [1, 2, 5])
+def test_receivers_of_the_rows_signals_hear_every_message_sent(count, deliver_to_smtp):
+    """Recording skips the ORM for speed, except where the site listens: then its receivers run, as in 2.x."""
+    queue(count)
+    deleted, logged = [], []
+
+    def on_delete(sender, instance, **kwargs):
+        deleted.append(instance.message_id)
+
+    def on_log(sender, instance, created, **kwargs):
+        logged.append((instance.message_id, instance.result, created))
+
+    post_delete.connect(on_delete, sender=Message)
+    post_save.connect(on_log, sender=MessageLog)
+    try:
+        assert engine.send_all() == {"sent": count}
+    finally:
+        post_delete.disconnect(on_delete, sender=Message)
+        post_save.disconnect(on_log, sender=MessageLog)
+
+    sent_ids = sorted(received.message["Message-ID"] for received in deliver_to_smtp.received)
+    assert sorted(deleted) == sent_ids
+    assert sorted(logged) == [(message_id, RESULT_SUCCESS, True) for message_id in sent_ids]
+    assert not Message.objects.exists()
+
+
 class TestSentButNotRecorded:
     """Once a message has gone out, a failure to record it must not lead to sending it again at once.
 
@@ -486,9 +513,16 @@ class TestSentButNotRecorded:
                 raise OperationalError("database is locked")  # inside the transaction: rolled back
             return result
 
-        with mock.patch.object(Message, "delete", delete_then_fail), mock.patch("time.sleep"):
-            assert engine.send_all() == {"sent": 1}
+        # A site listening to deletions: messages are then deleted through the ORM, whose delete() forgets the pk.
+        listener = mock.Mock()
+        post_delete.connect(listener, sender=Message)
+        try:
+            with mock.patch.object(Message, "delete", delete_then_fail), mock.patch("time.sleep"):
+                assert engine.send_all() == {"sent": 1}
+        finally:
+            post_delete.disconnect(listener, sender=Message)
 
         assert len(calls) == 2 and calls[0] == calls[1]
+        assert listener.called  # the receiver ran (once per attempt: the first was rolled back)
         assert len(mail.outbox) == 1
         assert Message.objects.count() == 0 and MessageLog.objects.get().result == RESULT_SUCCESS
