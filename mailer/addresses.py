@@ -60,14 +60,14 @@ def check_addresses(email: EmailMessage) -> None:
     break (a group, or several addresses in one entry, are fine there).
     The extra headers are checked too (``check_headers``: InvalidHeader).
     """
-    check_address(email.from_email, "from_email")
+    check_address(_resolved(email.from_email), "from_email")
     for field in ENVELOPE_FIELDS:
-        for index, address in enumerate(_as_list(getattr(email, field), field)):
+        for index, address in enumerate(map(_resolved, _as_list(getattr(email, field), field))):
             # Django skips empty strings, and so does delivery; a plain address needs no more
             # (and no name for an error).
             if address != "" and not (isinstance(address, str) and is_plain_address(address)):
                 check_address(address, f"{field}[{index}]")
-    for index, address in enumerate(_as_list(email.reply_to, "reply_to")):
+    for index, address in enumerate(map(_resolved, _as_list(email.reply_to, "reply_to"))):
         if not isinstance(address, str):
             raise InvalidAddress(f"reply_to[{index}] is {address!r}, not an email address")
         if "\r" in address or "\n" in address:
@@ -75,8 +75,14 @@ def check_addresses(email: EmailMessage) -> None:
     check_headers(email)
 
 
+def _resolved(value: Any) -> Any:
+    """Return a lazy string (``gettext_lazy``) as the text the queue stores for it, anything else as it is."""
+    return str(value) if isinstance(value, Promise) else value
+
+
 def check_address(address: Any, where: str) -> None:
-    """Raise InvalidAddress unless ``address`` is one address that SMTP can carry."""
+    """Raise InvalidAddress unless ``address`` is one address that SMTP can carry (a lazy string is resolved)."""
+    address = _resolved(address)
     if isinstance(address, str) and is_plain_address(address):
         return
     if not isinstance(address, str):
@@ -122,6 +128,7 @@ def bare_address(recipient: str) -> str:
     """Return the bare, lower-cased address in ``recipient``, as ``mailer.redaction.address_of`` does, but
     without parsing a plain one (``is_plain_address``): the don't-send lookup needs it for every recipient.
     """
+    recipient = _resolved(recipient)
     if recipient.isascii() or recipient.isprintable():
         match = PLAIN_ADDRESS.fullmatch(recipient)
         if match is not None:

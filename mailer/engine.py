@@ -15,9 +15,10 @@ priority order. Each message is
 Whatever goes wrong with one message is recorded on that message (deferred,
 or failed for good after a 5xx refusal, with a failure log row saying why)
 and the pass goes on to the next; a mail server that cannot be reached ends
-the pass at once; an error that concerns no single message (the database,
-the configuration) ends it and is raised. ``mailer.failures`` says which
-error is which.
+the pass at once (with routing by mailer, delivery on its route: the other
+routes go on); an error that concerns no single message (the database, the
+configuration) ends it and is raised. ``mailer.failures`` says which error
+is which.
 
 Code written for django-mailer 2.x patches ``send_all``, ``prioritize``,
 ``acquire_lock``, ``release_lock``, ``logger``, ``lockfile.FileLock`` and
@@ -30,6 +31,7 @@ import datetime
 import logging
 import os
 import smtplib
+import threading
 import time
 import uuid
 from collections import Counter
@@ -38,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import lockfile
+from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.core.mail import EmailMessage
 from django.core.mail.backends.base import BaseEmailBackend
@@ -47,7 +50,15 @@ from django.utils.module_loading import import_string
 
 from mailer import conf, failures, locking, reporting, stopping, workers
 from mailer.codec import decode, storable_text
-from mailer.delivery import check_delivery_route, delivery_route, get_delivery_connection, routing_alias
+from mailer.delivery import (
+    backend_path,
+    check_delivery_route,
+    delivery_route,
+    get_delivery_connection,
+    is_queue,
+    mailers_configured,
+    routing_alias,
+)
 from mailer.exceptions import ConfigurationError, SentButNotRecorded, UndecodableData, UnstorableEmail
 from mailer.message_id import ensure_message_id, get_message_id
 from mailer.models import (
@@ -311,7 +322,7 @@ def _delivery_connections(given: int | None) -> int:
 
 def _send_pass(queryset: Any, error_handler: ErrorHandler, senders: int) -> Counter[str]:
     """Run one pass with ``senders`` delivery connections; return its counts."""
-    progress = workers.Progress(_limit_reached)
+    progress = workers.Progress(_limit_reached, _routes_in_play())
     database = database_connections[Message.objects.db]
     # Other threads would not see this transaction's rows, nor share an in-memory database.
     shareable = not database.in_atomic_block and not (
@@ -324,10 +335,34 @@ def _send_pass(queryset: Any, error_handler: ErrorHandler, senders: int) -> Coun
         SendingPass(queryset, error_handler, progress).run()
     else:
         # Each records what it sent at once: at most one message per connection is ever sent but not recorded.
+        passes = [SendingPass(queryset, error_handler, progress, unrecorded_at_most=1) for _n in range(senders)]
         workers.run_side_by_side(
-            senders, lambda: SendingPass(queryset, error_handler, progress, unrecorded_at_most=1).run(), progress
+            [sending_pass.run for sending_pass in passes],
+            progress,
+            give_back=lambda: _give_back_unbegun(passes),
         )
     return progress.counts
+
+
+def _routes_in_play() -> frozenset[str | None]:
+    """The routes queued mail may take: the default one (None) and, with ``MAILERS`` routing, that of each
+    queueing mailer (``delivery.routing_alias``).
+    """
+    routes: set[str | None] = {None}
+    if mailers_configured():
+        routes.update(routing_alias(alias) for alias in settings.MAILERS if is_queue(backend_path(alias)))
+    return frozenset(routes)
+
+
+def _give_back_unbegun(passes: "list[SendingPass]") -> None:
+    """Give back, one UPDATE per sender, the claims that the senders of a pass cut short have not begun.
+
+    Not the messages they are sending, nor those sent and not yet recorded:
+    those keep their claims until they lapse, so that no other worker sends
+    them again meanwhile.
+    """
+    for sending_pass in passes:
+        sending_pass.give_back_unbegun()
 
 
 def send_loop(*, connections: int | None = None) -> None:
@@ -400,6 +435,11 @@ class Outcome:
     ends_pass: bool = False
 
 
+# A message given back untouched (its claim released, no log row): its route's mail server cannot be reached,
+# or will not take another session of the pass. It waits for the next pass, or another sender of this one.
+GIVEN_BACK = Outcome("given back")
+
+
 @dataclass
 class Claimed:
     """A claimed message as read from the database, or why it could not be read."""
@@ -439,16 +479,23 @@ class SendingPass:
         self.connection_open = False
         self.route: str | None = None
         self.idle: dict[str | None, BaseEmailBackend] = {}
-        # The claims not yet handled, and until when they hold.
+        # The claims not yet handled, and until when they hold; the main thread may give them back
+        # (``give_back_unbegun``), under ``held_lock``, when a second signal cuts the pass short.
         self.held: list[int] = []
         self.held_until = datetime_now()
+        self.held_lock = threading.Lock()
+        self.abandoned = False
+        # The routes on which this sender has a session open (or is opening one), counted in ``progress``.
+        self.sessions: set[str | None] = set()
+        # The mail server would not take one more session from this sender while others have theirs: it stops.
+        self.retired = False
         self.sizes: dict[int, int] = {}  # the length of the message data of each claimed message
         self.claim_size = CLAIM_BATCH_MIN
 
     def run(self) -> None:
         try:
             _record_earlier_sends(self.token)
-            while self.progress.wait_for_room() and not _asked_to_stop() and self._claim_next():
+            while not self.retired and self.progress.wait_for_room() and not _asked_to_stop() and self._claim_next():
                 claimed, started = len(self.held), time.monotonic()
                 try:
                     self._send_claimed()
@@ -471,7 +518,9 @@ class SendingPass:
         while True:
             now = datetime_now()
             self.held_until = _claim_expiry()
-            candidates = prioritize(self.queryset).due(now).claimable(now).exclude(claimed_by=self.token)
+            candidates = self._skipping_routes_down(
+                prioritize(self.queryset).due(now).claimable(now).exclude(claimed_by=self.token)
+            )
             claimed = candidates.claim_batch(self.token, self.held_until, self._claims_wanted())
             # Nothing claimed does not mean nothing left: another worker's claim may have held every row
             # for a moment (MariaDB locks all the rows it sorts, not only those it takes). Look again.
@@ -481,6 +530,15 @@ class SendingPass:
         self.held = [pk for pk, _size in claimed]
         self.sizes = {pk: size or 0 for pk, size in claimed}
         return bool(self.held)
+
+    def _skipping_routes_down(self, queryset: Any) -> Any:
+        """Leave out of ``queryset`` the messages of routes whose mail server cannot be reached in this pass."""
+        down = self.progress.routes_down()
+        if not down:
+            return queryset
+        if None in down:  # the default route: what is left is the mail of the other routes, by their aliases
+            return queryset.filter(mailer_alias__in=[route for route in self.progress.routes - down if route])
+        return queryset.exclude(mailer_alias__in=list(down))
 
     def _claims_wanted(self) -> int:
         """How many messages to claim next: no more than ``MAILER_EMAIL_MAX_BATCH`` leaves to send."""
@@ -498,10 +556,11 @@ class SendingPass:
                 if _asked_to_stop() or not self.progress.may_send():
                     return
                 self._keep_claims()
-                if claimed.pk not in self.held:
+                if not self._begin(claimed.pk):
                     self.progress.finished(None)
+                    if self.abandoned:
+                        return
                     continue  # its claim lapsed: another worker may have it now
-                self.held.remove(claimed.pk)
                 outcome = None
                 try:
                     outcome = self._handle(claimed)
@@ -510,7 +569,7 @@ class SendingPass:
                     self.progress.finished(outcome.status if outcome else None, bool(outcome and outcome.ends_pass))
                 if outcome is not None:
                     reporting.observer().message_handled(claimed.pk, claimed.message, outcome.status)
-                if self.progress.ended:
+                if self.progress.ended or self.retired:
                     return
                 if outcome is not None and conf.get_setting("MAILER_EMAIL_THROTTLE"):
                     # Not while holding messages sent but not recorded, whose claims might lapse meanwhile.
@@ -568,16 +627,40 @@ class SendingPass:
         timeout = datetime.timedelta(seconds=conf.get_setting("MAILER_CLAIM_TIMEOUT"))
         if datetime_now() < self.held_until - timeout / 2:
             return
-        until = _claim_expiry()
-        sent = [message.pk for message, _note in self.unrecorded]
-        Message.objects.filter(pk__in=self.held + sent, claimed_by=self.token).update(claimed_until=until)
-        # Claims that lapsed meanwhile may be another worker's now: leave them.
-        self.held = list(
-            Message.objects.filter(pk__in=self.held, claimed_by=self.token, claimed_until=until).values_list(
-                "pk", flat=True
+        with self.held_lock:  # not while the main thread gives them back
+            if self.abandoned:
+                return
+            until = _claim_expiry()
+            sent = [message.pk for message, _note in self.unrecorded]
+            Message.objects.filter(pk__in=self.held + sent, claimed_by=self.token).update(claimed_until=until)
+            # Claims that lapsed meanwhile may be another worker's now: leave them.
+            self.held = list(
+                Message.objects.filter(pk__in=self.held, claimed_by=self.token, claimed_until=until).values_list(
+                    "pk", flat=True
+                )
             )
-        )
-        self.held_until = until
+            self.held_until = until
+
+    def _begin(self, pk: int) -> bool:
+        """Take message ``pk`` off the claims not begun; False if its claim lapsed or they were given back."""
+        with self.held_lock:
+            if self.abandoned or pk not in self.held:
+                return False
+            self.held.remove(pk)
+            return True
+
+    def give_back_unbegun(self) -> None:
+        """Give back, in one UPDATE, the claims this sender has not begun, and begin none after; called from
+        another thread (the main one, on a second signal).
+        """
+        with self.held_lock:
+            self.abandoned = True
+            held, self.held = self.held, []
+        if held:
+            try:
+                Message.objects.filter(pk__in=held, claimed_by=self.token).update(claimed_until=None)
+            except Exception:
+                logger.debug("giving back %d claims failed; they lapse by themselves", len(held), exc_info=True)
 
     def _release_held(self) -> None:
         """Give back at once the claims this pass did not get to (it was asked to stop, or it ended)."""
@@ -604,7 +687,12 @@ class SendingPass:
                     return None  # gone
                 _set_aside_unreadable(message, claimed.read_error or UndecodableData("no email"))
                 return Outcome("deferred")
-            if not self._use_route_of(message):
+            route = routing_alias(message.mailer_alias)
+            if route in self.progress.routes_down():
+                # Claimed before its mail server was found unreachable: it waits, untouched, for the next pass.
+                _release_quietly(pk, self.token)
+                return None
+            if not self._use_route(route, message):
                 return Outcome("deferred")
             try:
                 if claimed.suppressed and claimed.suppressed == email.recipients():
@@ -613,6 +701,8 @@ class SendingPass:
 
                 before = _snapshot(email)
                 outcome, refused = self._deliver(message, email)
+                if outcome is GIVEN_BACK:
+                    return None
                 if outcome is not None:
                     return outcome
                 sent = True
@@ -678,12 +768,20 @@ class SendingPass:
         if self.connection is None:
             raise RuntimeError("the pass has no delivery connection")
         if not self.connection_open:
+            if self.route not in self.sessions:
+                self.sessions.add(self.route)
+                self.progress.session_opening(self.route)
             self.connection.open()
             self.connection_open = True
         self.connection.send_messages([email])
 
     def _failed(self, message: Message, exc: Exception, while_connecting: bool) -> Outcome:
-        connection = self.connection
+        connection, route = self.connection, self.route
+        if while_connecting and route in self.sessions:
+            self.sessions.discard(route)
+            others_have_sessions = self.progress.opening_failed(route)
+            if others_have_sessions or route in self.progress.routes_down():
+                return self._give_back(message, exc, retire=others_have_sessions)
         try:
             new_connection, status = self.error_handler(connection, message, exc)
         except Exception as raised:
@@ -698,25 +796,60 @@ class SendingPass:
             self._drop_connection()
             self.connection = new_connection
         failure = failures.understand(exc, while_connecting=while_connecting)
-        if failure.outage:
-            logger.error(
-                "the mail server %s cannot be reached (%s): the pass ends, the other messages wait for the next one",
-                _server_name(connection),
-                loggable(failure.reason, message),
-            )
-            reporting.observer().server_unreachable(_server_name(connection), loggable(failure.reason, message))
-        return Outcome(status, ends_pass=failure.outage)
+        if not failure.outage:
+            return Outcome(status)
+        ends_pass = self.progress.route_down(route)
+        if ends_pass:
+            consequence = "the pass ends, the other messages wait for the next one"
+        else:
+            consequence = "the other messages it delivers wait for the next pass, the rest of the queue goes on"
+        logger.error(
+            "the mail server %s cannot be reached (%s): %s",
+            _server_name(connection),
+            loggable(failure.reason, message),
+            consequence,
+        )
+        reporting.observer().server_unreachable(_server_name(connection), loggable(failure.reason, message))
+        return Outcome(status, ends_pass=ends_pass)
 
-    def _use_route_of(self, message: Message) -> bool:
-        """Make the connection of the mailer ``message`` was queued through the one at hand; False if that
-        mailer's delivering connection cannot be made (the message is then set aside, and the others go on).
+    def _give_back(self, message: Message, exc: Exception, retire: bool) -> Outcome:
+        """Give ``message`` back untouched after a session could not be opened for it; with ``retire``, stop
+        this sender too (its other claims are given back as it ends).
+
+        The other senders' sessions on the same route show that the mail
+        server is there: it limits the sessions of one client (a ``421`` at
+        the greeting, as Postfix, Exchange and hosted services answer), and
+        the message goes out over one of theirs. Otherwise the route was
+        found unreachable meanwhile, and the message waits for the next pass.
+        """
+        _release_quietly(message.pk, self.token)
+        server = _server_name(self.connection)
+        self._drop_connection()
+        reason = loggable(failures.describe(exc), message)
+        if retire:
+            self.retired = True
+            logger.warning(
+                "the mail server %s would not take another session (%s): this delivery connection stops, "
+                "the others go on",
+                server,
+                reason,
+            )
+        else:
+            logger.info(
+                "the mail server %s cannot be reached (%s): the message waits for the next pass", server, reason
+            )
+        return GIVEN_BACK
+
+    def _use_route(self, route: str | None, message: Message) -> bool:
+        """Make the connection of ``route``, that of the mailer ``message`` was queued through, the one at hand;
+        False if that mailer's delivering connection cannot be made (the message is then set aside, and the
+        others go on).
 
         A message queued through a ``MAILERS`` entry leaves through that
         entry's ``deliver_using`` (``delivery.routing_alias`` says when). The
         default route is checked when the pass starts; a connection of it
         that cannot be made fails every message alike and ends the pass.
         """
-        route = routing_alias(message.mailer_alias)
         if route != self.route:
             if self.connection is not None:
                 if self.connection_open:
@@ -742,6 +875,9 @@ class SendingPass:
             _close_quietly(self.connection)
         self.connection = None
         self.connection_open = False
+        if self.route in self.sessions:
+            self.sessions.discard(self.route)
+            self.progress.session_closed(self.route)
 
     def _drop_connections(self) -> None:
         """Close the connection at hand and those of the other routes the pass used."""
@@ -749,6 +885,9 @@ class SendingPass:
         idle, self.idle = self.idle, {}
         for connection in idle.values():
             _close_quietly(connection)
+        for route in self.sessions:
+            self.progress.session_closed(route)
+        self.sessions.clear()
 
 
 def _close_quietly(connection: BaseEmailBackend) -> None:

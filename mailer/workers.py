@@ -7,13 +7,14 @@ take tens or hundreds of milliseconds per message.
 
 ``Progress`` is what the senders of one pass share: the counts, the limits
 of ``MAILER_EMAIL_MAX_BATCH`` and ``MAILER_EMAIL_MAX_DEFERRED``, the throttle,
-and whether the pass has ended.
+the routes found down, the sessions each route has open, and whether the
+pass has ended.
 """
 
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from django.db import connections
 
@@ -26,13 +27,18 @@ STOP_CHECK_INTERVAL = 0.2
 class Progress:
     """The counts, limits, throttle and end of one pass, shared by its senders."""
 
-    def __init__(self, limit_reached: Callable[[Counter[str]], bool]) -> None:
+    def __init__(self, limit_reached: Callable[[Counter[str]], bool], routes: Iterable[str | None] = (None,)) -> None:
         self.counts: Counter[str] = Counter()
         self.ended = False
         self._limit_reached = limit_reached
         self._lock = threading.Lock()
         self._sending = 0
         self._next_turn = 0.0
+        # The routes mail of this pass may take (None: the default one), those whose mail server cannot be
+        # reached, and how many sessions the senders have open, or are opening, on each.
+        self.routes = frozenset(routes)
+        self._down: set[str | None] = set()
+        self._sessions: Counter[str | None] = Counter()
 
     def may_send(self) -> bool:
         """Take a turn to send one message; False once the pass has ended or its limit is reached.
@@ -90,6 +96,40 @@ class Progress:
         with self._lock:
             self.ended = True
 
+    def route_down(self, route: str | None) -> bool:
+        """Remember that the mail server of ``route`` cannot be reached; return whether that ends the pass.
+
+        It does once every route the pass may use is down: with one route
+        (no ``MAILERS`` routing, the common case), at the first outage.
+        """
+        with self._lock:
+            self._down.add(route)
+            if self.routes <= self._down:
+                self.ended = True
+            return self.ended
+
+    def routes_down(self) -> frozenset[str | None]:
+        with self._lock:
+            return frozenset(self._down)
+
+    def session_opening(self, route: str | None) -> None:
+        """A sender is opening a session on ``route``; it counts until ``session_closed``."""
+        with self._lock:
+            self._sessions[route] += 1
+
+    def session_closed(self, route: str | None) -> None:
+        with self._lock:
+            self._sessions[route] -= 1
+
+    def opening_failed(self, route: str | None) -> bool:
+        """A sender could not open a session on ``route``; return whether other senders have one open there,
+        or are opening one: then the mail server took them, or may yet, and the failure is a limit on
+        sessions rather than an outage. The last one left to fail says the server cannot be reached.
+        """
+        with self._lock:
+            self._sessions[route] -= 1
+            return self._sessions[route] > 0
+
     def throttle(self) -> None:
         """Wait for the next turn under ``MAILER_EMAIL_THROTTLE``: one message per that many seconds, whatever
         the number of senders.
@@ -105,15 +145,22 @@ class Progress:
         sleep(wait)
 
 
-def run_side_by_side(count: int, send: Callable[[], None], progress: Progress) -> None:
-    """Run ``send`` on ``count`` threads at once and wait for them all; raise the first error any raised.
+def run_side_by_side(
+    senders: list[Callable[[], None]], progress: Progress, give_back: Callable[[], None] | None = None
+) -> None:
+    """Run each of ``senders`` on a thread of its own, all at once, and wait for them all; raise the first error
+    any raised.
 
     An error in one sender ends the pass for all (each finishes the message
     it is sending). Each thread closes its database connections at the end.
+    If waiting is cut short (a second SIGTERM or SIGINT raises
+    ``KeyboardInterrupt`` here, in the main thread), ``give_back`` is called
+    before the exception goes on: the threads die with the process, and
+    what they claimed but had not begun should not wait for its claims to lapse.
     """
     errors: list[BaseException] = []
 
-    def sender() -> None:
+    def sender(send: Callable[[], None]) -> None:
         try:
             send()
         except BaseException as exc:
@@ -122,13 +169,22 @@ def run_side_by_side(count: int, send: Callable[[], None], progress: Progress) -
         finally:
             connections.close_all()
 
-    threads = [threading.Thread(target=sender, name=f"mailer-sender-{n}", daemon=True) for n in range(count)]
+    threads = [
+        threading.Thread(target=sender, args=(send,), name=f"mailer-sender-{n}", daemon=True)
+        for n, send in enumerate(senders)
+    ]
     for thread in threads:
         thread.start()
-    for thread in threads:
-        # Joined in short steps, so that the main thread handles signals meanwhile.
-        while thread.is_alive():
-            thread.join(STOP_CHECK_INTERVAL)
+    try:
+        for thread in threads:
+            # Joined in short steps, so that the main thread handles signals meanwhile.
+            while thread.is_alive():
+                thread.join(STOP_CHECK_INTERVAL)
+    except BaseException:
+        progress.end()
+        if give_back is not None:
+            give_back()
+        raise
     if errors:
         raise errors[0]
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import cast
 
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import AuthResult
+from aiosmtpd.smtp import SMTP, AuthResult
 
 
 @dataclass
@@ -48,6 +48,12 @@ class Recorder:
     hang_up_after: int | None = None
     on_message: Callable[[Received], None] | None = None
     delay: float = 0.0
+    # How many messages the server has begun to take (their DATA), accepted or not yet.
+    messages_begun: int = 0
+    # At most this many sessions at once; more are refused at the greeting (421), and counted.
+    session_limit: int | None = None
+    open_sessions: int = 0
+    sessions_refused: int = 0
 
     async def handle_EHLO(self, server, session, envelope, hostname, responses):
         self.connections += 1
@@ -79,6 +85,7 @@ class Recorder:
         return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):
+        self.messages_begun += 1
         if self.delay:
             await asyncio.sleep(self.delay)  # other sessions go on meanwhile
         if self.data_reply:
@@ -103,6 +110,26 @@ class Recorder:
         server.loop.call_soon(server.transport.close)
 
 
+class SessionLimitingSMTP(SMTP):
+    """aiosmtpd's SMTP session, refused at the greeting while the server has ``session_limit`` open, as
+    Postfix (``smtpd_client_connection_count_limit``), Exchange and hosted services refuse a client.
+    """
+
+    async def _handle_client(self) -> None:
+        recorder = cast(Recorder, self.event_handler)
+        if recorder.session_limit is not None and recorder.open_sessions >= recorder.session_limit:
+            recorder.sessions_refused += 1
+            await self.push("421 4.7.0 Too many concurrent SMTP connections from this IP address")
+            if self.transport is not None:
+                self.transport.close()
+            return
+        recorder.open_sessions += 1
+        try:
+            await super()._handle_client()
+        finally:
+            recorder.open_sessions -= 1
+
+
 class LoopbackController(Controller):
     """aiosmtpd's Controller, listening on a port the system picks when it binds.
 
@@ -112,6 +139,9 @@ class LoopbackController(Controller):
 
     def __init__(self, handler, **smtp_options) -> None:
         super().__init__(handler, hostname="127.0.0.1", port=0, **smtp_options)
+
+    def factory(self):
+        return SessionLimitingSMTP(self.handler, **self.SMTP_kwargs)
 
     async def _create_server(self):
         server = await super()._create_server()
@@ -203,6 +233,20 @@ class SMTPServer:
     def hang_up_after(self, count: int | None) -> None:
         """Close each session, without a word, once it has delivered ``count`` messages (an idle timeout, say)."""
         self.recorder.hang_up_after = count
+
+    def limit_sessions(self, limit: int | None) -> None:
+        """Take at most ``limit`` sessions at once; refuse more with ``421`` at the greeting."""
+        self.recorder.session_limit = limit
+
+    @property
+    def sessions_refused(self) -> int:
+        """How many sessions the server refused at the greeting (``limit_sessions``)."""
+        return self.recorder.sessions_refused
+
+    @property
+    def messages_begun(self) -> int:
+        """How many messages the server has begun to take (DATA), whether or not it has accepted them yet."""
+        return self.recorder.messages_begun
 
     def on_message(self, callback: Callable[[Received], None] | None) -> None:
         """Call ``callback`` in the server's thread with each message, before the server accepts it."""

@@ -387,3 +387,27 @@ def test_a_stored_mime_attachment_with_headers_python_folds_slowly_is_refused_at
     with pytest.raises(UndecodableData, match=problem):
         decode(json.dumps(row))
     assert time.perf_counter() - started < 1
+
+
+def test_lazy_addresses_are_queued_resolved_and_delivered(deliver_to_smtp):
+    """Django's own backend sends an address given as a lazy string (``gettext_lazy``, a translatable sender
+    name), and django-mailer 2.3.2 queued one: refusing it as invalid would break code that worked.
+    """
+    sender = gettext_lazy("Support <support@example.com>")
+    # mailer.send_mail's hints say str, as Django's own send_mail's do; lazy text is what Django sends anyway.
+    mailer.send_mail("Subject", "Body", sender, [gettext_lazy("to@example.com")])  # type: ignore[arg-type,list-item]
+    email = EmailMessage("Subject", "Body", "from@example.com", ["to@example.com"])
+    email.cc, email.reply_to = [gettext_lazy("Ann <cc@example.com>")], [gettext_lazy("reply@example.com")]
+    DbBackend().send_messages([email])
+
+    stored = [message.email for message in Message.objects.order_by("pk")]
+    assert [(e.from_email, e.to, e.cc, e.reply_to) for e in stored] == [
+        ("Support <support@example.com>", ["to@example.com"], [], []),
+        ("from@example.com", ["to@example.com"], ["Ann <cc@example.com>"], ["reply@example.com"]),
+    ]
+    assert all(type(e.from_email) is str and all(type(a) is str for a in e.to + e.cc) for e in stored)
+    assert engine.send_all() == {"sent": 2}
+    assert sorted(tuple(received.rcpt_tos) for received in deliver_to_smtp.received) == [
+        ("to@example.com",),
+        ("to@example.com", "cc@example.com"),
+    ]

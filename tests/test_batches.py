@@ -62,6 +62,22 @@ def test_a_pass_records_two_messages_per_statement_and_claims_and_reads_per_batc
     assert len(deliver_to_smtp.received) == 90
 
 
+@pytest.mark.django_db(transaction=True)
+def test_outside_a_transaction_postgresql_records_two_messages_in_one_statement(deliver_to_smtp):
+    """One round trip per two messages sent: the DELETE rides in the INSERT's WITH, in autocommit."""
+    if connection.vendor != "postgresql":
+        pytest.skip("a statement of PostgreSQL's")
+    queue(40)
+    with CaptureQueriesContext(connection) as queries:
+        assert one_pass()["sent"] == 40
+
+    counts = statements([query["sql"] for query in queries.captured_queries])
+    assert counts["WITH"] == 20 and counts["INSERT"] == 0 and counts["DELETE"] == 0, counts
+    assert sum(counts.values()) <= 20 + 12, counts  # the claims, reads and don't-send checks: per batch
+    assert MessageLog.objects.filter(result=RESULT_SUCCESS).count() == 40 and not Message.objects.exists()
+    assert len(deliver_to_smtp.received) == 40
+
+
 @pytest.mark.django_db
 def test_a_message_that_failed_is_not_claimed_again_in_the_same_pass(deliver_to_smtp, settings):
     """The batch after a failure does not pick the failed message up again (it keeps the pass's token)."""

@@ -17,6 +17,7 @@ races threads in the test's own process.
 
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -194,3 +195,75 @@ def wait_until_recorded(db: ProcessDatabase, count: int, process: subprocess.Pop
         if logged >= count:
             return
         time.sleep(0.1)
+
+
+# --------------------------------------------------------------------------
+# A mail server that limits sessions, or does not answer at all
+# --------------------------------------------------------------------------
+
+
+def test_a_server_that_limits_sessions_gets_everything_over_the_sessions_it_took(
+    process_db, slow_smtp_server, tmp_path
+):
+    """Postfix, Exchange and hosted services refuse a client's sessions beyond a limit (421 at the greeting).
+
+    The server is up: the connections it refused stop, their messages go out
+    over the others, and nothing is deferred as if the server were down.
+    """
+    slow_smtp_server.limit_sessions(2)
+    queued = queue_messages(process_db, 100)
+
+    result = manage(
+        "send_mail",
+        "--connections",
+        str(CONNECTIONS),
+        db=process_db,
+        smtp_port=slow_smtp_server.port,
+        MAILER_PROCESS_LOCK_PATH=str(tmp_path / "lock"),
+        timeout=120,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert slow_smtp_server.sessions_refused >= 1, "the limit was never met"
+    assert "cannot be reached" not in result.stderr, result.stderr
+    assert "would not take another session" in result.stderr
+    assert_sent_and_recorded_exactly_once(slow_smtp_server, process_db, queued)
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A loopback port that takes connections and never says a word, as a hung mail server does."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(50)
+        yield listener.getsockname()[1]
+
+
+def test_a_hung_server_costs_one_deferred_message_however_many_connections(process_db, silent_port, tmp_path):
+    """Every connection waits out the timeout (10 s in tests/process_settings.py) at once; one defers its
+    message and ends the pass, the others give theirs back: a pass with a server down sets back one message,
+    as with one connection, and costs about one timeout.
+    """
+    queue_messages(process_db, 50)
+
+    started = time.monotonic()
+    result = manage(
+        "send_mail",
+        "--connections",
+        str(CONNECTIONS),
+        db=process_db,
+        smtp_port=silent_port,
+        MAILER_PROCESS_LOCK_PATH=str(tmp_path / "lock"),
+        timeout=120,
+    )
+    elapsed = time.monotonic() - started
+
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("cannot be reached") == 1, result.stderr
+    assert process_db.query("SELECT priority, COUNT(*) FROM mailer_message GROUP BY priority ORDER BY priority") == [
+        (2, 49),
+        (4, 1),
+    ]
+    assert process_db.query("SELECT COUNT(*) FROM mailer_message WHERE claimed_until IS NOT NULL") == [(0,)]
+    assert process_db.query("SELECT result, COUNT(*) FROM mailer_messagelog GROUP BY result") == [("3", 1)]
+    assert elapsed < 60, "more than one timeout"

@@ -8,13 +8,16 @@ queued at that mailer's priority, and delivered by that mailer's
 SMTP servers on loopback tell the routes apart.
 """
 
+import logging
+import socket
+
 import django
 import pytest
 from django.core import mail
 
 import mailer
 from mailer import engine
-from mailer.models import Message, MessageLog
+from mailer.models import PRIORITY_DEFERRED, Message, MessageLog
 from mailer.priority import PRIORITY_HIGH, PRIORITY_MEDIUM
 from tests.smtp import SMTPServer
 
@@ -158,3 +161,88 @@ def test_mailer_email_backend_delivers_all_queued_mail_whatever_it_was_queued_th
     assert engine.send_all() == {"sent": 1}
     assert subjects(default_server) == ["Urgent"]
     assert urgent_server.received == []
+
+
+# --------------------------------------------------------------------------
+# An outage on one route: that route waits, the others go on
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def closed_port():
+    """A loopback port nothing listens on: connecting is refused at once."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def outage_errors(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("mailer")]
+
+
+def assert_waiting_untouched(messages) -> None:
+    """The messages are in the queue as they were queued: not deferred, not claimed, never tried."""
+    assert [(m.priority, m.retry_count, m.claimed_until) for m in messages] == [
+        (messages[0].priority, 0, None) for _m in messages
+    ]
+    assert messages[0].priority != PRIORITY_DEFERRED
+
+
+def test_a_route_whose_server_is_down_waits_and_the_other_routes_go_on(two_routes, caplog):
+    """A partner's mail server turns every session away: the password resets on the default route must still
+    go out, though the partner's mail is first in the queue (queued at high priority) and fills the first
+    claims. Its server is tried once in the pass: a server that hangs costs one timeout, not one per message.
+    """
+    default_server, urgent_server = two_routes
+    urgent_server.limit_sessions(0)  # 421 at the greeting, to every session
+    for n in range(12):
+        mailer.send_mail(f"Partner {n}", "Body", "from@example.com", ["to@example.com"], using="urgent")
+    for n in range(3):
+        mailer.send_mail(f"Reset {n}", "Body", "from@example.com", ["to@example.com"])
+
+    assert engine.send_all() == {"sent": 3, "deferred": 1}
+
+    assert subjects(default_server) == ["Reset 0", "Reset 1", "Reset 2"]
+    partner = Message.objects.filter(mailer_alias="urgent")
+    assert partner.deferred().count() == 1  # the one that met the outage, as after any outage
+    assert_waiting_untouched(list(partner.non_deferred()))
+    assert partner.non_deferred().count() == 11
+    assert MessageLog.objects.filter(result="3").count() == 1  # no row for the messages given back
+    assert urgent_server.sessions_refused == 1
+    [error] = outage_errors(caplog)
+    assert "MAILERS['smtp_urgent']" in error and "cannot be reached" in error
+    assert "the rest of the queue goes on" in error
+
+
+def test_the_default_route_down_does_not_hold_up_the_other_routes(settings, two_routes, closed_port):
+    _default_server, urgent_server = two_routes
+    settings.MAILERS["smtp"]["OPTIONS"]["port"] = closed_port
+    for n in range(8):
+        mailer.send_mail(f"Ordinary {n}", "Body", "from@example.com", ["to@example.com"], priority=PRIORITY_HIGH)
+    for n in range(2):
+        mailer.send_mail(f"Urgent {n}", "Body", "from@example.com", ["to@example.com"], using="urgent")
+
+    assert engine.send_all() == {"sent": 2, "deferred": 1}
+
+    assert subjects(urgent_server) == ["Urgent 0", "Urgent 1"]
+    ordinary = Message.objects.exclude(mailer_alias="urgent")
+    assert ordinary.deferred().count() == 1
+    assert_waiting_untouched(list(ordinary.non_deferred()))
+    assert ordinary.non_deferred().count() == 7
+
+
+def test_with_every_route_down_the_pass_ends_after_one_message_of_each(settings, two_routes, closed_port, caplog):
+    settings.MAILERS["smtp"]["OPTIONS"]["port"] = closed_port
+    settings.MAILERS["smtp_urgent"]["OPTIONS"]["port"] = closed_port
+    for n in range(20):
+        mailer.send_mail(f"Ordinary {n}", "Body", "from@example.com", ["to@example.com"])
+        mailer.send_mail(f"Urgent {n}", "Body", "from@example.com", ["to@example.com"], using="urgent")
+
+    assert engine.send_all() == {"deferred": 2}
+
+    assert Message.objects.deferred().count() == 2
+    assert_waiting_untouched(list(Message.objects.non_deferred().filter(mailer_alias="urgent")))
+    assert_waiting_untouched(list(Message.objects.non_deferred().exclude(mailer_alias="urgent")))
+    assert MessageLog.objects.count() == 2
+    assert len(outage_errors(caplog)) == 2
+    assert "the pass ends" in outage_errors(caplog)[-1]

@@ -158,3 +158,41 @@ def test_a_signal_the_process_was_told_to_ignore_stays_ignored(process_db, smtp_
     assert process.returncode == 0, err
     assert len(smtp_server.received) == 5
     assert queue_state(process_db)["queued"] == 0
+
+
+def test_a_second_signal_with_several_connections_gives_back_what_no_connection_had_begun(
+    process_db, smtp_server, tmp_path
+):
+    """``send_mail --connections 4``: each connection holds a few claims besides the message it is sending.
+
+    The second SIGTERM stops the process at once; the messages in flight keep
+    their claims (the server may yet take them), but the rest must not wait
+    ``MAILER_CLAIM_TIMEOUT`` (600 s) for the next run.
+    """
+    connections = 4
+    queue(process_db, 60)
+    smtp_server.delay_each_message(5)  # every connection is in the middle of a message when the signals land
+    lock_path = tmp_path / "send_mail"
+    process = start(
+        "send_mail", process_db, smtp_server.port, lock_path, MAILER_PROCESS_DELIVERY_CONNECTIONS=str(connections)
+    )
+    deadline = time.monotonic() + 60
+    while smtp_server.messages_begun < connections and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    assert smtp_server.messages_begun == connections
+
+    process.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=30)
+
+    assert process.returncode != 0
+    state = queue_state(process_db)
+    assert state == {"queued": 60, "claimed": connections, "logged": []}  # only those in flight are held
+
+    # The next run sends the rest at once; not the ones that were in flight, which the server may have taken.
+    smtp_server.delay_each_message(0)
+    rerun = manage("send_mail", db=process_db, smtp_port=smtp_server.port, MAILER_PROCESS_LOCK_PATH=str(lock_path))
+    assert rerun.returncode == 0, rerun.stderr
+    assert queue_state(process_db) == {"queued": connections, "claimed": connections, "logged": ["1"] * 56}
+    assert len({r.message["Message-ID"] for r in smtp_server.received}) == len(smtp_server.received) == 56
