@@ -515,12 +515,11 @@ class SendingPass:
         so a failure that leaves it in the queue is not tried twice in one pass.
         """
         deadline = time.monotonic() + CLAIM_RACE_SECONDS
+        untried = self._skipping_routes_down(prioritize(self.queryset).exclude(claimed_by=self.token))
         while True:
             now = datetime_now()
             self.held_until = _claim_expiry()
-            candidates = self._skipping_routes_down(
-                prioritize(self.queryset).due(now).claimable(now).exclude(claimed_by=self.token)
-            )
+            candidates = untried.due(now).claimable(now)
             claimed = candidates.claim_batch(self.token, self.held_until, self._claims_wanted())
             # Nothing claimed does not mean nothing left: another worker's claim may have held every row
             # for a moment (MariaDB locks all the rows it sorts, not only those it takes). Look again.

@@ -35,7 +35,7 @@ class Observer:
         """Message ``pk`` ended the pass "sent", "deferred", "failed" or "dont_send" (``message`` None: unreadable)."""
 
     def server_unreachable(self, server: str, reason: str) -> None:
-        """The mail server cannot be reached: the pass ends, the rest of the queue waits."""
+        """The mail server cannot be reached: the pass, or delivery on its route, ends; its mail waits."""
 
     def pass_ended(self, counts: Counter[str], seconds: float) -> None:
         """A pass ended normally, with ``counts`` (see ``engine.send_all``), after ``seconds``."""

@@ -191,7 +191,7 @@ class PassReport(Observer):
 
     def server_unreachable(self, server: str, reason: str) -> None:
         self._err(
-            gettext("Mail server unreachable: %(server)s (%(reason)s); the other messages wait for the next pass.")
+            gettext("Mail server unreachable: %(server)s (%(reason)s); the messages for it wait for the next pass.")
             % {"server": server, "reason": reason}
         )
 
