@@ -44,7 +44,7 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.core.mail import EmailMessage
 from django.core.mail.backends.base import BaseEmailBackend
-from django.db import DatabaseError, DataError, IntegrityError, transaction
+from django.db import DatabaseError, transaction
 from django.db import connections as database_connections
 from django.utils.module_loading import import_string
 
@@ -70,6 +70,7 @@ from mailer.models import (
     DontSendEntry,
     Message,
     MessageLog,
+    cannot_hold,
     datetime_now,
 )
 from mailer.redaction import keeps_message_data, loggable
@@ -106,7 +107,7 @@ CLAIM_RACE_PAUSE = 0.005
 # of its own: more than this would exhaust the database sooner than it helps.
 MAX_DELIVERY_CONNECTIONS = 64
 
-# How much message data a pass reads from the database in one query: small
+# How much message data a pass reads from the database in one query (or records in one): small
 # messages are read together, a large one alone, so memory stays flat.
 READ_BYTES = 1024 * 1024
 
@@ -778,9 +779,15 @@ class SendingPass:
         connection, route = self.connection, self.route
         if while_connecting and route in self.sessions:
             self.sessions.discard(route)
-            others_have_sessions = self.progress.opening_failed(route)
-            if others_have_sessions or route in self.progress.routes_down():
-                return self._give_back(message, exc, retire=others_have_sessions)
+            # The server answered, refusing one more session, while others of the pass have theirs (or are
+            # getting them): a limit on sessions. A timeout or a refused connection is an outage, whatever the
+            # others are doing: a server that hangs keeps them all waiting.
+            limited = self.progress.opening_failed(route) and isinstance(exc, smtplib.SMTPResponseException)
+            if limited:
+                return self._give_back(message, exc, retire=True)
+            outage = failures.understand(exc, while_connecting=True).outage
+            if outage and not self.progress.first_to_find_down(route):
+                return self._give_back(message, exc, retire=False)
         try:
             new_connection, status = self.error_handler(connection, message, exc)
         except Exception as raised:
@@ -833,10 +840,8 @@ class SendingPass:
                 server,
                 reason,
             )
-        else:
-            logger.info(
-                "the mail server %s cannot be reached (%s): the message waits for the next pass", server, reason
-            )
+        else:  # the outage itself is logged once, at ERROR, by the sender that met it first
+            logger.debug("the mail server %s is down (%s): the message waits for the next pass", server, reason)
         return GIVEN_BACK
 
     def _use_route(self, route: str | None, message: Message) -> bool:
@@ -990,7 +995,7 @@ def _set_aside_unreadable(message: Message, exc: Exception) -> None:
 
 def _database_in_trouble(exc: Exception) -> bool:
     """Return whether ``exc`` says the database cannot be used (gone, locked), rather than that one row is bad."""
-    return isinstance(exc, DatabaseError) and not isinstance(exc, DataError | IntegrityError)
+    return isinstance(exc, DatabaseError) and not cannot_hold(exc)
 
 
 def _row_unreadable(pk: int) -> bool:
@@ -1112,13 +1117,18 @@ def _record_sent(sent: list[tuple[Message, str]]) -> None:
     marked as sent (``_mark_sent``), so that no pass sends it again, and
     ``SentButNotRecorded`` is raised.
     """
+    sent = list(sent)  # what is recorded is taken off it: only the rest is tried again, or marked
     for attempt in range(1, RECORD_ATTEMPTS + 1):
         try:
-            if len(sent) == 1:
+            if len(sent) > 1 and sum(len(message.message_data or "") for message, _note in sent) <= READ_BYTES:
+                Message.record_together(sent, RESULT_SUCCESS)
+                return
+            # One by one: large messages together could exceed what one statement may carry (MariaDB's
+            # max_allowed_packet).
+            while sent:
                 message, note = sent[0]
                 message.record(RESULT_SUCCESS, note)
-            else:
-                Message.record_together(sent, RESULT_SUCCESS)
+                sent.pop(0)
             return
         except DatabaseError as exc:
             if attempt == RECORD_ATTEMPTS:

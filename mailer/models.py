@@ -10,8 +10,18 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from django.core.exceptions import EmptyResultSet
 from django.core.mail import EmailMessage, EmailMultiAlternatives
-from django.db import DataError, IntegrityError, connections, models, router, transaction
+from django.db import (
+    DatabaseError,
+    DataError,
+    IntegrityError,
+    OperationalError,
+    connections,
+    models,
+    router,
+    transaction,
+)
 from django.db.models.functions import Length, Lower
 from django.utils.timezone import now as datetime_now
 from django.utils.translation import gettext
@@ -174,7 +184,12 @@ class MessageQuerySet(models.QuerySet["Message", "Message"]):
         SKIP LOCKED`` then an UPDATE, so that workers never wait for each
         other; on SQLite, which has one writer at a time, a single
         conditional UPDATE. Elsewhere each candidate is claimed on its own.
+
+        A claim writes: it goes to the database the router writes messages
+        to, even where a replica serves their reads.
         """
+        if self._db is None:  # type: ignore[attr-defined]  # no database chosen: the router decides
+            return self.using(router.db_for_write(self.model)).claim_batch(token, until, size)
         database = connections[self.db]
         all_messages = self.model._default_manager.using(self.db)
         size_of_data = Length("message_data")
@@ -197,12 +212,15 @@ class MessageQuerySet(models.QuerySet["Message", "Message"]):
         return [(pk, length) for pk, length in candidates if all_messages.claim(pk, token, until)]
 
     def _sorts_by_fields(self) -> bool:
-        """Whether these messages are ordered by plain fields only (as the engine orders them)."""
-        names = [term.lstrip("-") for term in self.query.order_by if isinstance(term, str)]
-        if len(names) != len(self.query.order_by):
+        """Whether these messages are ordered, by fields that are never NULL only (as the engine orders them):
+        the rows of ``_claim_in_one_statement`` are sorted by them in Python.
+        """
+        order = self.query.order_by
+        if not order or not all(isinstance(term, str) for term in order):
             return False
-        fields = {field.name for field in self.model._meta.concrete_fields}
-        return all(name == "pk" or name in fields for name in names)
+        fields = {field.name: field for field in self.model._meta.concrete_fields}
+        names = [str(term).lstrip("-") for term in order]
+        return all(name == "pk" or (name in fields and not fields[name].null) for name in names)
 
     def _claim_in_one_statement(self, token: str, until: datetime.datetime, size: int) -> list[tuple[int, int]]:
         """``claim_batch`` on PostgreSQL, in one round trip: ``UPDATE ... WHERE id IN (SELECT ... FOR UPDATE
@@ -216,7 +234,10 @@ class MessageQuerySet(models.QuerySet["Message", "Message"]):
         connection = connections[self.db]
         quote = connection.ops.quote_name
         terms = [str(term) for term in self.query.order_by]
-        picked_sql, picked_params = self.values("pk")[:size].query.get_compiler(using=self.db).as_sql()
+        try:
+            picked_sql, picked_params = self.values("pk")[:size].query.get_compiler(using=self.db).as_sql()
+        except EmptyResultSet:  # a filter that matches nothing (``pk__in=[]``): the ORM would not ask either
+            return []
         returned = ", ".join(quote(_column(self.model, term.lstrip("-"))) for term in terms)
         # Names from the model, quoted; every value is a parameter.
         statement = (
@@ -401,8 +422,10 @@ class Message(models.Model):
                 pks = [message.pk for message, _note in outcomes]
                 MessageLog.objects.db_manager(using).log_and_delete(entries, pks)
                 return
-            except (DataError, IntegrityError):
-                pass  # one of them cannot be written as it is: each on its own, below
+            except DatabaseError as exc:
+                if not cannot_hold(exc):
+                    raise
+                # One of them cannot be written as it is: each on its own, below.
         for message, note in outcomes:
             message._change_with_log_row(message.delete, result, note)
 
@@ -434,7 +457,9 @@ class Message(models.Model):
                 with transaction.atomic(using=self._state.db):
                     MessageLog.objects.log(self, result, log_message=log_message)
                     change()
-            except (DataError, IntegrityError) as exc:
+            except DatabaseError as exc:
+                if not cannot_hold(exc):
+                    raise
                 self.pk = pk
                 logger.warning("the log row of message %s is written without its copies: %s", pk, exc)
                 with transaction.atomic(using=self._state.db):
@@ -658,6 +683,19 @@ class DontSendEntry(models.Model):
         would tell the site nothing it can act on.
         """
         return [problem for problem in super().check(**kwargs) if problem.id != "models.W044"]
+
+
+# MySQL and MariaDB report a value a column cannot hold (a character its character set lacks, a string too
+# long) as an OperationalError, which Django passes on as it is: errors about the data, not the database.
+MYSQL_DATA_ERRORS = {1267, 1300, 1366, 1406}
+
+
+def cannot_hold(exc: DatabaseError) -> bool:
+    """Whether ``exc`` says a row cannot hold these values (rather than that the database is in trouble)."""
+    if isinstance(exc, (DataError, IntegrityError)):
+        return True
+    code = exc.args[0] if exc.args else None
+    return isinstance(exc, OperationalError) and code in MYSQL_DATA_ERRORS
 
 
 def _column(model: type[models.Model], name: str) -> str:

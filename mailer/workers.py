@@ -108,6 +108,17 @@ class Progress:
                 self.ended = True
             return self.ended
 
+    def first_to_find_down(self, route: str | None) -> bool:
+        """Remember that ``route``'s mail server cannot be reached; return whether no sender had found it so
+        before (that sender reports the outage and sets back its message; the others give theirs back).
+        """
+        with self._lock:
+            first = route not in self._down
+            self._down.add(route)
+            if self.routes <= self._down:
+                self.ended = True
+            return first
+
     def routes_down(self) -> frozenset[str | None]:
         with self._lock:
             return frozenset(self._down)
@@ -123,8 +134,7 @@ class Progress:
 
     def opening_failed(self, route: str | None) -> bool:
         """A sender could not open a session on ``route``; return whether other senders have one open there,
-        or are opening one: then the mail server took them, or may yet, and the failure is a limit on
-        sessions rather than an outage. The last one left to fail says the server cannot be reached.
+        or are opening one (the caller tells a refusal, which proves the server is there, from a timeout).
         """
         with self._lock:
             self._sessions[route] -= 1

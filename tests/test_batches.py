@@ -130,6 +130,30 @@ def test_a_batch_is_claimed_in_sending_order():
     assert set(Message.objects.values_list("claimed_by", flat=True)) == {"token"}
 
 
+class ReadsFromAReplica:
+    """A router that sends reads to a replica (an alias this test project lacks) and writes to "default"."""
+
+    def db_for_read(self, model, **hints):
+        return "replica"
+
+    def db_for_write(self, model, **hints):
+        return "default"
+
+
+@pytest.mark.django_db
+def test_a_claim_goes_to_the_database_that_takes_writes(settings):
+    """A claim writes: with reads routed to a replica, claiming there would fail (or claim on a copy)."""
+    queue(3)
+    settings.DATABASE_ROUTERS = [ReadsFromAReplica()]
+    now = datetime_now()
+
+    claimed = engine.prioritize(None).due(now).claimable(now).claim_batch("token", now, 10)
+
+    settings.DATABASE_ROUTERS = []
+    assert len(claimed) == 3
+    assert set(Message.objects.values_list("claimed_by", flat=True)) == {"token"}
+
+
 # Several delivery connections ----------------------------------------------------------------------
 
 

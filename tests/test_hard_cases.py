@@ -184,3 +184,30 @@ def test_a_421_at_rcpt_on_a_reused_session_opens_a_new_one(deliver_to_smtp):
         mailer.send_mail(f"M{n}", "Body", "from@example.com", [f"t{n}@example.com"])
     counts = engine.send_all()
     assert counts == {"sent": 5}
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("sent_together", [1, 2])
+def test_a_log_table_that_cannot_hold_the_subject_stops_nothing_on_mysql(deliver_to_smtp, sent_together):
+    """MariaDB and MySQL report a character the column's character set lacks as an OperationalError, not a
+    DataError: the log row is written without its copies all the same, and the queue goes on.
+    """
+    if connection.vendor != "mysql":
+        pytest.skip("a character set of MariaDB's and MySQL's")
+    with connection.cursor() as cursor:  # a log table made before utf8mb4 was the default
+        cursor.execute("ALTER TABLE mailer_messagelog CONVERT TO CHARACTER SET utf8mb3 COLLATE utf8mb3_general_ci")
+    try:
+        for n in range(sent_together):
+            mailer.send_mail(f"Party \N{PARTY POPPER} {n}", "Body", "from@example.com", [f"to{n}@example.com"])
+        assert engine.send_all() == {"sent": sent_together}
+        mailer.send_mail("Plain", "Body", "from@example.com", ["plain@example.com"])
+        assert engine.send_all() == {"sent": 1}
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("ALTER TABLE mailer_messagelog CONVERT TO CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci")
+
+    assert len(deliver_to_smtp.received) == sent_together + 1
+    assert not Message.objects.exists()
+    rows = list(MessageLog.objects.order_by("pk").values_list("subject_copy", "message_id"))
+    assert len(rows) == sent_together + 1 and all(message_id for _subject, message_id in rows)
+    assert [subject for subject, _message_id in rows] == [None] * sent_together + ["Plain"]

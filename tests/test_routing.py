@@ -14,6 +14,7 @@ import socket
 import django
 import pytest
 from django.core import mail
+from django.db import connection
 
 import mailer
 from mailer import engine
@@ -246,3 +247,29 @@ def test_with_every_route_down_the_pass_ends_after_one_message_of_each(settings,
     assert MessageLog.objects.count() == 2
     assert len(outage_errors(caplog)) == 2
     assert "the pass ends" in outage_errors(caplog)[-1]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_hung_route_does_not_take_the_connections_of_the_others(settings, two_routes, caplog):
+    """A partner's server that accepts connections and never answers is an outage, not a limit on sessions:
+    the connections that waited on it go on with the default route's mail rather than stopping.
+    """
+    if connection.vendor == "sqlite":
+        pytest.skip("several connections need a database file (tests/test_many_senders.py covers SQLite)")
+    default_server, _urgent_server = two_routes
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(50)  # accepts, never greets
+        settings.MAILERS["smtp_urgent"]["OPTIONS"].update(port=silent.getsockname()[1], timeout=1)
+        default_server.delay_each_message(0.05)
+        for n in range(12):
+            mailer.send_mail(f"Partner {n}", "Body", "from@example.com", ["to@example.com"], using="urgent")
+        for n in range(80):  # about 4 s of work for one connection: plenty left once the others are back
+            mailer.send_mail(f"Ordinary {n}", "Body", "from@example.com", ["to@example.com"])
+
+        counts = engine.send_all(connections=4)
+
+    assert counts is not None and counts["sent"] == 80 and len(default_server.received) == 80
+    assert default_server.connections >= 3, "connections that met the hung route stopped"
+    assert not [r for r in caplog.records if "would not take another session" in r.getMessage()]
+    assert Message.objects.count() == 12 and not Message.objects.filter(claimed_until__isnull=False).exists()
