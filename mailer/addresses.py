@@ -60,7 +60,7 @@ def check_addresses(email: EmailMessage) -> None:
     break (a group, or several addresses in one entry, are fine there).
     The extra headers are checked too (``check_headers``: InvalidHeader).
     """
-    check_address(_resolved(email.from_email), "from_email")
+    check_address(email.from_email, "from_email")
     for field in ENVELOPE_FIELDS:
         for index, address in enumerate(map(_resolved, _as_list(getattr(email, field), field))):
             # Django skips empty strings, and so does delivery; a plain address needs no more

@@ -103,9 +103,7 @@ class Progress:
         (no ``MAILERS`` routing, the common case), at the first outage.
         """
         with self._lock:
-            self._down.add(route)
-            if self.routes <= self._down:
-                self.ended = True
+            self._mark_down(route)
             return self.ended
 
     def first_to_find_down(self, route: str | None) -> bool:
@@ -114,10 +112,13 @@ class Progress:
         """
         with self._lock:
             first = route not in self._down
-            self._down.add(route)
-            if self.routes <= self._down:
-                self.ended = True
+            self._mark_down(route)
             return first
+
+    def _mark_down(self, route: str | None) -> None:
+        self._down.add(route)
+        if self.routes <= self._down:
+            self.ended = True
 
     def routes_down(self) -> frozenset[str | None]:
         with self._lock:
