@@ -360,7 +360,12 @@ def _next_beat() -> float:
 
 
 def _drop_broken_database_connections(suspect: bool = False) -> None:
-    """Replace Django's database connections that broke (errors seen on it, or ``suspect``: the server was lost).
+    """Replace Django's database connections that broke (errors seen on it), or all of them when ``suspect``.
+
+    ``suspect`` means the server was lost (a restart, a failover, an
+    administrator ending connections). Each connection is then replaced
+    rather than tested: a test query can still succeed on a connection the
+    server is about to end, and the query after it fails.
 
     Unlike ``runmailer``, a healthy connection is kept between looks even
     with ``CONN_MAX_AGE = 0`` (Django's default): opening one for each
@@ -371,7 +376,10 @@ def _drop_broken_database_connections(suspect: bool = False) -> None:
     for connection in db_connections.all(initialized_only=True):
         if connection.in_atomic_block or connection.connection is None:
             continue
-        if suspect or connection.errors_occurred:
+        if suspect:
+            connection.close()
+            continue
+        if connection.errors_occurred:
             connection.errors_occurred = False
             if not connection.is_usable():
                 connection.close()
