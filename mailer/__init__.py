@@ -250,12 +250,10 @@ def _queue(email: EmailMessage, priority: int, alias: str | None = None) -> int:
     from mailer.models import Message
     from mailer.signals import mail_queued
 
-    message = Message.for_email(email, priority=priority)
-    if not email.recipients():
+    using = Message.queue(email, priority, alias=alias)
+    if using is None:
         return 0
-    message.mailer_alias = alias
-    message.save()
-    mail_queued.send(sender=Message, using=message._state.db, count=1)
+    mail_queued.send(sender=Message, using=using, count=1)
     return 1
 
 

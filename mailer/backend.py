@@ -99,17 +99,20 @@ def queue_in_bulk(
     using = router.db_for_write(Message)
     batch_size = conf.get_setting("MAILER_MESSAGES_BATCH_SIZE")
     with transaction.atomic(using=using):
-        if batch_size is not None:
-            Message.objects.using(using).bulk_create(messages, batch_size=batch_size)
-        else:
-            for batch in _batches(messages):
-                Message.objects.using(using).bulk_create(batch)
+        for batch in _batches(messages, batch_size):
+            Message.objects.db_manager(using).insert(batch)
     mail_queued.send(sender=Message, using=using, count=len(messages))
     return len(messages)
 
 
-def _batches(messages: list[Message]) -> Iterator[list[Message]]:
-    """Split ``messages`` into batches of at most ``BATCH_SIZE`` messages and ``BATCH_DATA_SIZE`` characters."""
+def _batches(messages: list[Message], batch_size: int | None) -> Iterator[list[Message]]:
+    """Split ``messages`` into batches of ``batch_size`` (MAILER_MESSAGES_BATCH_SIZE) messages, or else of at most
+    ``BATCH_SIZE`` messages and ``BATCH_DATA_SIZE`` characters.
+    """
+    if batch_size is not None:
+        for start in range(0, len(messages), batch_size):
+            yield messages[start : start + batch_size]
+        return
     batch: list[Message] = []
     size = 0
     for message in messages:

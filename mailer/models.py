@@ -6,6 +6,7 @@ database keeps working; the claim columns on ``Message`` are ours.
 
 import copy
 import datetime
+import functools
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -267,6 +268,47 @@ class MessageQuerySet(models.QuerySet["Message", "Message"]):
         )
         return updated == 1
 
+    def insert(self, messages: Sequence["Message"]) -> None:
+        """Insert the unsaved ``messages``, one INSERT for as many as the database takes in one statement.
+
+        ``bulk_create`` without the ORM's compiling, which costs more than
+        the database's work: the statement is written from the model's
+        fields (``_insert_statement``). Like ``bulk_create``, no signals are
+        sent; unlike it, the primary keys are not read back. Callers make it
+        atomic.
+        """
+        connection = connections[self.db]
+        fields = _inserted_fields(self.model)
+        size = max(1, connection.ops.bulk_batch_size(fields, messages))
+        with connection.cursor() as cursor:
+            for start in range(0, len(messages), size):
+                batch = messages[start : start + size]
+                cursor.execute(_insert_statement(self.model, connection, len(batch)), _row_values(batch, connection))
+
+    def insert_unless_listed(self, message: "Message", recipients: Sequence[str]) -> bool:
+        """Insert the unsaved ``message`` unless one of ``recipients`` is on the don't-send list; return whether it was.
+
+        One statement, ``INSERT ... SELECT ... WHERE NOT EXISTS``, in place of
+        a query of the list followed by an INSERT: queueing one message, as
+        a web page does, then costs what inserting its row does. When it
+        returns False nothing was written, and the caller takes the long way
+        (``Message.for_email`` reads the list and drops the listed).
+        """
+        connection = connections[self.db]
+        addresses = sorted({address for address in map(bare_address, recipients) if is_utf8(address)})
+        values = _row_values([message], connection)
+        limit = connection.features.max_query_params
+        if limit is not None and len(values) + len(addresses) > limit:
+            return False
+        fields = _inserted_fields(self.model)
+        select = ", ".join(["%s"] * len(fields))
+        insert = _insert_statement(self.model, connection, 0)
+        listed = _listed_among(connection, len(addresses))
+        with connection.cursor() as cursor:
+            cursor.execute(f"{insert} SELECT {select} WHERE NOT EXISTS ({listed})", [*values, *addresses])
+            inserted: int = cursor.rowcount
+        return inserted == 1
+
 
 MessageManager = models.Manager.from_queryset(MessageQuerySet)
 
@@ -374,6 +416,32 @@ class Message(models.Model):
         message = cls(priority=get_priority(priority))
         message.email = email
         return message
+
+    @classmethod
+    def queue(cls, email: EmailMessage, priority: int | str | None = None, *, alias: str | None = None) -> str | None:
+        """Queue ``email`` through the ``MAILERS`` entry ``alias``; return the database alias it was written to,
+        or None when it has no recipients (nothing is queued).
+
+        This is what a web page sending mail waits for, so the usual case is
+        one statement: the INSERT checks the don't-send list itself
+        (``insert_unless_listed``). When a recipient is listed, or the site
+        listens to the saving of messages, it takes the long way: the list
+        is read, the listed recipients dropped, and the row saved by the ORM.
+        """
+        if not _saves_heard():
+            message = cls.for_email(email, priority, suppressed=set())  # as if no one were listed: checked below
+            if not email.recipients():
+                return None
+            message.mailer_alias = alias
+            using = router.db_for_write(cls, instance=message)
+            if cls.objects.db_manager(using).insert_unless_listed(message, email.recipients()):
+                return using
+        message = cls.for_email(email, priority)
+        if not email.recipients():
+            return None
+        message.mailer_alias = alias
+        message.save()
+        return message._state.db
 
     def _set_search_columns(self, email: Any) -> None:
         for column, column_value in search_columns(email).items():
@@ -584,18 +652,12 @@ class DontSendEntryManager(models.Manager["DontSendEntry"]):
         if not addresses:
             return set()
         connection = connections[self.db]
-        quote = connection.ops.quote_name
-        to_address = self.model._meta.get_field("to_address").column  # type: ignore[union-attr]  # a plain field
-        column = f"LOWER({quote(str(to_address))})"
-        table = quote(self.model._meta.db_table)
         size = connection.features.max_query_params or len(addresses)
         found: set[str] = set()
         with connection.cursor() as cursor:
             for start in range(0, len(addresses), size):
                 chunk = addresses[start : start + size]
-                placeholders = ", ".join(["%s"] * len(chunk))
-                # Only quoted names of this model are written in; the addresses are parameters.
-                cursor.execute(f"SELECT {column} FROM {table} WHERE {column} IN ({placeholders})", chunk)  # noqa: S608
+                cursor.execute(_listed_among(connection, len(chunk)), chunk)
                 found.update(address for (address,) in cursor.fetchall())
         return found
 
@@ -704,6 +766,68 @@ def _column(model: type[models.Model], name: str) -> str:
     return str(field.column)  # type: ignore[union-attr]
 
 
+def _listed_among(connection: Any, count: int) -> str:
+    """The query of the don't-send entries (their addresses lower-cased) among ``count`` parameters: bare,
+    lower-cased addresses. With none, a query that finds nothing.
+    """
+    quote = connection.ops.quote_name
+    column = f"LOWER({quote(_column(DontSendEntry, 'to_address'))})"
+    table = quote(DontSendEntry._meta.db_table)
+    if not count:
+        return f"SELECT {column} FROM {table} WHERE 1 = 0"  # noqa: S608
+    # Only quoted names of this model are written in; the addresses are parameters.
+    return f"SELECT {column} FROM {table} WHERE {column} IN ({', '.join(['%s'] * count)})"  # noqa: S608
+
+
+@functools.cache
+def _inserted_fields(model: type[models.Model]) -> tuple[Any, ...]:
+    """The fields of ``model`` that an INSERT writes: every concrete one but the primary key."""
+    return tuple(field for field in model._meta.concrete_fields if not field.primary_key)
+
+
+@functools.cache
+def _holds_text_as_is(field: models.Field) -> bool:  # type: ignore[type-arg]
+    """Whether ``field`` stores a ``str`` as it is, on every database mailer supports (so preparing it is a no-op)."""
+    return field.get_internal_type() in ("TextField", "CharField")
+
+
+def _insert_statement(model: type[models.Model], connection: Any, rows: int) -> str:
+    """``INSERT INTO`` the table of ``model`` the values of ``rows`` rows (none: ready for a ``SELECT``)."""
+    quote = connection.ops.quote_name
+    fields = _inserted_fields(model)
+    # Names from the model, quoted; every value is a parameter.
+    columns = ", ".join(quote(str(field.column)) for field in fields)
+    insert = f"INSERT INTO {quote(model._meta.db_table)} ({columns})"
+    if not rows:
+        return insert
+    row = "(" + ", ".join(["%s"] * len(fields)) + ")"
+    return f"{insert} VALUES {', '.join([row] * rows)}"
+
+
+def _row_values(instances: Sequence[models.Model], connection: Any) -> list[Any]:
+    """The parameters of ``_insert_statement`` for the unsaved ``instances``, as the ORM would prepare them.
+
+    NULL and text are passed as they are: the ORM's preparing them, field by
+    field, costs queueing a message more than its INSERT does.
+    """
+    if not instances:
+        return []
+    values = []
+    for instance in instances:
+        for field in _inserted_fields(type(instance)):
+            value = field.pre_save(instance, True)
+            if value is None or (type(value) is str and _holds_text_as_is(field)):
+                values.append(value)
+            else:
+                values.append(field.get_db_prep_save(value, connection))
+    return values
+
+
+def _saves_heard() -> bool:
+    """Whether the site listens to messages being saved (then queueing saves them through the ORM)."""
+    return models.signals.pre_save.has_listeners(Message) or models.signals.post_save.has_listeners(Message)
+
+
 def _row_signals_heard() -> bool:
     """Whether the site listens to messages being deleted or log rows being saved (then the ORM must do it)."""
     return any(
@@ -767,17 +891,8 @@ class MessageLogManager(models.Manager["MessageLog"]):
         """
         connection = connections[self.db]
         quote = connection.ops.quote_name
-        fields = [field for field in self.model._meta.concrete_fields if not field.primary_key]
-        row = "(" + ", ".join(["%s"] * len(fields)) + ")"
-        # Names from the models, quoted; every value is a parameter.
-        columns = ", ".join(quote(_column(self.model, field.name)) for field in fields)
-        insert = (
-            f"INSERT INTO {quote(self.model._meta.db_table)} ({columns}) "  # noqa: S608
-            f"VALUES {', '.join([row] * len(entries))}"
-        )
-        values = [
-            field.get_db_prep_save(field.pre_save(entry, True), connection) for entry in entries for field in fields
-        ]
+        insert = _insert_statement(self.model, connection, len(entries))
+        values = _row_values(entries, connection)
         messages = Message._meta
         delete = (
             f"DELETE FROM {quote(messages.db_table)} "  # noqa: S608

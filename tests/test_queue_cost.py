@@ -43,13 +43,46 @@ def newsletter(count: int) -> list[EmailMessage]:
     return [EmailMessage(f"Issue {n}", "Body", "news@example.com", [f"reader{n}@example.com"]) for n in range(count)]
 
 
-def test_send_mail_costs_one_dont_send_lookup_and_the_insert():
+def test_send_mail_costs_one_statement_that_checks_the_dont_send_list_itself():
+    """What a web page waits for: the INSERT, no more (its don't-send check rides inside it)."""
+    DontSendEntry.objects.create(to_address="someone.else@example.com", when_added=timezone.now())
+
     with CaptureQueriesContext(connection) as queries:
-        mailer.send_mail("Subject", "Body", "from@example.com", ["a@example.com", "Bob <b@example.com>"])
+        assert mailer.send_mail("Subject", "Body", "from@example.com", ["a@example.com", "Bob <B@Example.com>"]) == 1
 
     sql = statements(queries)
-    assert len(sql) == 2, sql
-    assert len(dont_send_lookups(sql)) == 1 and len(inserts(sql)) == 1, sql
+    assert len(sql) == 1 and inserts(sql) and "mailer_dontsendentry" in sql[0], sql
+    assert Message.objects.get().email.to == ["a@example.com", "Bob <B@Example.com>"]
+
+
+def test_a_listed_recipient_costs_a_lookup_more_and_is_dropped():
+    DontSendEntry.objects.create(to_address="b@example.com", when_added=timezone.now())
+
+    with CaptureQueriesContext(connection) as queries:
+        assert mailer.send_mail("Subject", "Body", "from@example.com", ["a@example.com", "Bob <B@Example.com>"]) == 1
+
+    sql = statements(queries)
+    assert len(sql) == 3 and len(dont_send_lookups(sql)) == 1, sql  # the refused INSERT, the lookup, the INSERT
+    assert Message.objects.get().email.to == ["a@example.com"]
+
+
+def test_a_site_listening_to_saves_hears_each_message_queued(settings):
+    """With a receiver of the model's signals, the message is saved through the ORM (and the list read first)."""
+    from django.db.models.signals import post_save
+
+    heard = []
+
+    def receiver(sender, instance, created, **kwargs):
+        heard.append((instance.subject, created))
+
+    post_save.connect(receiver, sender=Message)
+    try:
+        mailer.send_mail("Heard", "Body", "from@example.com", ["a@example.com"])
+    finally:
+        post_save.disconnect(receiver, sender=Message)
+
+    assert heard == [("Heard", True)]
+    assert Message.objects.get().subject == "Heard"
 
 
 @pytest.mark.parametrize("count", [5, 120, 500])
@@ -186,18 +219,28 @@ def test_the_dont_send_lookup_is_split_where_the_database_limits_parameters(few_
     """A database that takes few parameters a query (SQLite takes 999 with Django 5.2): each part finds its own."""
     now = timezone.now()
     DontSendEntry.objects.bulk_create(
-        DontSendEntry(to_address=f"reader{n}@example.com", when_added=now) for n in (3, 14, 24)
+        DontSendEntry(to_address=f"reader{n}@example.com", when_added=now) for n in (3, 14, 24, 40)
     )
 
     with CaptureQueriesContext(connection) as queries:
         DbBackend().send_messages(
             [EmailMessage(f"Issue {n}", "Body", "news@example.com", [f"reader{n}@example.com", "editor@example.com"])
-             for n in range(24 + 1)]
+             for n in range(40 + 1)]
         )  # fmt: skip
 
-    assert len(dont_send_lookups(statements(queries))) == 3  # 26 addresses, 10 a query
+    assert len(dont_send_lookups(statements(queries))) == 3  # 42 addresses, 20 a query
     dropped = {int(m.subject.split()[1]) for m in Message.objects.all() if m.recipients == "editor@example.com"}
-    assert dropped == {3, 14, 24}
+    assert dropped == {3, 14, 24, 40}
+
+
+def test_one_message_with_more_recipients_than_a_statement_takes_is_still_checked(few_parameters):
+    """send_mail's one statement cannot carry them all: it reads the list in parts, as a bulk does."""
+    DontSendEntry.objects.create(to_address="reader33@example.com", when_added=timezone.now())
+    recipients = [f"reader{n}@example.com" for n in range(40)]
+
+    mailer.send_mail("Many", "Body", "news@example.com", recipients)
+
+    assert Message.objects.get().email.to == [r for r in recipients if r != "reader33@example.com"]
 
 
 def test_an_address_no_database_can_take_is_left_out_of_the_lookup():
@@ -211,17 +254,17 @@ def test_an_address_no_database_can_take_is_left_out_of_the_lookup():
 
 @pytest.fixture
 def few_parameters(monkeypatch):
-    """Make the database take 10 parameters a query, as Django sees it; return 10.
+    """Make the database take 20 parameters a query (a message's row and a few more), as Django sees it; return 20.
 
     Django 6.1 reads SQLite's own limit, which is lowered for real, as a site
     can; elsewhere Django is told the lower number.
     """
     previous = None
     try:
-        monkeypatch.setattr(connection.features, "max_query_params", 10)
+        monkeypatch.setattr(connection.features, "max_query_params", 20)
     except AttributeError:  # a property reading SQLite's limit
         connection.ensure_connection()
-        previous = connection.connection.setlimit(SQLITE_LIMIT_VARIABLE_NUMBER, 10)
-    yield 10
+        previous = connection.connection.setlimit(SQLITE_LIMIT_VARIABLE_NUMBER, 20)
+    yield 20
     if previous is not None:
         connection.connection.setlimit(SQLITE_LIMIT_VARIABLE_NUMBER, previous)
