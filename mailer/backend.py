@@ -110,6 +110,8 @@ def _batches(messages: list[Message], batch_size: int | None) -> Iterator[list[M
     ``BATCH_SIZE`` messages and ``BATCH_DATA_SIZE`` characters.
     """
     if batch_size is not None:
+        if type(batch_size) is not int or batch_size < 1:
+            raise ValueError(f"MAILER_MESSAGES_BATCH_SIZE must be a positive integer or None, not {batch_size!r}")
         for start in range(0, len(messages), batch_size):
             yield messages[start : start + batch_size]
         return

@@ -304,7 +304,8 @@ class MessageQuerySet(models.QuerySet["Message", "Message"]):
         select = ", ".join(["%s"] * len(fields))
         insert = _insert_statement(self.model, connection, 0)
         listed = _listed_among(connection, len(addresses))
-        with connection.cursor() as cursor:
+        # As the ORM's save: an error marks the caller's atomic block for rollback.
+        with transaction.mark_for_rollback_on_error(self.db), connection.cursor() as cursor:
             cursor.execute(f"{insert} SELECT {select} WHERE NOT EXISTS ({listed})", [*values, *addresses])
             inserted: int = cursor.rowcount
         return inserted == 1
@@ -434,7 +435,9 @@ class Message(models.Model):
                 return None
             message.mailer_alias = alias
             using = router.db_for_write(cls, instance=message)
-            if cls.objects.db_manager(using).insert_unless_listed(message, email.recipients()):
+            if _checks_list_in_insert(using) and cls.objects.db_manager(using).insert_unless_listed(
+                message, email.recipients()
+            ):
                 return using
         message = cls.for_email(email, priority)
         if not email.recipients():
@@ -676,7 +679,7 @@ class DontSendEntryManager(models.Manager["DontSendEntry"]):
             return []
         removed = [r for r in email.recipients() if bare_address(r) in suppressed]
         kept = [r for r in email.recipients() if bare_address(r) not in suppressed]
-        if kept:
+        if kept and removed:
             email.to = [r for r in email.to if bare_address(r) not in suppressed]
             email.cc = [r for r in email.cc if bare_address(r) not in suppressed]
             email.bcc = [r for r in email.bcc if bare_address(r) not in suppressed]
@@ -821,6 +824,27 @@ def _row_values(instances: Sequence[models.Model], connection: Any) -> list[Any]
             else:
                 values.append(field.get_db_prep_save(value, connection))
     return values
+
+
+def _checks_list_in_insert(using: str) -> bool:
+    """Whether the INSERT queueing a message on ``using`` may read the don't-send list itself.
+
+    Only where the list is read from that same database (a router may keep
+    it elsewhere: the list would be looked up in a copy that is empty, or
+    missing), and where the read takes no locks: MySQL and MariaDB, under
+    REPEATABLE READ or SERIALIZABLE, lock every entry an ``INSERT ...
+    SELECT`` scans (every entry: ``LOWER()`` has no index there), so that
+    adding an address would wait for each open transaction that queued
+    mail, and two that do both deadlock. Django's own level, READ
+    COMMITTED, reads without locking.
+    """
+    if router.db_for_read(DontSendEntry) != using:
+        return False
+    connection = connections[using]
+    if connection.vendor != "mysql":
+        return True
+    level = connection.settings_dict.get("OPTIONS", {}).get("isolation_level", "read committed")
+    return isinstance(level, str) and level.lower() in ("read committed", "read uncommitted")
 
 
 def _saves_heard() -> bool:

@@ -92,6 +92,10 @@ else:
         DATABASES["default"]["OPTIONS"] = {"charset": "utf8mb4"}
         DATABASES["default"]["TEST"].update(CHARSET="utf8mb4", COLLATION="utf8mb4_unicode_ci")
 
+# A read replica, as a site with a database router has one: in tests, the same
+# database under another alias (tests/test_queue_cost.py routes reads to it).
+DATABASES["replica"] = {**DATABASES["default"], "TEST": {"MIRROR": "default"}}
+
 # Django 6.1 deprecates the EMAIL_* settings in favour of MAILERS. A run uses
 # one of the two configurations a site can have, so that each is tested with
 # warnings as errors: the classic one (EMAIL_BACKEND, MAILER_EMAIL_BACKEND)

@@ -4,6 +4,7 @@ import base64
 import json
 import pickle
 from io import StringIO
+from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 import pytest
@@ -252,3 +253,36 @@ def test_the_message_id_of_the_queue_and_of_the_log_is_indexed_on_every_database
         message_data="{}", message_id=long_id, result="1", log_message="", priority=2, when_added=timezone.now()
     )
     assert MessageLog.objects.filter(message_id=long_id).count() == 1
+
+
+class ListAndLogElsewhere:
+    """A database router that keeps the don't-send list and the log in another database than this one."""
+
+    def allow_migrate(self, db, app_label, model_name=None, **hints):
+        if model_name in ("dontsendentry", "messagelog"):
+            return db == "elsewhere"
+        return None
+
+
+def test_data_migrations_leave_alone_the_tables_a_router_keeps_in_another_database(settings, db):
+    """Migrating each database of such a site must not reach for a table that is not there."""
+    import importlib
+
+    from mailer.models import DontSendEntry
+
+    merge = importlib.import_module("mailer.migrations.0015_dont_send_case_insensitive").merge_case_duplicates
+    indexes = importlib.import_module("mailer.migrations.0017_message_id_indexes")
+    DontSendEntry.objects.create(to_address="a@example.com", when_added=timezone.now())
+    DontSendEntry.objects.update(to_address="A@Example.com")  # as django-mailer stored it
+    apps = MigrationLoader(connection).project_state(("mailer", latest_mailer_migration())).apps
+    settings.DATABASE_ROUTERS = [ListAndLogElsewhere()]
+
+    editor = SimpleNamespace(connection=connection)  # what the two functions read of their schema editor
+    merge(apps, editor)
+    tables = indexes._tables(apps, editor)
+
+    assert DontSendEntry.objects.get().to_address == "A@Example.com"
+    assert tables == {"mailer_message_message_id": "mailer_message"}
+    settings.DATABASE_ROUTERS = []
+    merge(apps, editor)
+    assert DontSendEntry.objects.get().to_address == "a@example.com"

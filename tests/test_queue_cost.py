@@ -10,7 +10,8 @@ import os
 
 import pytest
 from django.core.mail import EmailMessage
-from django.db import DatabaseError, connection
+from django.db import DatabaseError, connection, connections, transaction
+from django.db.transaction import TransactionManagementError
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
@@ -64,6 +65,88 @@ def test_a_listed_recipient_costs_a_lookup_more_and_is_dropped():
     sql = statements(queries)
     assert len(sql) == 3 and len(dont_send_lookups(sql)) == 1, sql  # the refused INSERT, the lookup, the INSERT
     assert Message.objects.get().email.to == ["a@example.com"]
+
+
+class DontSendListOnAReplica:
+    """A database router that reads the don't-send list from the replica (and everything else by default)."""
+
+    def db_for_read(self, model, **hints):
+        return "replica" if model is DontSendEntry else None
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "replica"])
+def test_the_dont_send_list_is_read_where_the_router_reads_it(settings):
+    """Not inside the INSERT, which runs where messages are written: the list may live elsewhere."""
+    DontSendEntry.objects.create(to_address="b@example.com", when_added=timezone.now())
+    settings.DATABASE_ROUTERS = [DontSendListOnAReplica()]
+
+    with CaptureQueriesContext(connections["replica"]) as replica, CaptureQueriesContext(connection) as default:
+        mailer.send_mail("Subject", "Body", "from@example.com", ["a@example.com", "b@example.com"])
+
+    assert len(dont_send_lookups(statements(replica))) == 1
+    assert [s for s in statements(default) if "mailer_dontsendentry" in s] == []
+    assert Message.objects.get().email.to == ["a@example.com"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_under_repeatable_read_on_mysql_queueing_leaves_the_dont_send_list_unlocked():
+    """InnoDB's INSERT ... SELECT locks what it reads there: an unsubscribe would wait for every open transaction
+    that queued mail (ATOMIC_REQUESTS), and two such would deadlock. Django's own level, READ COMMITTED, does not.
+    """
+    if connection.vendor != "mysql":
+        pytest.skip("locking reads under REPEATABLE READ are InnoDB's")
+    options = connection.settings_dict.setdefault("OPTIONS", {})
+    previous = options.get("isolation_level")
+    options["isolation_level"] = "repeatable read"
+    other = connection.get_new_connection(connection.get_connection_params())
+    other.autocommit(True)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        other.cursor().execute("SET SESSION innodb_lock_wait_timeout = 2")
+        with transaction.atomic():
+            mailer.send_mail("Held", "Body", "from@example.com", ["zz@example.com"])
+            # An unsubscribe, in another request, while this one is still open.
+            other.cursor().execute(
+                "INSERT INTO mailer_dontsendentry (to_address, when_added) VALUES ('aa@example.com', NOW())"
+            )
+    finally:
+        other.close()
+        options.pop("isolation_level") if previous is None else options.update(isolation_level=previous)
+        with connection.cursor() as cursor:
+            cursor.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+
+    assert DontSendEntry.objects.filter(to_address="aa@example.com").exists()
+    assert Message.objects.get().subject == "Held"
+
+
+@pytest.mark.parametrize("size", [0, -1, "50"])
+def test_a_batch_size_that_is_not_a_positive_integer_is_refused_and_nothing_queued(settings, size):
+    settings.MAILER_MESSAGES_BATCH_SIZE = size
+
+    with pytest.raises(ValueError, match="MAILER_MESSAGES_BATCH_SIZE"):
+        DbBackend().send_messages(newsletter(3))
+    assert Message.objects.count() == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_failed_insert_spoils_the_callers_transaction_as_the_orms_would():
+    """The caller's atomic() block cannot go on to commit half of its work as if nothing had failed."""
+    with connection.cursor() as cursor:
+        for statement in REFUSE_POISON[connection.vendor]:
+            cursor.execute(statement)
+    try:
+        with pytest.raises(TransactionManagementError), transaction.atomic():
+            DontSendEntry.objects.create(to_address="c@example.com", when_added=timezone.now())
+            with pytest.raises(DatabaseError, match="poison refused"):
+                mailer.send_mail("Poison", "Body", "from@example.com", ["a@example.com"])
+            mailer.send_mail("After", "Body", "from@example.com", ["a@example.com"])
+    finally:
+        with connection.cursor() as cursor:
+            for statement in DROP_POISON[connection.vendor]:
+                cursor.execute(statement)
+
+    assert not DontSendEntry.objects.exists() and not Message.objects.exists()
 
 
 def test_a_site_listening_to_saves_hears_each_message_queued(settings):
@@ -268,3 +351,16 @@ def few_parameters(monkeypatch):
     yield 20
     if previous is not None:
         connection.connection.setlimit(SQLITE_LIMIT_VARIABLE_NUMBER, previous)
+
+
+def test_a_bulk_logs_the_skipped_recipients_of_the_messages_that_had_some_only(caplog):
+    DontSendEntry.objects.create(to_address="reader1@example.com", when_added=timezone.now())
+    emails = [
+        EmailMessage(f"Issue {n}", "Body", "news@example.com", [f"reader{n}@example.com", "editor@example.com"])
+        for n in range(3)
+    ]
+
+    with caplog.at_level("INFO", logger="mailer.models"):
+        DbBackend().send_messages(emails)
+
+    assert [r.getMessage() for r in caplog.records] == ["skipping 1 recipient(s) on the don't send list"]

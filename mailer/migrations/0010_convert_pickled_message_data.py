@@ -21,7 +21,7 @@ from typing import Any
 
 from django.apps.registry import Apps
 from django.core.mail import EmailMessage
-from django.db import DatabaseError, migrations, transaction
+from django.db import DatabaseError, migrations, router, transaction
 from django.db.backends.base.schema import BaseDatabaseSchemaEditor
 
 from mailer.codec import decode, email_to_db
@@ -52,6 +52,8 @@ def convert_to_json(apps: Apps, schema_editor: BaseDatabaseSchemaEditor) -> None
     converted = left = 0
     for model_name in ("Message", "MessageLog"):
         model = apps.get_model("mailer", model_name)
+        if not router.allow_migrate_model(schema_editor.connection.alias, model):
+            continue  # a database router keeps this table in another database
         rows = model._default_manager.using(schema_editor.connection.alias).exclude(message_data__isnull=True)
         for pk, data in rows.values_list("pk", "message_data").iterator(chunk_size=BATCH):
             if not is_pickled(data):
@@ -87,6 +89,8 @@ def convert_to_pickle(apps: Apps, schema_editor: BaseDatabaseSchemaEditor) -> No
     left = 0
     for model_name in ("Message", "MessageLog"):
         model = apps.get_model("mailer", model_name)
+        if not router.allow_migrate_model(schema_editor.connection.alias, model):
+            continue  # a database router keeps this table in another database
         rows = model._default_manager.using(schema_editor.connection.alias).exclude(message_data__isnull=True)
         for pk, data in rows.values_list("pk", "message_data").iterator(chunk_size=BATCH):
             if not data or is_pickled(data):

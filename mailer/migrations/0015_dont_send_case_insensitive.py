@@ -10,7 +10,7 @@ the database can index an expression; on MariaDB it is not, and
 from typing import Any
 
 import django.db.models.functions.text
-from django.db import migrations, models
+from django.db import migrations, models, router
 
 
 def merge_case_duplicates(apps: Any, schema_editor: Any) -> None:
@@ -19,7 +19,10 @@ def merge_case_duplicates(apps: Any, schema_editor: Any) -> None:
     Stored lower-cased (as ``DontSendEntry.save`` stores them now), addresses
     match on SQLite too, whose LOWER() leaves non-ASCII capitals as they are.
     """
-    entries = apps.get_model("mailer", "DontSendEntry").objects.using(schema_editor.connection.alias)
+    model = apps.get_model("mailer", "DontSendEntry")
+    if not router.allow_migrate_model(schema_editor.connection.alias, model):
+        return  # a database router keeps the list in another database
+    entries = model.objects.using(schema_editor.connection.alias)
     seen: set[str] = set()
     duplicates = []
     capitals = []

@@ -10,18 +10,28 @@ is needed).
 
 from typing import Any
 
-from django.db import migrations
+from django.db import migrations, router
 
 INDEXES = {
-    "mailer_message_message_id": "mailer_message",
-    "mailer_messagelog_message_id": "mailer_messagelog",
+    "mailer_message_message_id": "Message",
+    "mailer_messagelog_message_id": "MessageLog",
 }
+
+
+def _tables(apps: Any, schema_editor: Any) -> dict[str, str]:
+    """The indexes to make or drop, by name, with their tables: those that a database router puts here."""
+    tables = {}
+    for name, model_name in INDEXES.items():
+        model = apps.get_model("mailer", model_name)
+        if router.allow_migrate_model(schema_editor.connection.alias, model):
+            tables[name] = model._meta.db_table
+    return tables
 
 
 def create_indexes(apps: Any, schema_editor: Any) -> None:
     vendor = schema_editor.connection.vendor
     quote = schema_editor.quote_name
-    for name, table in INDEXES.items():
+    for name, table in _tables(apps, schema_editor).items():
         if vendor == "postgresql":
             sql = f"CREATE INDEX {quote(name)} ON {quote(table)} USING hash ({quote('message_id')})"
         elif vendor == "mysql":
@@ -34,7 +44,7 @@ def create_indexes(apps: Any, schema_editor: Any) -> None:
 def drop_indexes(apps: Any, schema_editor: Any) -> None:
     vendor = schema_editor.connection.vendor
     quote = schema_editor.quote_name
-    for name, table in INDEXES.items():
+    for name, table in _tables(apps, schema_editor).items():
         if vendor == "mysql":
             schema_editor.execute(f"DROP INDEX {quote(name)} ON {quote(table)}")
         else:
