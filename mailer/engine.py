@@ -26,6 +26,7 @@ Code written for django-mailer 2.x patches ``send_all``, ``prioritize``,
 """
 
 import contextlib
+import contextvars
 import copy
 import datetime
 import logging
@@ -44,7 +45,7 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.core.mail import EmailMessage
 from django.core.mail.backends.base import BaseEmailBackend
-from django.db import DatabaseError, transaction
+from django.db import DatabaseError, router, transaction
 from django.db import connections as database_connections
 from django.utils.module_loading import import_string
 
@@ -67,9 +68,11 @@ from mailer.models import (
     RESULT_FAILURE,
     RESULT_SUCCESS,
     SENT_MARK,
+    Claim,
     DontSendEntry,
     Message,
     MessageLog,
+    StandInsNotFound,
     cannot_hold,
     datetime_now,
 )
@@ -333,7 +336,7 @@ def _send_pass(queryset: Any, error_handler: ErrorHandler, senders: int) -> Coun
         logger.warning("several delivery connections need a database outside a transaction; using one")
         senders = 1
     if senders == 1:
-        SendingPass(queryset, error_handler, progress).run()
+        SendingPass(queryset, error_handler, progress, kept=_KEPT_SESSIONS.get()).run()
     else:
         # Each records what it sent at once: at most one message per connection is ever sent but not recorded.
         passes = [SendingPass(queryset, error_handler, progress, unrecorded_at_most=1) for _n in range(senders)]
@@ -464,7 +467,12 @@ class SendingPass:
     """
 
     def __init__(
-        self, queryset: Any, error_handler: ErrorHandler, progress: workers.Progress, unrecorded_at_most: int = 2
+        self,
+        queryset: Any,
+        error_handler: ErrorHandler,
+        progress: workers.Progress,
+        unrecorded_at_most: int = 2,
+        kept: "KeptSessions | None" = None,
     ) -> None:
         self.queryset = queryset
         self.error_handler = error_handler
@@ -492,22 +500,51 @@ class SendingPass:
         self.retired = False
         self.sizes: dict[int, int] = {}  # the length of the message data of each claimed message
         self.claim_size = CLAIM_BATCH_MIN
+        # What the last claim read on the way (PostgreSQL): claimed rows not read yet, and whether the
+        # don't-send list was empty and messages waited to be recorded (None: not known).
+        self.read_with_claim: dict[int, Message] = {}
+        # Where the sessions of earlier passes wait, and this pass leaves its own (runmailer_pg).
+        self.kept = kept
+        self.dont_send_list_empty = False
+        self.sent_unrecorded: bool | None = None
 
     def run(self) -> None:
+        ended_well = False
         try:
-            _record_earlier_sends(self.token)
+            self._take_kept_sessions()
+            earlier_sends_recorded = False
             while not self.retired and self.progress.wait_for_room() and not _asked_to_stop() and self._claim_next():
                 claimed, started = len(self.held), time.monotonic()
                 try:
+                    if not earlier_sends_recorded:
+                        # Before sending anything, with the claims held (the claim said whether there are any).
+                        if self.sent_unrecorded is not False:
+                            _record_earlier_sends(self.token)
+                        earlier_sends_recorded = True
                     self._send_claimed()
                 finally:
                     self._release_held()
                 self._size_claims(claimed, time.monotonic() - started)
+            if not earlier_sends_recorded:  # nothing to send: they are recorded all the same
+                _record_earlier_sends(self.token)
+            ended_well = True
         finally:
             try:
                 self._record_unrecorded()
             finally:
-                self._drop_connections()
+                self._drop_connections(keep=ended_well and not stopping.stop_requested())
+
+    def _take_kept_sessions(self) -> None:
+        """Begin with the sessions earlier passes left open (``KeptSessions``): the default route's at hand."""
+        if self.kept is None:
+            return
+        sessions = self.kept.take()
+        for route in sessions:
+            self.sessions.add(route)
+            self.progress.session_opening(route)
+        self.connection = sessions.pop(None, None)
+        self.connection_open = self.connection is not None
+        self.idle = sessions
 
     def _claim_next(self) -> bool:
         """Claim the next few due messages of the queue, in sending order; return whether there were any.
@@ -516,20 +553,46 @@ class SendingPass:
         so a failure that leaves it in the queue is not tried twice in one pass.
         """
         deadline = time.monotonic() + CLAIM_RACE_SECONDS
-        untried = self._skipping_routes_down(prioritize(self.queryset).exclude(claimed_by=self.token))
+        whole_queue = self.queryset is None and not self.progress.routes_down()
+        untried = None  # built when needed: building it costs more than a claim compiled once
         while True:
             now = datetime_now()
             self.held_until = _claim_expiry()
-            candidates = untried.due(now).claimable(now)
-            claimed = candidates.claim_batch(self.token, self.held_until, self._claims_wanted())
+            claim = self._claim_compiled(now) if whole_queue else None
+            if claim is None or not claim.taken:
+                if untried is None:
+                    untried = self._skipping_routes_down(prioritize(self.queryset).exclude(claimed_by=self.token))
+                candidates = untried.due(now).claimable(now)
+                if claim is None:
+                    claim = candidates.claim_and_read(self.token, self.held_until, self._claims_wanted(), READ_BYTES)
             # Nothing claimed does not mean nothing left: another worker's claim may have held every row
             # for a moment (MariaDB locks all the rows it sorts, not only those it takes). Look again.
-            if claimed or time.monotonic() > deadline or _asked_to_stop() or not candidates.exists():
+            if claim.taken or time.monotonic() > deadline or _asked_to_stop() or not candidates.exists():
                 break
             time.sleep(CLAIM_RACE_PAUSE)
-        self.held = [pk for pk, _size in claimed]
-        self.sizes = {pk: size or 0 for pk, size in claimed}
+        self.held = [pk for pk, _size in claim.taken]
+        self.sizes = {pk: size or 0 for pk, size in claim.taken}
+        self.read_with_claim = claim.messages
+        self.dont_send_list_empty = claim.dont_send_list_empty
+        self.sent_unrecorded = claim.sent_unrecorded
         return bool(self.held)
+
+    def _claim_compiled(self, now: datetime.datetime) -> Claim | None:
+        """Claim from the whole queue with the query compiled once (``_whole_queue``); None where it cannot be."""
+        candidates, stand_ins = _whole_queue()
+        if not candidates.claims_in_one_statement():
+            return None
+        token_stand_in, due_stand_in, claimable_stand_in = stand_ins
+        try:
+            return candidates.claim_and_read(  # type: ignore[no-any-return]
+                self.token,
+                self.held_until,
+                self._claims_wanted(),
+                READ_BYTES,
+                stand_ins={token_stand_in: self.token, due_stand_in: now, claimable_stand_in: now},
+            )
+        except StandInsNotFound:  # a Django that compiles them otherwise: the query built each time, then
+            return None
 
     def _skipping_routes_down(self, queryset: Any) -> Any:
         """Leave out of ``queryset`` the messages of routes whose mail server cannot be reached in this pass."""
@@ -595,11 +658,14 @@ class SendingPass:
 
         One query for the rows and one for the don't-send list, for the whole group.
         """
+        rows = {pk: self.read_with_claim.pop(pk) for pk in group if pk in self.read_with_claim}
         try:
-            rows = Message.objects.in_bulk(group)
+            unread = [pk for pk in group if pk not in rows]
+            if unread:
+                rows.update(Message.objects.in_bulk(unread))
         except (DatabaseError, ValueError, TypeError):
             # Some row cannot be returned (SQLite): find which, one by one.
-            claimed = [_read_one(pk) for pk in group]
+            claimed = [Claimed(pk, rows[pk]) if pk in rows else _read_one(pk) for pk in group]
         else:
             claimed = [Claimed(pk, rows.get(pk)) for pk in group]
         for item in claimed:
@@ -611,10 +677,12 @@ class SendingPass:
                         raise
                     item.read_error = exc
         emails = {item.pk: item.email for item in claimed if item.email is not None}
-        # The list may have grown since the messages were queued.
-        listed = DontSendEntry.objects.suppressed_addresses(
-            recipient for email in emails.values() for recipient in email.recipients()
-        )
+        # The list may have grown since the messages were queued (unless it was empty when they were claimed).
+        listed = set()
+        if not self.dont_send_list_empty:
+            listed = DontSendEntry.objects.suppressed_addresses(
+                recipient for email in emails.values() for recipient in email.recipients()
+            )
         for item in claimed:
             if item.pk in emails:
                 item.suppressed = DontSendEntry.objects.remove_suppressed_recipients(emails[item.pk], listed)
@@ -883,8 +951,21 @@ class SendingPass:
             self.sessions.discard(self.route)
             self.progress.session_closed(self.route)
 
-    def _drop_connections(self) -> None:
-        """Close the connection at hand and those of the other routes the pass used."""
+    def _drop_connections(self, keep: bool = False) -> None:
+        """Close the connection at hand and those of the other routes the pass used; with ``keep``, leave
+        those still open to later passes (``KeptSessions``), if any will take them.
+        """
+        if keep and self.kept is not None:
+            if self.connection is not None and self.connection_open:
+                self.idle[self.route] = self.connection
+                self.connection = None
+            for route, connection in self.idle.items():
+                if not self.kept.keep(route, connection):
+                    _close_quietly(connection)
+                if route in self.sessions:
+                    self.sessions.discard(route)
+                    self.progress.session_closed(route)
+            self.idle = {}
         self._drop_connection()
         idle, self.idle = self.idle, {}
         for connection in idle.values():
@@ -892,6 +973,67 @@ class SendingPass:
         for route in self.sessions:
             self.progress.session_closed(route)
         self.sessions.clear()
+
+
+# How long runmailer_pg keeps the SMTP session of a pass open for the next: mail queued soon after another
+# then goes out without a new connection, greeting and EHLO, which cost more than the rest of its way.
+KEEP_SESSION_SECONDS = 5.0
+
+_KEPT_SESSIONS: contextvars.ContextVar["KeptSessions | None"] = contextvars.ContextVar(
+    "mailer_kept_sessions", default=None
+)
+
+
+class KeptSessions:
+    """SMTP sessions that passes leave open for the next passes of one loop (``runmailer_pg``), a short while.
+
+    A pass with one delivery connection, run inside ``keeping()``, begins
+    with the sessions kept there and leaves its own there when it ends
+    well. A session waits ``KEEP_SESSION_SECONDS`` at most. One the server
+    ended meanwhile (an idle timeout) is replaced as any reused session is
+    (``SendingPass._deliver``): smtplib reports a closed or reset
+    connection as ``SMTPServerDisconnected``, before the message's DATA,
+    and the message goes out over a new session. The loop closes them
+    when it stops, when a pass fails or does not run (paused, the lock held
+    elsewhere), and when they have waited too long.
+    """
+
+    def __init__(self) -> None:
+        self._sessions: dict[str | None, tuple[BaseEmailBackend, float]] = {}
+
+    @contextlib.contextmanager
+    def keeping(self) -> Iterator[None]:
+        reset = _KEPT_SESSIONS.set(self)
+        try:
+            yield
+        finally:
+            _KEPT_SESSIONS.reset(reset)
+
+    def take(self) -> dict[str | None, BaseEmailBackend]:
+        """Hand over the sessions kept, by route, and keep none."""
+        self.close_stale()
+        sessions, self._sessions = self._sessions, {}
+        return {route: connection for route, (connection, _since) in sessions.items()}
+
+    def keep(self, route: str | None, connection: BaseEmailBackend) -> bool:
+        """Keep ``connection``, the open session of ``route``; False if it is not one to keep (not SMTP)."""
+        if not isinstance(getattr(connection, "connection", None), smtplib.SMTP) or route in self._sessions:
+            return False
+        self._sessions[route] = (connection, time.monotonic())
+        return True
+
+    def close_stale(self) -> None:
+        """Close the sessions kept ``KEEP_SESSION_SECONDS`` or more."""
+        now = time.monotonic()
+        for route, (connection, since) in list(self._sessions.items()):
+            if now - since >= KEEP_SESSION_SECONDS:
+                del self._sessions[route]
+                _close_quietly(connection)
+
+    def close(self) -> None:
+        sessions, self._sessions = self._sessions, {}
+        for connection, _since in sessions.values():
+            _close_quietly(connection)
 
 
 def _close_quietly(connection: BaseEmailBackend) -> None:
@@ -1054,6 +1196,32 @@ def _server_name(connection: BaseEmailBackend | None) -> str:
     alias = getattr(connection, "alias", None)
     name = f"{host}:{port}" if host is not None else delivery_route().describe()
     return f"{name} (MAILERS[{alias!r}])" if alias and host is not None else name
+
+
+# The query that picks the next messages of the whole queue, built and compiled once (for each database
+# and USE_TZ) with stand-ins for the pass's token and the time: at each claim, building and compiling it
+# would cost more than running it (``MessageQuerySet.claim_and_read``).
+_WHOLE_QUEUE: dict[tuple[str, bool], tuple[Any, tuple[str, datetime.datetime, datetime.datetime]]] = {}
+
+
+def _whole_queue() -> tuple[Any, tuple[str, datetime.datetime, datetime.datetime]]:
+    """The due, claimable messages of the whole queue not tried by the pass yet, in sending order, with the
+    stand-ins for the pass's token and for the time in the two filters that take it.
+    """
+    using = router.db_for_write(Message)
+    key = (using, bool(settings.USE_TZ))
+    if key not in _WHOLE_QUEUE:
+        zone = datetime.timezone.utc if settings.USE_TZ else None
+        # No token is this (tokens are hex digits, a pid, "@" and a hash), and no due date these.
+        stand_ins = (
+            "mailer: the token of a pass",
+            datetime.datetime(1901, 1, 1, 0, 0, 0, 1, tzinfo=zone),
+            datetime.datetime(1901, 1, 1, 0, 0, 0, 2, tzinfo=zone),
+        )
+        token, due, claimable = stand_ins
+        queryset = prioritize(Message.objects.using(using).non_deferred()).exclude(claimed_by=token)
+        _WHOLE_QUEUE[key] = (queryset.due(due).claimable(claimable), stand_ins)
+    return _WHOLE_QUEUE[key]
 
 
 def _claim_expiry() -> datetime.datetime:

@@ -5,6 +5,7 @@ database keeps working; the claim columns on ``Message`` are ours.
 """
 
 import copy
+import dataclasses
 import datetime
 import functools
 import logging
@@ -189,28 +190,66 @@ class MessageQuerySet(models.QuerySet["Message", "Message"]):
         A claim writes: it goes to the database the router writes messages
         to, even where a replica serves their reads.
         """
+        return self.claim_and_read(token, until, size).taken
+
+    def claim_and_read(
+        self,
+        token: str,
+        until: datetime.datetime,
+        size: int,
+        read_bytes: int = 0,
+        stand_ins: dict[Any, Any] | None = None,
+    ) -> "Claim":
+        """``claim_batch``, which on PostgreSQL also reads what the pass needs next, in the same statement.
+
+        There the claimed rows whose message data is at most ``read_bytes //
+        size`` characters long come back whole (so the claimed messages
+        read together stay within ``read_bytes``), and the statement says
+        whether the don't-send list is empty and whether messages wait to be
+        recorded (``sent_but_not_recorded``): for a message queued alone,
+        the claim is then the only query before it goes out.
+
+        ``stand_ins``: this queryset was built with these values standing in
+        for the real ones (a pass's token, the time); its SQL is compiled
+        once and kept on it, and the real values are put in its place at
+        each claim. Only for claims made in one statement
+        (``claims_in_one_statement``): elsewhere they raise ``ValueError``.
+        """
         if self._db is None:  # type: ignore[attr-defined]  # no database chosen: the router decides
-            return self.using(router.db_for_write(self.model)).claim_batch(token, until, size)
+            return self.using(router.db_for_write(self.model)).claim_and_read(token, until, size, read_bytes, stand_ins)
+        if self.claims_in_one_statement():
+            return self._claim_in_one_statement(token, until, size, read_bytes, stand_ins or {})
+        if stand_ins:
+            raise ValueError("stand-in values are only for claims made in one statement (claims_in_one_statement)")
         database = connections[self.db]
         all_messages = self.model._default_manager.using(self.db)
         size_of_data = Length("message_data")
-        if database.vendor == "postgresql" and database.get_autocommit() and self._sorts_by_fields():
-            return self._claim_in_one_statement(token, until, size)
         if database.features.has_select_for_update_skip_locked:
             with transaction.atomic(using=self.db):
                 claimed = list(self.select_for_update(skip_locked=True).values_list("pk", size_of_data)[:size])
                 all_messages.filter(pk__in=[pk for pk, _size in claimed]).update(claimed_by=token, claimed_until=until)
-            return claimed
+            return Claim(claimed)
         if database.features.allow_sliced_subqueries_with_in:
             # The subquery runs inside the UPDATE, under SQLite's write lock: no other worker moves in between.
             all_messages.filter(pk__in=self.values("pk")[:size]).update(claimed_by=token, claimed_until=until)
-            return list(
-                all_messages.filter(claimed_by=token, claimed_until=until)
-                .order_by(*self.query.order_by)
-                .values_list("pk", size_of_data)
+            return Claim(
+                list(
+                    all_messages.filter(claimed_by=token, claimed_until=until)
+                    .order_by(*self.query.order_by)
+                    .values_list("pk", size_of_data)
+                )
             )
         candidates = list(self.values_list("pk", size_of_data)[:size])
-        return [(pk, length) for pk, length in candidates if all_messages.claim(pk, token, until)]
+        return Claim([(pk, length) for pk, length in candidates if all_messages.claim(pk, token, until)])
+
+    def claims_in_one_statement(self) -> bool:
+        """Whether ``claim_and_read`` claims these messages in one statement, which reads them too: on
+        PostgreSQL, in autocommit, for messages ordered by fields.
+        """
+        if self._db is None:  # type: ignore[attr-defined]
+            return self.using(router.db_for_write(self.model)).claims_in_one_statement()
+        database = connections[self.db]
+        return database.vendor == "postgresql" and database.get_autocommit() and self._sorts_by_fields()
 
     def _sorts_by_fields(self) -> bool:
         """Whether these messages are ordered, by fields that are never NULL only (as the engine orders them):
@@ -223,8 +262,10 @@ class MessageQuerySet(models.QuerySet["Message", "Message"]):
         names = [str(term).lstrip("-") for term in order]
         return all(name == "pk" or (name in fields and not fields[name].null) for name in names)
 
-    def _claim_in_one_statement(self, token: str, until: datetime.datetime, size: int) -> list[tuple[int, int]]:
-        """``claim_batch`` on PostgreSQL, in one round trip: ``UPDATE ... WHERE id IN (SELECT ... FOR UPDATE
+    def _claim_in_one_statement(
+        self, token: str, until: datetime.datetime, size: int, read_bytes: int, stand_ins: dict[Any, Any]
+    ) -> "Claim":
+        """``claim_and_read`` on PostgreSQL, in one round trip: ``UPDATE ... WHERE id IN (SELECT ... FOR UPDATE
         SKIP LOCKED) RETURNING``, in autocommit, where a transaction would cost BEGIN, SELECT, UPDATE and COMMIT.
 
         This is the first thing ``runmailer_pg`` does when a message is
@@ -233,28 +274,95 @@ class MessageQuerySet(models.QuerySet["Message", "Message"]):
         by, and are sorted here.
         """
         connection = connections[self.db]
-        quote = connection.ops.quote_name
-        terms = [str(term) for term in self.query.order_by]
         try:
-            picked_sql, picked_params = self.values("pk")[:size].query.get_compiler(using=self.db).as_sql()
+            statement, params = self._claim_statement(size, stand_ins)
         except EmptyResultSet:  # a filter that matches nothing (``pk__in=[]``): the ORM would not ask either
-            return []
-        returned = ", ".join(quote(_column(self.model, term.lstrip("-"))) for term in terms)
-        # Names from the model, quoted; every value is a parameter.
-        statement = (
-            f"UPDATE {quote(self.model._meta.db_table)} "  # noqa: S608
-            f"SET {quote(_column(self.model, 'claimed_by'))} = %s, {quote(_column(self.model, 'claimed_until'))} = %s "
-            f"WHERE {quote(_column(self.model, 'pk'))} IN ({picked_sql} FOR UPDATE SKIP LOCKED) "
-            f"RETURNING {quote(_column(self.model, 'pk'))}, LENGTH({quote(_column(self.model, 'message_data'))}), "
-            f"{returned}"
-        )
-        until_value = self.model._meta.get_field("claimed_until").get_db_prep_save(until, connection)  # type: ignore[union-attr]
+            return Claim([])
+        model = self.model
+        until_value = model._meta.get_field("claimed_until").get_db_prep_save(until, connection)  # type: ignore[union-attr]
+        far_future = datetime_now() + SENT_MARK_HOLDS / 2  # as ``sent_but_not_recorded`` finds them
+        real = {**stand_ins, _CLAIM_TOKEN: token, _CLAIM_UNTIL: until_value, _CLAIM_FAR_FUTURE: far_future}
+        # Rows longer than this come back without their data (NULL: message_data never is), to be read later.
+        real[_CLAIM_READ_UP_TO] = read_bytes // max(size, 1)
         with connection.cursor() as cursor:
-            cursor.execute(statement, [token, until_value, *picked_params])
+            cursor.execute(statement, [_replaced(value, real) for value in params])
             rows = cursor.fetchall()
+        terms = [str(term) for term in self.query.order_by]
         for place in reversed(range(len(terms))):  # stable sorts, the last key first
             rows.sort(key=lambda row: row[2 + place], reverse=terms[place].startswith("-"))
-        return [(row[0], row[1]) for row in rows]
+        if not rows:
+            return Claim([])
+        fields, table = model._meta.concrete_fields, model._meta.db_table
+        converters = [
+            (position, [*connection.ops.get_db_converters(field.get_col(table)), *field.get_db_converters(connection)])
+            for position, field in enumerate(fields)
+        ]
+        first = 2 + len(terms)
+        data_at = [field.attname for field in fields].index("message_data")
+        messages = {}
+        for row in rows:
+            values = list(row[first : first + len(fields)])
+            if values[data_at] is None:
+                continue  # too long to come with the claim
+            for position, functions in converters:
+                for convert in functions:
+                    values[position] = convert(values[position], fields[position], connection)
+            messages[row[0]] = model.from_db(self.db, [field.attname for field in fields], values)
+        return Claim(
+            [(row[0], row[1]) for row in rows],
+            messages,
+            dont_send_list_empty=not rows[0][-2],
+            sent_unrecorded=bool(rows[0][-1]),
+        )
+
+    def _claim_statement(self, size: int, stand_ins: dict[Any, Any]) -> tuple[str, list[Any]]:
+        """The SQL of ``_claim_in_one_statement`` and its parameters, some of them stand-ins (``_replaced``).
+
+        With ``stand_ins`` it is compiled once for each ``size`` and kept on
+        this queryset: building and compiling the query costs more than
+        running it.
+        """
+        kept: dict[int, tuple[str, list[Any]]] = self.__dict__.setdefault("_claim_statements", {})
+        if stand_ins and size in kept:
+            return kept[size]
+        connection = connections[self.db]
+        quote = connection.ops.quote_name
+        model = self.model
+        table = quote(model._meta.db_table)
+        picked_sql, picked_params = self.values("pk")[:size].query.get_compiler(using=self.db).as_sql()
+        if stand_ins and sum(1 for value in picked_params if _stands_in(value, stand_ins)) != len(stand_ins):
+            raise StandInsNotFound("each stand-in value must appear once in the claimed messages' filters")
+        terms = [str(term).lstrip("-") for term in self.query.order_by]
+        ordered_by = ", ".join(quote(_column(model, term)) for term in terms)
+        data = quote(_column(model, "message_data"))
+        columns = ", ".join(
+            f"CASE WHEN LENGTH({data}) <= %s THEN {data} END"
+            if field.attname == "message_data"
+            else quote(str(field.column))
+            for field in model._meta.concrete_fields
+        )
+        listed = quote(DontSendEntry._meta.db_table)
+        claimed_by, claimed_until = quote(_column(model, "claimed_by")), quote(_column(model, "claimed_until"))
+        # Names from the models, quoted; every value is a parameter.
+        statement = (
+            f"UPDATE {table} "  # noqa: S608
+            f"SET {claimed_by} = %s, {claimed_until} = %s "
+            f"WHERE {quote(_column(model, 'pk'))} IN ({picked_sql} FOR UPDATE SKIP LOCKED) "
+            f"RETURNING {quote(_column(model, 'pk'))}, LENGTH({data}), {ordered_by}, {columns}, "
+            f"EXISTS (SELECT 1 FROM {listed}), "
+            f"EXISTS (SELECT 1 FROM {table} WHERE {claimed_until} > %s AND {claimed_by} LIKE %s)"
+        )
+        params = [
+            _CLAIM_TOKEN,
+            _CLAIM_UNTIL,
+            *picked_params,
+            _CLAIM_READ_UP_TO,
+            _CLAIM_FAR_FUTURE,
+            SENT_MARK.replace("%", "\\%").replace("_", "\\_") + "%",
+        ]
+        if stand_ins:
+            kept[size] = (statement, params)
+        return statement, params
 
     def claim(self, pk: int, token: str, until: datetime.datetime) -> bool:
         """Take message ``pk`` for the pass ``token`` until ``until``; return whether it was free.
@@ -309,6 +417,52 @@ class MessageQuerySet(models.QuerySet["Message", "Message"]):
             cursor.execute(f"{insert} SELECT {select} WHERE NOT EXISTS ({listed})", [*values, *addresses])
             inserted: int = cursor.rowcount
         return inserted == 1
+
+
+class StandInsNotFound(ValueError):
+    """The query compiled with stand-in values does not show each of them once: it cannot be reused."""
+
+
+@dataclasses.dataclass
+class Claim:
+    """What a claim took: the ids of the messages with the length of their data, in sending order; on
+    PostgreSQL also (``claim_and_read``) the rows that came back with it and what it learned on the way.
+    """
+
+    taken: list[tuple[int, int]]
+    messages: dict[int, "Message"] = dataclasses.field(default_factory=dict)
+    dont_send_list_empty: bool = False  # True: known to be empty when the messages were claimed
+    sent_unrecorded: bool | None = None  # whether messages wait to be recorded (None: not known)
+
+
+class _ClaimValue:
+    """A parameter of the claim statement that is put in at each claim."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<{self.name}>"
+
+
+_CLAIM_TOKEN = _ClaimValue("token")
+_CLAIM_UNTIL = _ClaimValue("until")
+_CLAIM_READ_UP_TO = _ClaimValue("read up to")
+_CLAIM_FAR_FUTURE = _ClaimValue("far future")
+
+
+def _stands_in(value: Any, stand_ins: dict[Any, Any]) -> bool:
+    try:
+        return value in stand_ins
+    except TypeError:  # not hashable
+        return False
+
+
+def _replaced(value: Any, real: dict[Any, Any]) -> Any:
+    """``value``, or what it stands for in ``real``."""
+    if isinstance(value, _ClaimValue):
+        return real[value]
+    return real[value] if _stands_in(value, real) else value
 
 
 MessageManager = models.Manager.from_queryset(MessageQuerySet)

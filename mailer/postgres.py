@@ -246,6 +246,8 @@ class SendLoop:
         self.look_at = 0.0  # when to look at the queue next
         self.notified_look_at = 0.0  # the soonest a notification may bring that forward
         self.notified = False  # whether notifications came since the last look
+        # The SMTP sessions passes leave open for the next, a few seconds (engine.KEEP_SESSION_SECONDS).
+        self.sessions = engine.KeptSessions()
 
     def run(self) -> None:
         try:
@@ -257,7 +259,9 @@ class SendLoop:
                     self.notified = False
                 else:
                     self._wait()
+                    self.sessions.close_stale()
         finally:
+            self.sessions.close()
             self._stop_listening()
 
     # Looking at the queue ---------------------------------------------------------------------------
@@ -272,11 +276,15 @@ class SendLoop:
         try:
             _drop_broken_database_connections()
             if notified or Message.objects.non_deferred().due(datetime_now()).exists():
-                counts = engine.send_all(**self.pass_options)
+                with self.sessions.keeping():
+                    counts = engine.send_all(**self.pass_options)
+                if counts is None:  # paused, or the lock is held elsewhere: not for a while, perhaps
+                    self.sessions.close()
                 if counts and counts["sent"]:
                     self.look_at = self.notified_look_at = now
                     return
         except Exception:
+            self.sessions.close()
             retry_in = _beat_interval() or RETRY_WITHOUT_SLEEP
             logger.error("the sending pass failed; trying again in %s seconds", retry_in, exc_info=True)
             # Mail queued meanwhile waits for that too, rather than failing again at once, and again.

@@ -6,21 +6,23 @@ with ``--connections N`` several messages in flight at once, each still sent
 exactly once, within ``MAILER_EMAIL_MAX_BATCH`` and ``MAILER_EMAIL_THROTTLE``.
 """
 
+import datetime
 import logging
 import time
 from collections import Counter
+from unittest import mock
 
 import pytest
 from django.core.mail.backends.locmem import EmailBackend as LocmemBackend
 from django.core.management import CommandError, call_command
-from django.db import connection
+from django.db import OperationalError, connection, connections
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 import mailer
 from mailer import engine
 from mailer.exceptions import ConfigurationError
-from mailer.models import RESULT_SUCCESS, Message, MessageLog, datetime_now
+from mailer.models import RESULT_DONT_SEND, RESULT_SUCCESS, DontSendEntry, Message, MessageLog, datetime_now
 
 
 def queue(count: int, start: int = 0) -> None:
@@ -280,3 +282,100 @@ def test_a_message_an_error_handler_leaves_as_it_was_is_not_left_claimed(deliver
     assert one_pass()["deferred"] == 1
     assert Message.objects.get().claimed_until is None
     assert one_pass()["deferred"] == 1  # tried again at once
+
+
+# Outside a transaction on PostgreSQL, the claim reads too -------------------------------------------
+
+
+def claims_in_one_statement() -> None:
+    if connection.vendor != "postgresql":
+        pytest.skip("only PostgreSQL's claim reads the rows it takes")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_message_queued_alone_goes_out_after_one_statement(deliver_to_smtp):
+    """What runmailer_pg does as a message is queued: the claim is the only statement before it goes out
+    (no read of the row, of the don't-send list, of messages waiting to be recorded), which is how soon it
+    arrives.
+    """
+    claims_in_one_statement()
+    queue(1)
+    database = connections["default"]  # the pass's connection, as the server's thread cannot name it
+    before_sending: list[str] = []
+    with CaptureQueriesContext(database) as queries:
+        start = queries.initial_queries
+        deliver_to_smtp.on_message(
+            lambda message: before_sending.extend(query["sql"] for query in list(database.queries_log)[start:])
+        )
+        assert one_pass()["sent"] == 1
+
+    assert len(deliver_to_smtp.received) == 1
+    assert [sql.split(None, 1)[0] for sql in before_sending] == ["UPDATE"], before_sending
+
+
+@pytest.mark.django_db(transaction=True)
+def test_outside_a_transaction_the_dont_send_list_still_keeps_mail_away(deliver_to_smtp):
+    """The claim says whether the list is empty, to spare the look-up; when it is not, it is looked up."""
+    mailer.send_mail("Kept", "Body", "from@example.com", ["listed@example.com"])
+    mailer.send_mail("Partly kept", "Body", "from@example.com", ["listed@example.com", "to@example.com"])
+    DontSendEntry.objects.create(to_address="Listed@example.com", when_added=timezone.now())
+
+    counts = one_pass()
+
+    assert (counts["sent"], counts["dont_send"]) == (1, 1)
+    [received] = deliver_to_smtp.received
+    assert received.rcpt_tos == ["to@example.com"]
+    assert MessageLog.objects.filter(result=RESULT_DONT_SEND).count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_outside_a_transaction_messages_too_large_to_read_with_the_claim_are_read_after_it(deliver_to_smtp):
+    """The claim brings back only the rows that keep a batch within READ_BYTES; the others are read on their own."""
+    large = "A line of the large message.\n" * (engine.READ_BYTES // engine.CLAIM_BATCH_MIN // 20)
+    mailer.send_mail("Large", large, "from@example.com", ["large@example.com"])
+    queue(3)
+
+    assert one_pass()["sent"] == 4
+
+    bodies = {received.message["Subject"]: received.message.get_content() for received in deliver_to_smtp.received}
+    assert bodies["Large"].replace("\r\n", "\n") == large
+    assert not Message.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_outside_a_transaction_messages_sent_earlier_are_recorded_before_anything_is_sent(deliver_to_smtp):
+    """A pass that sent a message and could not record it marked it: the next pass records it, and sends
+    nothing while it cannot (the claim it made meanwhile is given back at once, not left to lapse).
+    """
+    queue(1)
+    sent_earlier = Message.objects.get()
+    assert Message.objects.claim(sent_earlier.pk, "an earlier pass", datetime_now() + datetime.timedelta(minutes=10))
+    assert Message.objects.mark_sent(sent_earlier.pk, "an earlier pass")
+    queue(1, start=1)
+
+    cannot_record = mock.patch.object(MessageLog.objects, "entry", side_effect=OperationalError("disk full"))
+    with cannot_record, pytest.raises(OperationalError, match="disk full"):
+        engine.send_all()
+    assert deliver_to_smtp.received == []
+    assert Message.objects.exclude(pk=sent_earlier.pk).get().claimed_until is None
+
+    assert one_pass() == {"sent": 1}
+    [received] = deliver_to_smtp.received
+    assert received.message["Subject"] == "Message 1"
+    assert list(MessageLog.objects.order_by("pk").values_list("log_message", flat=True)) == [
+        "sent by an earlier pass, recorded late",
+        "",
+    ]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_pass_with_nothing_to_send_still_records_what_an_earlier_pass_sent(deliver_to_smtp):
+    queue(1)
+    sent_earlier = Message.objects.get()
+    assert Message.objects.claim(sent_earlier.pk, "an earlier pass", datetime_now() + datetime.timedelta(minutes=10))
+    assert Message.objects.mark_sent(sent_earlier.pk, "an earlier pass")
+
+    assert one_pass() == {}
+
+    assert deliver_to_smtp.received == [] and not Message.objects.exists()
+    assert MessageLog.objects.get().log_message == "sent by an earlier pass, recorded late"

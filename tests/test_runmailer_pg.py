@@ -193,6 +193,50 @@ def test_mail_goes_out_as_soon_as_it_is_queued(process_db, smtp_server, tmp_path
 
 @needs_postgresql
 @pytest.mark.slow
+def test_mail_queued_soon_after_goes_out_over_the_same_session(process_db, smtp_server, tmp_path, runmailer_pg):
+    """The session of a pass stays open a few seconds: mail queued meanwhile goes out without a new connection,
+    greeting and EHLO, which cost more than the rest of its way. It is not held for long: once idle that
+    while, it is ended with QUIT.
+    """
+    runner = runmailer_pg(process_db, smtp_server.port, tmp_path / "send_mail", LONG_SLEEP)
+    runner.wait_until_idle()
+    insert_message(process_db, "First")
+    wait_for_delivery(runner, smtp_server, 1)
+    insert_message(process_db, "Second")
+    wait_for_delivery(runner, smtp_server, 2)
+
+    assert smtp_server.connections == 1, runner.log()
+    runner.wait_until(lambda: smtp_server.quits == 1, "the idle session to be ended")
+    runner.wait_until(lambda: queued(process_db) == {}, "every message recorded")
+    assert_stops(runner)
+    assert smtp_server.quits == 1
+
+
+@needs_postgresql
+@pytest.mark.slow
+def test_a_session_the_server_ended_meanwhile_is_replaced_and_mail_goes_out(
+    process_db, smtp_server, tmp_path, runmailer_pg
+):
+    """A server that ends a session after each message (or when it has been idle a while): the next message,
+    tried on the session kept for it, goes out over a new one, neither deferred nor failed.
+    """
+    smtp_server.hang_up_after(1)
+    runner = runmailer_pg(process_db, smtp_server.port, tmp_path / "send_mail", LONG_SLEEP)
+    runner.wait_until_idle()
+    insert_message(process_db, "First")
+    wait_for_delivery(runner, smtp_server, 1)
+    insert_message(process_db, "Second")
+    wait_for_delivery(runner, smtp_server, 2)
+
+    runner.wait_until(lambda: queued(process_db) == {}, "every message recorded")
+    assert subjects(smtp_server) == ["First", "Second"]
+    assert smtp_server.connections == 2
+    assert process_db.query("SELECT result FROM mailer_messagelog") == [("1",), ("1",)]
+    assert_stops(runner)
+
+
+@needs_postgresql
+@pytest.mark.slow
 def test_mail_queued_during_a_pass_leads_to_one_more_look(process_db, smtp_server, tmp_path, runmailer_pg):
     """Five messages queued (in five transactions) while a pass is busy at the mail server: one look follows
     that pass, not five. Queued as deferred, they are not for the pass that is running, nor for the look.
