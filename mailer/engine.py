@@ -139,6 +139,11 @@ def prioritize(queryset: Any = None) -> Any:
     return queryset.order_by("priority", "when_added", "pk")
 
 
+# A pass compiles its claim once only for this ``prioritize``: one that tests (or a site) patched in decides
+# the order and the filter itself, looked up at each pass as in django-mailer.
+_OWN_PRIORITIZE = prioritize
+
+
 def acquire_lock() -> tuple[bool, Any]:
     """Take the lock file; return (whether it was taken, the lock)."""
     path = conf.get_setting("MAILER_LOCK_PATH") or "send_mail"
@@ -553,7 +558,7 @@ class SendingPass:
         so a failure that leaves it in the queue is not tried twice in one pass.
         """
         deadline = time.monotonic() + CLAIM_RACE_SECONDS
-        whole_queue = self.queryset is None and not self.progress.routes_down()
+        whole_queue = self.queryset is None and prioritize is _OWN_PRIORITIZE and not self.progress.routes_down()
         untried = None  # built when needed: building it costs more than a claim compiled once
         while True:
             now = datetime_now()
@@ -1028,12 +1033,26 @@ class KeptSessions:
         for route, (connection, since) in list(self._sessions.items()):
             if now - since >= KEEP_SESSION_SECONDS:
                 del self._sessions[route]
-                _close_quietly(connection)
+                _end_kept(connection)
 
     def close(self) -> None:
         sessions, self._sessions = self._sessions, {}
         for connection, _since in sessions.values():
-            _close_quietly(connection)
+            _end_kept(connection)
+
+
+# How long QUIT may wait for its reply on a session kept idle: a server that stopped answering meanwhile
+# must not hold up the loop, nor its exit on SIGTERM, for the whole EMAIL_TIMEOUT.
+KEPT_SESSION_QUIT_SECONDS = 1.0
+
+
+def _end_kept(connection: BaseEmailBackend) -> None:
+    """Close a session kept idle, waiting ``KEPT_SESSION_QUIT_SECONDS`` at most for the reply to QUIT."""
+    sock = getattr(getattr(connection, "connection", None), "sock", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.settimeout(KEPT_SESSION_QUIT_SECONDS)
+    _close_quietly(connection)
 
 
 def _close_quietly(connection: BaseEmailBackend) -> None:
@@ -1231,7 +1250,9 @@ def _claim_expiry() -> datetime.datetime:
 def _session_ended(exc: Exception) -> bool:
     """Return whether ``exc`` says the server closed the session, rather than refused the message."""
     if isinstance(exc, smtplib.SMTPServerDisconnected):
-        return True
+        # Not a timeout (smtplib reports one so too): the server may have taken the message before it
+        # stopped answering, and sending it again at once could deliver it twice.
+        return not isinstance(exc.__context__, TimeoutError)
     if isinstance(exc, smtplib.SMTPRecipientsRefused):
         return any(code == 421 for code, _reply in exc.recipients.values())
     return isinstance(exc, smtplib.SMTPResponseException) and exc.smtp_code == 421

@@ -218,3 +218,24 @@ def test_a_pass_that_ends_with_an_error_still_closes_its_connection(settings, de
 
     assert deliver_to_smtp.connections == 1
     assert deliver_to_smtp.quits == 1
+
+
+@pytest.mark.django_db
+def test_a_reply_to_data_that_times_out_on_a_reused_session_is_not_sent_again_at_once(settings, deliver_to_smtp):
+    """The server may have taken the message before it went quiet: sending it again over a new session could
+    deliver it twice. It is deferred instead, as after any timeout.
+    """
+    if getattr(settings, "MAILERS", None):
+        settings.MAILERS = {**settings.MAILERS, "smtp": {**settings.MAILERS["smtp"]}}
+        settings.MAILERS["smtp"]["OPTIONS"] = {**settings.MAILERS["smtp"]["OPTIONS"], "timeout": 1}
+    else:
+        settings.EMAIL_TIMEOUT = 1
+    deliver_to_smtp.on_message(lambda _received: deliver_to_smtp.delay_each_message(2.5))  # slow from the second
+    mailer.send_mail("One", "Body", "from@example.com", ["a@example.com"])
+    mailer.send_mail("Two", "Body", "from@example.com", ["b@example.com"])
+
+    counts = engine.send_all()
+
+    assert counts is not None and (counts["sent"], counts["deferred"]) == (1, 1)
+    assert deliver_to_smtp.connections == 1, "no second session to send it again"
+    assert Message.objects.get().subject == "Two"

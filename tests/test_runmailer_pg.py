@@ -9,10 +9,13 @@ must arrive well before it: the regular look cannot have sent it.
 On SQLite and MariaDB only the refusal to start runs: the rest skips.
 """
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -501,3 +504,41 @@ def test_it_survives_a_postgresql_restart(process_db, smtp_server, tmp_path, run
     assert runner.count("lost the connection listening for new mail") == 1, runner.log()  # it met the restart
     runner.wait_until(lambda: queued(process_db) == {}, "every message recorded")
     assert_stops(runner)
+
+
+@needs_postgresql
+@pytest.mark.slow
+def test_sigterm_with_a_session_kept_to_a_server_that_stopped_answering_exits_at_once(
+    process_db, tmp_path, runmailer_pg
+):
+    """Ending the kept session says QUIT, but waits a moment for the reply, not the whole timeout (10 s here):
+    a service manager would kill a process that took that long.
+    """
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "aiosmtpd", "-n", "-l", f"127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            time.sleep(0.1)
+        runner = runmailer_pg(process_db, port, tmp_path / "send_mail", LONG_SLEEP)
+        runner.wait_until_idle()
+        insert_message(process_db, "First")
+        runner.wait_until(lambda: queued(process_db) == {}, "the message sent and recorded")
+        server.send_signal(signal.SIGSTOP)  # the server hangs, or the network to it is gone
+
+        returncode, _out, took = runner.terminate(signal.SIGTERM)
+
+        assert returncode == 0, runner.log()
+        assert took < 5, f"SIGTERM took {took:.1f} s"
+    finally:
+        server.send_signal(signal.SIGCONT)
+        server.kill()
+        server.wait()

@@ -184,3 +184,36 @@ def test_a_django_mailer_process_still_running_during_the_upgrade_can_queue_and_
 
     assert engine.send_all() == {"sent": 1}
     assert [received.message["Subject"] for received in deliver_to_smtp.received] == ["Old code"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_patched_prioritize_is_obeyed_in_each_pass_and_only_while_patched(deliver_to_smtp):
+    """django-mailer's tests patch ``mailer.engine.prioritize``: looked up at each pass, even where the engine
+    compiles its claim once (PostgreSQL), and not kept once the patch is gone.
+    """
+    original = engine.prioritize
+    engine.send_all()  # a first pass, which compiles the claim where it can
+    for number in range(3):
+        mailer.send_mail(f"Message {number}", "Body", "from@example.com", ["to@example.com"])
+
+    def newest_first(queryset=None):
+        return original(queryset).order_by("-when_added", "-pk")
+
+    def high_only(queryset=None):
+        return original(queryset).filter(priority=1)
+
+    with mock.patch("mailer.engine.prioritize", newest_first):
+        engine.send_all()
+    with mock.patch("mailer.engine.prioritize", high_only):
+        engine.send_all()
+    mailer.send_mail("After", "Body", "from@example.com", ["to@example.com"])  # medium priority
+    counts = engine.send_all()
+
+    assert counts is not None
+    assert [str(received.message["Subject"]) for received in deliver_to_smtp.received] == [
+        "Message 2",
+        "Message 1",
+        "Message 0",
+        "After",
+    ]
+    assert counts["sent"] == 1
