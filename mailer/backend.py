@@ -87,6 +87,9 @@ def queue_in_bulk(
     """
     emails = list(emails)
     priority = get_priority(priority)
+    batch_size = conf.get_setting("MAILER_MESSAGES_BATCH_SIZE")
+    if batch_size is not None and (type(batch_size) is not int or batch_size < 1):
+        raise ValueError(f"MAILER_MESSAGES_BATCH_SIZE must be a positive integer or None, not {batch_size!r}")
     suppressed = DontSendEntry.objects.suppressed_addresses(
         recipient for email in emails for recipient in _recipients_as_given(email)
     )
@@ -97,7 +100,6 @@ def queue_in_bulk(
     for message in messages:
         message.mailer_alias = alias
     using = router.db_for_write(Message)
-    batch_size = conf.get_setting("MAILER_MESSAGES_BATCH_SIZE")
     with transaction.atomic(using=using):
         for batch in _batches(messages, batch_size):
             Message.objects.db_manager(using).insert(batch)
@@ -110,8 +112,6 @@ def _batches(messages: list[Message], batch_size: int | None) -> Iterator[list[M
     ``BATCH_SIZE`` messages and ``BATCH_DATA_SIZE`` characters.
     """
     if batch_size is not None:
-        if type(batch_size) is not int or batch_size < 1:
-            raise ValueError(f"MAILER_MESSAGES_BATCH_SIZE must be a positive integer or None, not {batch_size!r}")
         for start in range(0, len(messages), batch_size):
             yield messages[start : start + batch_size]
         return

@@ -964,13 +964,7 @@ class SendingPass:
             if self.connection is not None and self.connection_open:
                 self.idle[self.route] = self.connection
                 self.connection = None
-            for route, connection in self.idle.items():
-                if not self.kept.keep(route, connection):
-                    _close_quietly(connection)
-                if route in self.sessions:
-                    self.sessions.discard(route)
-                    self.progress.session_closed(route)
-            self.idle = {}
+            self.idle = {route: kept for route, kept in self.idle.items() if not self.kept.keep(route, kept)}
         self._drop_connection()
         idle, self.idle = self.idle, {}
         for connection in idle.values():

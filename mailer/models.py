@@ -298,7 +298,8 @@ class MessageQuerySet(models.QuerySet["Message", "Message"]):
             for position, field in enumerate(fields)
         ]
         first = 2 + len(terms)
-        data_at = [field.attname for field in fields].index("message_data")
+        names = [field.attname for field in fields]
+        data_at = names.index("message_data")
         messages = {}
         for row in rows:
             values = list(row[first : first + len(fields)])
@@ -307,7 +308,7 @@ class MessageQuerySet(models.QuerySet["Message", "Message"]):
             for position, functions in converters:
                 for convert in functions:
                     values[position] = convert(values[position], fields[position], connection)
-            messages[row[0]] = model.from_db(self.db, [field.attname for field in fields], values)
+            messages[row[0]] = model.from_db(self.db, names, values)
         return Claim(
             [(row[0], row[1]) for row in rows],
             messages,

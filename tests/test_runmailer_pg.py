@@ -194,6 +194,17 @@ def test_mail_goes_out_as_soon_as_it_is_queued(process_db, smtp_server, tmp_path
     assert_stops(runner)
 
 
+def one_then_another(process_db, smtp_server, tmp_path, runmailer_pg) -> RunmailerPg:
+    """Start runmailer_pg; queue "First", and "Second" once the first has arrived; return the runner."""
+    runner = runmailer_pg(process_db, smtp_server.port, tmp_path / "send_mail", LONG_SLEEP)
+    runner.wait_until_idle()
+    insert_message(process_db, "First")
+    wait_for_delivery(runner, smtp_server, 1)
+    insert_message(process_db, "Second")
+    wait_for_delivery(runner, smtp_server, 2)
+    return runner
+
+
 @needs_postgresql
 @pytest.mark.slow
 def test_mail_queued_soon_after_goes_out_over_the_same_session(process_db, smtp_server, tmp_path, runmailer_pg):
@@ -201,12 +212,7 @@ def test_mail_queued_soon_after_goes_out_over_the_same_session(process_db, smtp_
     greeting and EHLO, which cost more than the rest of its way. It is not held for long: once idle that
     while, it is ended with QUIT.
     """
-    runner = runmailer_pg(process_db, smtp_server.port, tmp_path / "send_mail", LONG_SLEEP)
-    runner.wait_until_idle()
-    insert_message(process_db, "First")
-    wait_for_delivery(runner, smtp_server, 1)
-    insert_message(process_db, "Second")
-    wait_for_delivery(runner, smtp_server, 2)
+    runner = one_then_another(process_db, smtp_server, tmp_path, runmailer_pg)
 
     assert smtp_server.connections == 1, runner.log()
     runner.wait_until(lambda: smtp_server.quits == 1, "the idle session to be ended")
@@ -224,12 +230,7 @@ def test_a_session_the_server_ended_meanwhile_is_replaced_and_mail_goes_out(
     tried on the session kept for it, goes out over a new one, neither deferred nor failed.
     """
     smtp_server.hang_up_after(1)
-    runner = runmailer_pg(process_db, smtp_server.port, tmp_path / "send_mail", LONG_SLEEP)
-    runner.wait_until_idle()
-    insert_message(process_db, "First")
-    wait_for_delivery(runner, smtp_server, 1)
-    insert_message(process_db, "Second")
-    wait_for_delivery(runner, smtp_server, 2)
+    runner = one_then_another(process_db, smtp_server, tmp_path, runmailer_pg)
 
     runner.wait_until(lambda: queued(process_db) == {}, "every message recorded")
     assert subjects(smtp_server) == ["First", "Second"]
