@@ -79,7 +79,7 @@ def queue_in_bulk(
     ``alias`` is the ``MAILERS`` entry they are queued through (Django 6.1),
     stored with each, so that they leave through its ``deliver_using``.
     The don't-send list is read once for all of them; then every email is
-    checked and stored (``Message.for_email``), so that one refused writes
+    checked and stored (``Message.row_for``), so that one refused writes
     nothing; then the rows are inserted in batches, in one transaction. The
     list is read before the transaction, which must begin by writing:
     SQLite cannot turn a reading transaction into a writing one while
@@ -93,36 +93,34 @@ def queue_in_bulk(
     suppressed = DontSendEntry.objects.suppressed_addresses(
         recipient for email in emails for recipient in _recipients_as_given(email)
     )
-    checked = [(email, Message.for_email(email, priority, suppressed=suppressed)) for email in emails]
-    messages = [message for email, message in checked if email.recipients()]
-    if not messages:
+    checked = [(email, Message.row_for(email, priority, suppressed=suppressed, alias=alias)) for email in emails]
+    rows = [row for email, row in checked if email.recipients()]
+    if not rows:
         return 0
-    for message in messages:
-        message.mailer_alias = alias
     using = router.db_for_write(Message)
     with transaction.atomic(using=using):
-        for batch in _batches(messages, batch_size):
+        for batch in _batches(rows, batch_size):
             Message.objects.db_manager(using).insert(batch)
-    mail_queued.send(sender=Message, using=using, count=len(messages))
-    return len(messages)
+    mail_queued.send(sender=Message, using=using, count=len(rows))
+    return len(rows)
 
 
-def _batches(messages: list[Message], batch_size: int | None) -> Iterator[list[Message]]:
-    """Split ``messages`` into batches of ``batch_size`` (MAILER_MESSAGES_BATCH_SIZE) messages, or else of at most
-    ``BATCH_SIZE`` messages and ``BATCH_DATA_SIZE`` characters.
+def _batches(rows: list[dict[str, Any]], batch_size: int | None) -> Iterator[list[dict[str, Any]]]:
+    """Split the message ``rows`` into batches of ``batch_size`` (MAILER_MESSAGES_BATCH_SIZE) rows, or else of at
+    most ``BATCH_SIZE`` rows and ``BATCH_DATA_SIZE`` characters.
     """
     if batch_size is not None:
-        for start in range(0, len(messages), batch_size):
-            yield messages[start : start + batch_size]
+        for start in range(0, len(rows), batch_size):
+            yield rows[start : start + batch_size]
         return
-    batch: list[Message] = []
+    batch: list[dict[str, Any]] = []
     size = 0
-    for message in messages:
-        if batch and (len(batch) == BATCH_SIZE or size + len(message.message_data) > BATCH_DATA_SIZE):
+    for row in rows:
+        if batch and (len(batch) == BATCH_SIZE or size + len(row["message_data"]) > BATCH_DATA_SIZE):
             yield batch
             batch, size = [], 0
-        batch.append(message)
-        size += len(message.message_data)
+        batch.append(row)
+        size += len(row["message_data"])
     if batch:
         yield batch
 

@@ -76,6 +76,7 @@ from mailer.models import (
     cannot_hold,
     datetime_now,
 )
+from mailer.recording import RECORD_ASIDE_FROM, Recorder, mark_sent, record_sent, records_aside
 from mailer.redaction import keeps_message_data, loggable
 
 __all__ = [
@@ -485,6 +486,10 @@ class SendingPass:
         # Sent messages not recorded yet, with the notes for their log rows: at most unrecorded_at_most.
         self.unrecorded: list[tuple[Message, str]] = []
         self.unrecorded_at_most = unrecorded_at_most
+        # On a database server, what the pass sends is recorded on a thread of its own, once enough
+        # messages wait to be sent (``RECORD_ASIDE_FROM``).
+        self.recorder: Recorder | None = None
+        self.records_aside: bool | None = None  # whether it does (None: not known yet)
         # Which process holds the claims, so that its claims can be given back if it is killed.
         self.token = f"{uuid.uuid4().hex}.{locking.process_name()}"
         # The delivery connection of the route of the message at hand (``route``, a MAILERS alias or None for
@@ -535,7 +540,11 @@ class SendingPass:
             ended_well = True
         finally:
             try:
-                self._record_unrecorded()
+                try:
+                    self._record_unrecorded()
+                finally:
+                    if self.recorder is not None:
+                        self.recorder.close()
             finally:
                 self._drop_connections(keep=ended_well and not stopping.stop_requested())
 
@@ -784,16 +793,13 @@ class SendingPass:
                     # own id, a header added): log it as the backend left it, as django-mailer did.
                     with contextlib.suppress(UnstorableEmail):  # not plain data: log it as queued
                         message.email = email
-                note = _refusals_note(message, email, refused)
-                self.unrecorded.append((message, note))
-                if len(self.unrecorded) >= self.unrecorded_at_most:
-                    self._record_unrecorded()
+                self._sent(message, _refusals_note(message, email, refused))
                 return Outcome("sent")
             except (SentButNotRecorded, ImproperlyConfigured):
                 raise
             except Exception as exc:
                 if sent:
-                    _mark_sent(message)
+                    mark_sent(message)
                     raise SentButNotRecorded(f"{type(exc).__name__}: {loggable(str(exc), message)}") from exc
                 if _database_in_trouble(exc):
                     raise  # not this row: end the pass
@@ -804,11 +810,27 @@ class SendingPass:
                 _release_quietly(pk, self.token)
             raise
 
+    def _sent(self, message: Message, note: str) -> None:
+        """Record ``message``, which went out, now or soon: at most ``unrecorded_at_most`` wait at any time."""
+        if self.records_aside is None:
+            self.records_aside = self.unrecorded_at_most >= 2 and records_aside(message._state.db or "default")
+        if self.recorder is None and self.records_aside and len(self.held) >= RECORD_ASIDE_FROM:
+            self._record_unrecorded()
+            self.recorder = Recorder()
+        if self.recorder is not None:
+            self.recorder.record(message, note)  # sent: recorded while the next one goes out
+            return
+        self.unrecorded.append((message, note))
+        if len(self.unrecorded) >= self.unrecorded_at_most:
+            self._record_unrecorded()
+
     def _record_unrecorded(self) -> None:
-        """Record the messages sent since the last record, in one transaction."""
+        """Record the messages sent since the last record, in one transaction; wait for the recorder's."""
         if self.unrecorded:
             sent, self.unrecorded = self.unrecorded, []
-            _record_sent(sent)
+            record_sent(sent)
+        if self.recorder is not None:
+            self.recorder.wait()
 
     def _deliver(self, message: Message, email: EmailMessage) -> tuple[Outcome | None, dict[str, Any]]:
         """Hand ``email`` to the delivering connection; return None and the refused recipients if it went out.
@@ -1252,9 +1274,6 @@ def _session_ended(exc: Exception) -> bool:
     return isinstance(exc, smtplib.SMTPResponseException) and exc.smtp_code == 421
 
 
-RECORD_ATTEMPTS = 3
-
-
 def _refusals_note(message: Message, email: EmailMessage, refused: dict[str, Any]) -> str:
     """Say which recipients the server refused while it accepted the others, for the log row of ``message``.
 
@@ -1293,62 +1312,8 @@ def _queue_copy_for(message: Message, email: EmailMessage, recipients: list[str]
     return copy_message
 
 
-def _record_sent(sent: list[tuple[Message, str]]) -> None:
-    """Record delivered messages (each with the note for its log row), together, trying again briefly.
-
-    A failure here risks sending them twice: if it still fails, each is
-    marked as sent (``_mark_sent``), so that no pass sends it again, and
-    ``SentButNotRecorded`` is raised.
-    """
-    sent = list(sent)  # what is recorded is taken off it: only the rest is tried again, or marked
-    for attempt in range(1, RECORD_ATTEMPTS + 1):
-        try:
-            if len(sent) > 1 and sum(len(message.message_data or "") for message, _note in sent) <= READ_BYTES:
-                Message.record_together(sent, RESULT_SUCCESS)
-                return
-            # One by one: large messages together could exceed what one statement may carry (MariaDB's
-            # max_allowed_packet).
-            while sent:
-                message, note = sent[0]
-                message.record(RESULT_SUCCESS, note)
-                sent.pop(0)
-            return
-        except DatabaseError as exc:
-            if attempt == RECORD_ATTEMPTS:
-                for message, _note in sent:
-                    logger.error(
-                        "message %s was sent but could not be recorded (%s)", message.message_id or message.pk, exc
-                    )
-                    _mark_sent(message)
-                raise SentButNotRecorded(str(exc)) from exc
-            time.sleep(0.5 * attempt)
-            # The database may have restarted: try again over a new connection.
-            _drop_if_broken(database_connections[sent[0][0]._state.db or "default"])
-        except Exception as exc:
-            for message, _note in sent:
-                _mark_sent(message)
-            raise SentButNotRecorded(f"{type(exc).__name__}: {loggable(str(exc), sent[0][0])}") from exc
-
-
-def _mark_sent(message: Message) -> None:
-    """Mark a message that went out but could not be recorded, so that no pass sends it again.
-
-    A small UPDATE in place often succeeds where the log row and the
-    deletion did not (a full disk). The next pass records the message
-    before it sends anything. If even this fails, the claim keeps the
-    message from being sent again until ``MAILER_CLAIM_TIMEOUT`` has passed.
-    """
-    try:
-        marked = Message.objects.mark_sent(message.pk, message.claimed_by or "")
-    except Exception:
-        logger.error("message %s stays claimed until %s", message.message_id or message.pk, message.claimed_until)
-        return
-    if marked:
-        logger.error("message %s is marked as sent; a later pass will record it", message.message_id or message.pk)
-
-
 def _record_earlier_sends(token: str) -> None:
-    """Record the messages an earlier pass sent but could not record (``_mark_sent``), before sending any other.
+    """Record the messages an earlier pass sent but could not record (``mark_sent``), before sending any other.
 
     While the database cannot record them, no pass sends anything: the
     error ends the pass here, so mail is not sent that cannot be recorded.

@@ -8,6 +8,7 @@ exactly once, within ``MAILER_EMAIL_MAX_BATCH`` and ``MAILER_EMAIL_THROTTLE``.
 
 import datetime
 import logging
+import threading
 import time
 from collections import Counter
 from unittest import mock
@@ -16,6 +17,7 @@ import pytest
 from django.core.mail.backends.locmem import EmailBackend as LocmemBackend
 from django.core.management import CommandError, call_command
 from django.db import OperationalError, connection, connections
+from django.db.backends.signals import connection_created
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
@@ -65,17 +67,39 @@ def test_a_pass_records_two_messages_per_statement_and_claims_and_reads_per_batc
 
 
 @pytest.mark.django_db(transaction=True)
-def test_outside_a_transaction_postgresql_records_two_messages_in_one_statement(deliver_to_smtp):
-    """One round trip per two messages sent: the DELETE rides in the INSERT's WITH, in autocommit."""
-    if connection.vendor != "postgresql":
-        pytest.skip("a statement of PostgreSQL's")
+def test_outside_a_transaction_a_database_server_records_each_message_while_the_next_goes_out(deliver_to_smtp):
+    """On PostgreSQL and MariaDB the records are made on a connection of their own (a thread's), one message at
+    a time, so that their commits overlap the sending; the pass's own connection claims and reads per batch.
+    On PostgreSQL a record is one round trip: the DELETE rides in the INSERT's WITH, in autocommit.
+    """
+    if connection.vendor not in ("postgresql", "mysql"):
+        pytest.skip("a database server's")
     queue(40)
-    with CaptureQueriesContext(connection) as queries:
-        assert one_pass()["sent"] == 40
+    run: list[tuple[str, str]] = []  # (thread, first word) of every statement, on any connection
 
-    counts = statements([query["sql"] for query in queries.captured_queries])
-    assert counts["WITH"] == 20 and counts["INSERT"] == 0 and counts["DELETE"] == 0, counts
-    assert sum(counts.values()) <= 20 + 12, counts  # the claims, reads and don't-send checks: per batch
+    def note(execute, sql, params, many, context):
+        run.append((threading.current_thread().name, sql.split(None, 1)[0].upper()))
+        return execute(sql, params, many, context)
+
+    def watch(sender, connection, **kwargs):
+        connection.execute_wrappers.append(note)
+
+    connection_created.connect(watch)
+    try:
+        with connection.execute_wrapper(note):
+            assert one_pass()["sent"] == 40
+    finally:
+        connection_created.disconnect(watch)
+
+    recorder = Counter(word for thread, word in run if thread == "mailer-recorder")
+    own = Counter(word for thread, word in run if thread != "mailer-recorder")
+    if connection.vendor == "postgresql":
+        assert recorder["WITH"] >= 30 and recorder["INSERT"] == recorder["DELETE"] == 0, recorder
+    else:
+        assert recorder["INSERT"] == recorder["DELETE"] >= 30, recorder  # with BEGIN and COMMIT
+    # The first few, sent before the pass knew how many it would send, are recorded two at a time on its own.
+    records = ("WITH", "INSERT", "DELETE", "BEGIN", "COMMIT")
+    assert sum(n for word, n in own.items() if word not in records) <= 12, own  # claims, reads: per batch
     assert MessageLog.objects.filter(result=RESULT_SUCCESS).count() == 40 and not Message.objects.exists()
     assert len(deliver_to_smtp.received) == 40
 
@@ -379,3 +403,55 @@ def test_a_pass_with_nothing_to_send_still_records_what_an_earlier_pass_sent(del
 
     assert deliver_to_smtp.received == [] and not Message.objects.exists()
     assert MessageLog.objects.get().log_message == "sent by an earlier pass, recorded late"
+
+
+REFUSE_A_LOG_ROW = {
+    "postgresql": [
+        """CREATE FUNCTION refuse_a_log_row() RETURNS trigger AS $$ BEGIN
+               IF NEW.subject = 'Message 20' THEN RAISE EXCEPTION 'the disk is full'; END IF; RETURN NEW;
+           END $$ LANGUAGE plpgsql""",
+        """CREATE TRIGGER refuse_a_log_row BEFORE INSERT ON mailer_messagelog
+           FOR EACH ROW EXECUTE FUNCTION refuse_a_log_row()""",
+    ],
+    "mysql": [
+        """CREATE TRIGGER refuse_a_log_row BEFORE INSERT ON mailer_messagelog FOR EACH ROW
+           IF NEW.subject = 'Message 20' THEN SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'the disk is full'; END IF""",
+    ],
+}
+ALLOW_LOG_ROWS = {
+    "postgresql": ["DROP TRIGGER refuse_a_log_row ON mailer_messagelog", "DROP FUNCTION refuse_a_log_row()"],
+    "mysql": ["DROP TRIGGER refuse_a_log_row"],
+}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_record_that_fails_on_the_recorders_connection_ends_the_pass_and_nothing_is_sent_twice(deliver_to_smtp):
+    """The database refuses the log row of the 21st message (a trigger, as a full disk would): the pass ends
+    with the error, that message and the one sent after it are marked as sent, the rest wait, and the next
+    pass, once the database takes log rows again, records those two late and sends the others, each once.
+    """
+    if connection.vendor not in REFUSE_A_LOG_ROW:
+        pytest.skip("a database server's")
+    queue(40)
+    with connection.cursor() as cursor:
+        for statement in REFUSE_A_LOG_ROW[connection.vendor]:
+            cursor.execute(statement)
+    try:
+        with mock.patch("mailer.recording.time.sleep"), pytest.raises(engine.SentButNotRecorded, match="disk is full"):
+            engine.send_all()
+    finally:
+        with connection.cursor() as cursor:
+            for statement in ALLOW_LOG_ROWS[connection.vendor]:
+                cursor.execute(statement)
+
+    sent = [received.message["Subject"] for received in deliver_to_smtp.received]
+    assert sent == [f"Message {n}" for n in range(22)]  # the 22nd went out while the 21st was being recorded
+    marked = sorted(message.subject for message in Message.objects.sent_but_not_recorded())
+    assert marked == ["Message 20", "Message 21"]
+    assert MessageLog.objects.filter(result=RESULT_SUCCESS).count() == 20
+    assert not Message.objects.exclude(subject_copy__in=marked).filter(claimed_until__isnull=False).exists()
+
+    assert engine.send_all() == {"sent": 18}
+    sent = [received.message["Subject"] for received in deliver_to_smtp.received]
+    assert sorted(sent) == sorted(f"Message {n}" for n in range(40))  # each once
+    assert MessageLog.objects.filter(result=RESULT_SUCCESS).count() == 40 and not Message.objects.exists()

@@ -364,3 +364,37 @@ def test_a_bulk_logs_the_skipped_recipients_of_the_messages_that_had_some_only(c
         DbBackend().send_messages(emails)
 
     assert [r.getMessage() for r in caplog.records] == ["skipping 1 recipient(s) on the don't send list"]
+
+
+def stored_row(message: Message) -> dict:
+    """Every column of the row of ``message``, as read back, but the id and what differs by design between
+    two queueings of one email (its Message-ID, its time and the copy of the Message-ID in its data)."""
+    row = Message.objects.filter(pk=message.pk).values().get()
+    del row["id"], row["message_id"], row["when_added"], row["message_data"]
+    return row
+
+
+@pytest.mark.parametrize("alias", [None, "partner"])
+def test_the_quick_ways_in_write_what_the_orm_writes(alias):
+    """send_mail's one statement and DbBackend's raw bulk INSERT leave out what they can (NULLs, defaults):
+    the rows they write hold what ``Message.for_email(...).save()``, the ORM's way, writes."""
+    email = EmailMessage("Subject", "Body", "Ann <from@example.com>", ["a@example.com"], cc=["c@example.com"])
+    before = timezone.now()
+
+    assert Message.queue(email, 1, alias=alias) is not None
+    from mailer.backend import queue_in_bulk
+
+    assert queue_in_bulk([email, email], 1, alias=alias) == 2
+    by_orm = Message.for_email(email, 1)
+    by_orm.mailer_alias = alias
+    by_orm.save()
+
+    expected = stored_row(by_orm)
+    assert expected["mailer_alias"] == alias and expected["priority"] == 1 and expected["claimed_until"] is None
+    rows = list(Message.objects.order_by("pk"))
+    assert len(rows) == 4
+    for message in rows:
+        assert stored_row(message) == expected
+        assert message.message_id and message.when_added >= before
+        assert message.email.message().as_bytes().count(b"Subject: Subject") == 1
+    assert len({message.message_id for message in rows}) == 4

@@ -1,0 +1,176 @@
+"""Recording sent messages: a log row each, and off the queue.
+
+A message that went out but is not recorded would be sent again by a later
+pass, so recording tries hard (``record_sent``), and what it cannot record
+it marks as sent (``mark_sent``). On a database server a record is mostly
+waiting, for the server to write it to disk; ``Recorder`` does that waiting
+on a thread of its own, while the pass sends the next message.
+"""
+
+import logging
+import threading
+import time
+
+from django.db import DatabaseError, connections
+
+from mailer.exceptions import SentButNotRecorded
+from mailer.models import RESULT_SUCCESS, Message
+from mailer.redaction import loggable
+
+# Part of the engine's work, and logged as such: sites and the docs know the engine's logger.
+logger = logging.getLogger("mailer.engine")
+
+RECORD_ATTEMPTS = 3
+
+# Sent messages are recorded in one statement only while their data together stays within this: the log
+# rows copy it, and MariaDB refuses a statement longer than its max_allowed_packet (16 MB by default, 1 MB
+# before MariaDB 10.2).
+TOGETHER_BYTES = 1024 * 1024
+
+# The databases whose commits are worth waiting for on another thread: servers, whose commit waits for a
+# disk. SQLite's commit in WAL mode costs a fraction of a millisecond, and a second writer would only
+# wait for the first.
+RECORDED_ASIDE_ON = ("postgresql", "mysql")
+
+# A pass records aside once it holds this many claimed messages still to send: enough to repay the
+# recorder's own database connection, which a pass sending a message or two (runmailer_pg) does without.
+RECORD_ASIDE_FROM = 10
+
+
+def record_sent(sent: list[tuple[Message, str]]) -> None:
+    """Record delivered messages (each with the note for its log row), together, trying again briefly.
+
+    A failure here risks sending them twice: if it still fails, each is
+    marked as sent (``mark_sent``), so that no pass sends it again, and
+    ``SentButNotRecorded`` is raised.
+    """
+    sent = list(sent)  # what is recorded is taken off it: only the rest is tried again, or marked
+    for attempt in range(1, RECORD_ATTEMPTS + 1):
+        try:
+            if len(sent) > 1 and sum(len(message.message_data or "") for message, _note in sent) <= TOGETHER_BYTES:
+                Message.record_together(sent, RESULT_SUCCESS)
+                return
+            # One by one: large messages together could exceed what one statement may carry (MariaDB's
+            # max_allowed_packet).
+            while sent:
+                message, note = sent[0]
+                message.record(RESULT_SUCCESS, note)
+                sent.pop(0)
+            return
+        except DatabaseError as exc:
+            if attempt == RECORD_ATTEMPTS:
+                for message, _note in sent:
+                    logger.error(
+                        "message %s was sent but could not be recorded (%s)", message.message_id or message.pk, exc
+                    )
+                    mark_sent(message)
+                raise SentButNotRecorded(str(exc)) from exc
+            time.sleep(0.5 * attempt)
+            # The database may have restarted: try again over a new connection.
+            connection = connections[sent[0][0]._state.db or "default"]
+            if not connection.in_atomic_block:
+                connection.close_if_unusable_or_obsolete()
+        except Exception as exc:
+            for message, _note in sent:
+                mark_sent(message)
+            raise SentButNotRecorded(f"{type(exc).__name__}: {loggable(str(exc), sent[0][0])}") from exc
+
+
+def mark_sent(message: Message) -> None:
+    """Mark a message that went out but could not be recorded, so that no pass sends it again.
+
+    A small UPDATE in place often succeeds where the log row and the
+    deletion did not (a full disk). The next pass records the message
+    before it sends anything. If even this fails, the claim keeps the
+    message from being sent again until ``MAILER_CLAIM_TIMEOUT`` has passed.
+    """
+    try:
+        marked = Message.objects.mark_sent(message.pk, message.claimed_by or "")
+    except Exception:
+        logger.error("message %s stays claimed until %s", message.message_id or message.pk, message.claimed_until)
+        return
+    if marked:
+        logger.error("message %s is marked as sent; a later pass will record it", message.message_id or message.pk)
+
+
+def records_aside(using: str) -> bool:
+    """Whether a pass on the database ``using`` records what it sent on a ``Recorder``'s thread.
+
+    Only on a database server, and not inside a transaction: the
+    recorder's connection would not see what the transaction holds.
+    """
+    connection = connections[using]
+    return connection.vendor in RECORDED_ASIDE_ON and not connection.in_atomic_block
+
+
+class Recorder:
+    """Records sent messages, one at a time, on a thread (and database connection) of its own.
+
+    The commit of a record on a database server is mostly waiting for the
+    server's disk: here it overlaps the sending of the next message rather
+    than adding to it. One at a time, and ``record`` first waits for the
+    record before, so that at most two messages are ever sent but not
+    recorded: the one being recorded, and the one just sent. An error of a
+    record is raised in the pass, by the next ``record``, ``wait`` or
+    ``close``.
+    """
+
+    def __init__(self) -> None:
+        self._sent: list[tuple[Message, str]] | None = None
+        self._error: BaseException | None = None
+        self._closing = False
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._work, name="mailer-recorder", daemon=True)
+        self._thread.start()
+
+    def record(self, message: Message, note: str) -> None:
+        """Have ``message``, just sent, recorded with ``note``, once the record before is done.
+
+        If that one failed, its error is raised here, and ``message`` is
+        marked as sent (as its own record would likely fail too).
+        """
+        try:
+            self.wait()
+        except BaseException:
+            mark_sent(message)
+            raise
+        with self._changed:
+            self._sent = [(message, note)]
+            self._changed.notify_all()
+
+    def wait(self) -> None:
+        """Wait until the message handed over last is recorded; raise the error of its record, if any."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._sent is None)
+            error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def close(self) -> None:
+        """Wait for the last record, then end the thread, which closes its database connections."""
+        try:
+            self.wait()
+        finally:
+            with self._changed:
+                self._closing = True
+                self._changed.notify_all()
+        self._thread.join()  # only once the wait is over: the thread is idle, and ends at once
+
+    def _work(self) -> None:
+        try:
+            while True:
+                with self._changed:
+                    self._changed.wait_for(lambda: self._sent is not None or self._closing)
+                    sent = self._sent
+                if sent is None:
+                    return
+                error = None
+                try:
+                    record_sent(sent)
+                except BaseException as exc:  # raised in the pass, which decides
+                    error = exc
+                with self._changed:
+                    self._sent, self._error = None, error
+                    self._changed.notify_all()
+        finally:
+            connections.close_all()
