@@ -714,6 +714,8 @@ class SendingPass:
                 return
             until = _claim_expiry()
             sent = [message.pk for message, _note in self.unrecorded]
+            if self.recorder is not None:  # the message being recorded on its thread
+                sent += [message.pk for message in self.recorder.pending()]
             Message.objects.filter(pk__in=self.held + sent, claimed_by=self.token).update(claimed_until=until)
             # Claims that lapsed meanwhile may be another worker's now: leave them.
             self.held = list(

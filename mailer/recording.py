@@ -138,6 +138,11 @@ class Recorder:
             self._sent = [(message, note)]
             self._changed.notify_all()
 
+    def pending(self) -> list[Message]:
+        """The message handed over and not recorded yet, if any: its claim must be kept like the others'."""
+        with self._changed:
+            return [message for message, _note in self._sent or []]
+
     def wait(self) -> None:
         """Wait until the message handed over last is recorded; raise the error of its record, if any."""
         with self._changed:

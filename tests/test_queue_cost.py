@@ -398,3 +398,26 @@ def test_the_quick_ways_in_write_what_the_orm_writes(alias):
         assert message.message_id and message.when_added >= before
         assert message.email.message().as_bytes().count(b"Subject: Subject") == 1
     assert len({message.message_id for message in rows}) == 4
+
+
+class RoutesByPriority:
+    """A site's router that writes high-priority mail elsewhere, telling it by the instance being saved."""
+
+    def db_for_write(self, model, **hints):
+        instance = hints.get("instance")
+        if model is Message and instance is not None and instance.priority == 1:
+            return "replica"
+        return None
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "replica"])
+def test_a_router_is_told_the_message_being_queued_as_the_orm_tells_it(settings):
+    """django-mailer saved each message: a router deciding by ``hints["instance"]`` still sees it, whether the
+    queueing takes the one statement or, with a listed recipient, the long way."""
+    settings.DATABASE_ROUTERS = [RoutesByPriority()]
+    DontSendEntry.objects.create(to_address="listed@example.com", when_added=timezone.now())
+
+    assert Message.queue(EmailMessage("Urgent", "Body", "a@example.com", ["b@example.com"]), 1) == "replica"
+    listed = EmailMessage("Urgent", "Body", "a@example.com", ["b@example.com", "listed@example.com"])
+    assert Message.queue(listed, 1) == "replica"
+    assert Message.queue(EmailMessage("Later", "Body", "a@example.com", ["b@example.com"]), 3) == "default"
