@@ -388,13 +388,14 @@ class MessageQuerySet(models.QuerySet["Message", "Message"]):
         keys are not read back. Callers make it atomic.
         """
         connection = connections[self.db]
-        fields = _written_fields(self.model, rows)
-        insert = _insert_into(self.model, fields, connection)
-        size = max(1, connection.ops.bulk_batch_size(fields, rows))
+        columns = _written_columns(self.model, rows)
+        insert = _insert_into(self.model, columns, connection)
+        size = max(1, connection.ops.bulk_batch_size([column.field for column in columns], rows))
         with connection.cursor() as cursor:
             for start in range(0, len(rows), size):
                 batch = rows[start : start + size]
-                cursor.execute(f"{insert} {_values_clause(fields, len(batch))}", _row_values(fields, batch, connection))
+                values = _row_values(columns, batch, connection)
+                cursor.execute(f"{insert} {_values_clause(columns, len(batch))}", values)
 
 
 class StandInsNotFound(ValueError):
@@ -933,72 +934,79 @@ def _listed_among(connection: Any, count: int) -> str:
     return f"SELECT {column} FROM {table} WHERE {column} IN ({', '.join(['%s'] * count)})"  # noqa: S608
 
 
+@dataclasses.dataclass(frozen=True)
+class _Column:
+    """A field an INSERT may write, with what writing it needs to know, worked out once per model."""
+
+    field: Any
+    name: str  # the field's attribute name: its key in a row
+    null_unless_given: bool  # the database writes NULL here when the INSERT leaves it out, as the ORM would
+    text_as_is: bool  # a ``str`` is stored as it is on every database mailer supports: no preparing
+
+
 @functools.cache
-def _inserted_fields(model: type[models.Model]) -> tuple[Any, ...]:
+def _inserted_columns(model: type[models.Model]) -> tuple[_Column, ...]:
     """The fields of ``model`` that an INSERT may write: every concrete one but the primary key."""
-    return tuple(field for field in model._meta.concrete_fields if not field.primary_key)
+    return tuple(
+        _Column(
+            field=field,
+            name=field.attname,
+            null_unless_given=bool(field.null) and not field.has_default() and not field.has_db_default(),
+            text_as_is=field.get_internal_type() in ("TextField", "CharField"),
+        )
+        for field in model._meta.concrete_fields
+        if not field.primary_key
+    )
 
 
-@functools.cache
-def _null_unless_given(field: models.Field) -> bool:  # type: ignore[type-arg]
-    """Whether the database writes NULL in ``field`` when an INSERT leaves it out, as the ORM would write it."""
-    return bool(field.null) and not field.has_default() and not field.has_db_default()
-
-
-def _written_fields(model: type[models.Model], rows: Sequence[dict[str, Any]]) -> tuple[Any, ...]:
-    """The fields of ``model`` that an INSERT of the new ``rows`` names: all but those left NULL in every row.
+def _written_columns(model: type[models.Model], rows: Sequence[dict[str, Any]]) -> tuple[_Column, ...]:
+    """The columns of ``model`` that an INSERT of the new ``rows`` names: all but those left NULL in every row.
 
     Leaving those to the database saves passing a NULL for each, which
     costs PostgreSQL's client-side binding more than a message's text does.
     """
     return tuple(
-        field
-        for field in _inserted_fields(model)
-        if not _null_unless_given(field) or any(row.get(field.attname) is not None for row in rows)
+        column
+        for column in _inserted_columns(model)
+        if not column.null_unless_given or any(row.get(column.name) is not None for row in rows)
     )
 
 
-@functools.cache
-def _holds_text_as_is(field: models.Field) -> bool:  # type: ignore[type-arg]
-    """Whether ``field`` stores a ``str`` as it is, on every database mailer supports (so preparing it is a no-op)."""
-    return field.get_internal_type() in ("TextField", "CharField")
-
-
-# "INSERT INTO table (columns)" by model, fields and the kind of database it is quoted for (``_insert_into``).
+# "INSERT INTO table (columns)" by model, columns and the kind of database it is quoted for (``_insert_into``).
 _INSERTS_INTO: dict[tuple[Any, ...], str] = {}
 
 
-def _insert_into(model: type[models.Model], fields: tuple[Any, ...], connection: Any) -> str:
-    """``INSERT INTO`` the table of ``model`` its ``fields``, quoted for ``connection``.
+def _insert_into(model: type[models.Model], columns: tuple[_Column, ...], connection: Any) -> str:
+    """``INSERT INTO`` the table of ``model`` its ``columns``, quoted for ``connection``.
 
     Written once for each kind of database: quoting the names costs as much
     as the rest of an INSERT's preparing.
     """
-    key = (model, fields, type(connection.ops))
+    key = (model, tuple(column.name for column in columns), type(connection.ops))
     if key not in _INSERTS_INTO:
         quote = connection.ops.quote_name
         # Names from the model, quoted; every value is a parameter.
-        columns = ", ".join(quote(str(field.column)) for field in fields)
-        _INSERTS_INTO[key] = f"INSERT INTO {quote(model._meta.db_table)} ({columns})"
+        names = ", ".join(quote(str(column.field.column)) for column in columns)
+        _INSERTS_INTO[key] = f"INSERT INTO {quote(model._meta.db_table)} ({names})"
     return _INSERTS_INTO[key]
 
 
-def _values_clause(fields: tuple[Any, ...], rows: int) -> str:
-    """``VALUES`` with a parameter for each of ``fields`` in each of ``rows`` rows."""
-    row = "(" + ", ".join(["%s"] * len(fields)) + ")"
+def _values_clause(columns: tuple[_Column, ...], rows: int) -> str:
+    """``VALUES`` with a parameter for each of ``columns`` in each of ``rows`` rows."""
+    row = "(" + ", ".join(["%s"] * len(columns)) + ")"
     return f"VALUES {', '.join([row] * rows)}"
 
 
 def _values_of(instances: Sequence[models.Model]) -> list[dict[str, Any]]:
     """The unsaved ``instances`` as new rows: the values of their fields by attribute name, as the ORM saves them."""
     return [
-        {field.attname: field.pre_save(instance, True) for field in _inserted_fields(type(instance))}
+        {column.name: column.field.pre_save(instance, True) for column in _inserted_columns(type(instance))}
         for instance in instances
     ]
 
 
-def _row_values(fields: tuple[Any, ...], rows: Sequence[dict[str, Any]], connection: Any) -> list[Any]:
-    """The parameters for ``fields`` of the new ``rows``, given as the values of their fields by attribute
+def _row_values(columns: tuple[_Column, ...], rows: Sequence[dict[str, Any]], connection: Any) -> list[Any]:
+    """The parameters for ``columns`` of the new ``rows``, given as the values of their fields by attribute
     name (a field not named takes its default), as the ORM would prepare them.
 
     NULL and text are passed as they are: the ORM's preparing them, field by
@@ -1006,12 +1014,12 @@ def _row_values(fields: tuple[Any, ...], rows: Sequence[dict[str, Any]], connect
     """
     values = []
     for row in rows:
-        for field in fields:
-            value = row[field.attname] if field.attname in row else field.get_default()
-            if value is None or (type(value) is str and _holds_text_as_is(field)):
+        for column in columns:
+            value = row[column.name] if column.name in row else column.field.get_default()
+            if value is None or (type(value) is str and column.text_as_is):
                 values.append(value)
             else:
-                values.append(field.get_db_prep_save(value, connection))
+                values.append(column.field.get_db_prep_save(value, connection))
     return values
 
 
@@ -1029,14 +1037,14 @@ def insert_unless_listed(using: str, row: dict[str, Any], recipients: Sequence[s
     """
     connection = connections[using]
     addresses = sorted({address for address in map(bare_address, recipients) if is_utf8(address)})
-    fields = _written_fields(Message, [row])
-    values = _row_values(fields, [row], connection)
+    columns = _written_columns(Message, [row])
+    values = _row_values(columns, [row], connection)
     limit = connection.features.max_query_params
     if limit is not None and len(values) + len(addresses) > limit:
         return False
     select = ", ".join(["%s"] * len(values))
     listed = _listed_among(connection, len(addresses))
-    statement = f"{_insert_into(Message, fields, connection)} SELECT {select} WHERE NOT EXISTS ({listed})"
+    statement = f"{_insert_into(Message, columns, connection)} SELECT {select} WHERE NOT EXISTS ({listed})"
     # As the ORM's save: an error marks the caller's atomic block for rollback.
     with transaction.mark_for_rollback_on_error(using), connection.cursor() as cursor:
         cursor.execute(statement, [*values, *addresses])
@@ -1134,9 +1142,9 @@ class MessageLogManager(models.Manager["MessageLog"]):
         connection = connections[self.db]
         quote = connection.ops.quote_name
         rows = _values_of(entries)
-        fields = _written_fields(self.model, rows)
-        insert = f"{_insert_into(self.model, fields, connection)} {_values_clause(fields, len(rows))}"
-        values = _row_values(fields, rows, connection)
+        columns = _written_columns(self.model, rows)
+        insert = f"{_insert_into(self.model, columns, connection)} {_values_clause(columns, len(rows))}"
+        values = _row_values(columns, rows, connection)
         messages = Message._meta
         delete = (
             f"DELETE FROM {quote(messages.db_table)} "  # noqa: S608
