@@ -76,7 +76,7 @@ from mailer.models import (
     cannot_hold,
     datetime_now,
 )
-from mailer.recording import RECORD_ASIDE_FROM, Recorder, mark_sent, record_sent, records_aside
+from mailer.recording import RECORD_ASIDE_FROM, Recorder, drop_if_broken, mark_sent, record_sent, records_aside
 from mailer.redaction import keeps_message_data, loggable
 
 __all__ = [
@@ -417,12 +417,7 @@ def _drop_broken_database_connections() -> None:
     transaction (a test, a caller's atomic block) is left alone.
     """
     for connection in database_connections.all(initialized_only=True):
-        _drop_if_broken(connection)
-
-
-def _drop_if_broken(connection: Any) -> None:
-    if not connection.in_atomic_block:
-        connection.close_if_unusable_or_obsolete()
+        drop_if_broken(connection)
 
 
 def _sleep_before_checking_again() -> None:

@@ -10,6 +10,7 @@ on a thread of its own, while the pass sends the next message.
 import logging
 import threading
 import time
+from typing import Any
 
 from django.db import DatabaseError, connections
 
@@ -67,13 +68,18 @@ def record_sent(sent: list[tuple[Message, str]]) -> None:
                 raise SentButNotRecorded(str(exc)) from exc
             time.sleep(0.5 * attempt)
             # The database may have restarted: try again over a new connection.
-            connection = connections[sent[0][0]._state.db or "default"]
-            if not connection.in_atomic_block:
-                connection.close_if_unusable_or_obsolete()
+            drop_if_broken(connections[sent[0][0]._state.db or "default"])
         except Exception as exc:
             for message, _note in sent:
                 mark_sent(message)
             raise SentButNotRecorded(f"{type(exc).__name__}: {loggable(str(exc), sent[0][0])}") from exc
+
+
+def drop_if_broken(connection: Any) -> None:
+    """Let Django replace ``connection`` if it broke (a database restart) or grew too old; one inside a
+    transaction (a test, a caller's atomic block) is left alone."""
+    if not connection.in_atomic_block:
+        connection.close_if_unusable_or_obsolete()
 
 
 def mark_sent(message: Message) -> None:
