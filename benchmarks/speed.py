@@ -21,7 +21,12 @@ prints a table of figures, ratios, the goals and PASS or FAIL:
 5. ``parallel``: a sink that takes 20 ms per message; 4 ``send_mail``
    processes (``MAILER_USE_FILE_LOCK = False``) against one (goal >= 3.6x),
    and one process with 8 delivery connections against one (goal >= 6x),
-   each exactly once. PostgreSQL and MariaDB.
+   each exactly once. PostgreSQL and MariaDB. The limits are Django's SMTP
+   backend sending the same messages without a queue from 4 processes, and
+   over 8 connections (threads) of one process, each against itself over
+   one connection: a single CPython process cannot send 8 times as fast
+   over 8 connections when rendering and sending a message takes the GIL
+   for about 2 ms of each.
 6. ``latency``: ``runmailer_pg``, from the commit of a queued message to its
    arrival at the sink, p50 and p99 over 500 messages, against 2.3.2's
    ``runmailer_pg`` (goal: no worse).
@@ -294,17 +299,39 @@ def task_drain(kind: str, barrier: bool = False, command_args: tuple = ()) -> di
     }
 
 
-def task_django_send(kind: str, n: int, tag: str, host: str, port: int) -> dict:
-    """Send ``n`` messages with Django's SMTP backend over one connection: the limit for any queue."""
+def task_django_send(
+    kind: str, n: int, tag: str, host: str, port: int, connections: int = 1, barrier: bool = False, first: int = 0
+) -> dict:
+    """Send ``n`` messages with Django's SMTP backend, without a queue: the limit for any queue.
+
+    Over one connection, or over ``connections`` at once, one per thread (each
+    sending its share): what a single Python process can do at best when the
+    mail server is slow. ``barrier`` as for ``task_drain``; ``first``: the
+    number of the first message, when several processes share the work.
+    """
+    import threading
+
     from django.core.mail.backends.smtp import EmailBackend
 
     warm_up()
-    emails = [make_email(number, tag) for number in range(n)]
-    backend = EmailBackend(host=host, port=port, timeout=60)
+    emails = [make_email(number, tag) for number in range(first, first + n)]
+    shares = [emails[thread::connections] for thread in range(connections)]
+    sent = Counter()
+
+    def send(share: list) -> None:
+        sent[id(share)] = EmailBackend(host=host, port=port, timeout=60).send_messages(share)
+
+    threads = [threading.Thread(target=send, args=(share,)) for share in shares]
+    if barrier:
+        print(READY, flush=True)
+        sys.stdin.readline()
     start = time.time()
-    sent = backend.send_messages(emails)
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
     end = time.time()
-    return {"start": start, "end": end, "sent": sent}
+    return {"start": start, "end": end, "sent": sum(sent.values())}
 
 
 def task_smtplib_send(kind: str, n: int, tag: str, host: str, port: int) -> dict:
@@ -882,21 +909,31 @@ class Runner:
         return self.result(side, task, process, output, stderr)
 
     def run_together(
-        self, side: Side, count: int, database: "Database", settings: dict | None, timeout: float, **params
+        self,
+        side: Side,
+        count: int,
+        database: "Database | None",
+        settings: dict | None,
+        timeout: float,
+        task: str = "drain",
+        each: Callable[[int], dict] = lambda _process: {},
+        **params,
     ) -> list[dict]:
-        """Run ``count`` drain processes of ``side`` that start sending at the same moment."""
+        """Run ``count`` processes of ``side`` doing ``task`` (drain, by default) that start at the same moment.
+
+        ``each(k)`` gives parameters of the k-th process of its own.
+        """
+        argv = [str(self.site / CHILD_SCRIPT), "--child", task]
         started = [
-            self.start(
-                side, [str(self.site / CHILD_SCRIPT), "--child", "drain"], database, settings, barrier=True, **params
-            )
-            for _ in range(count)
+            self.start(side, argv, database, settings, barrier=True, **params, **each(process))
+            for process in range(count)
         ]
         try:
             for process, stderr in started:
                 line = process.stdout.readline() if process.stdout else ""
                 if line.strip() != READY:
                     process.wait(timeout=30)
-                    raise ChildFailed(f"{side.label} drain did not get ready: {line!r}{tail(stderr)}")
+                    raise ChildFailed(f"{side.label} {task} did not get ready: {line!r}{tail(stderr)}")
             for process, _ in started:
                 assert process.stdin is not None
                 process.stdin.write("go\n")
@@ -905,7 +942,7 @@ class Runner:
             results = []
             for process, stderr in started:
                 output, _ = process.communicate(timeout=max(1.0, deadline - time.monotonic()))
-                results.append(self.result(side, "drain", process, output, stderr))
+                results.append(self.result(side, task, process, output, stderr))
             return results
         finally:
             for process, _ in started:
@@ -1253,13 +1290,40 @@ class Bench:
 
     # Runs -----------------------------------------------------------------
 
-    def send_directly(self, task: str, n: int) -> Run:
-        """A baseline that sends without a queue (Django's SMTP backend, or smtplib)."""
+    def send_directly(self, task: str, n: int, delay: float = 0.0, processes: int = 1, connections: int = 1) -> Run:
+        """A baseline that sends without a queue (Django's SMTP backend, or smtplib).
+
+        With ``processes``, that many processes each send ``n / processes``
+        of the messages, starting together; with ``connections``
+        (``django_send`` only), each process sends over that many at once.
+        """
         tag = self.tag()
-        self.sink.reset()
-        sink: dict[str, Any] = {"host": self.sink.host, "port": self.sink.port}
-        result = self.runner.run(self.plain, task, None, timeout=60 + n * 0.1, n=n, tag=tag, **sink)
-        return Run(n, result["end"] - result["start"], self.sink.delivery(tag, n))
+        self.sink.reset(delay)
+        params: dict[str, Any] = {"host": self.sink.host, "port": self.sink.port, "tag": tag}
+        if connections > 1:
+            params["connections"] = connections
+        timeout = 60 + n * (0.1 + delay)
+        if processes == 1:
+            results = [self.runner.run(self.plain, task, None, timeout=timeout, n=n, **params)]
+        else:
+            share = n // processes
+            results = self.runner.run_together(
+                self.plain,
+                processes,
+                None,
+                None,
+                timeout,
+                task=task,
+                n=share,
+                each=lambda k: {"first": k * share},
+                **params,
+            )
+        return Run(
+            n,
+            max(result["end"] for result in results) - min(result["start"] for result in results),
+            self.sink.delivery(tag, n),
+            peak_in_flight=self.sink.stats()["peak_in_flight"],
+        )
 
     def drain(
         self,
@@ -1490,6 +1554,7 @@ def figure_parallel(bench: Bench, vendor: str) -> None:
     n, delay, processes = bench.sizes.parallel, bench.sizes.delay, bench.sizes.processes
     figure = Figure(bench, f"5 sink {delay * 1000:.0f} ms/msg, {n:,}", vendor)
     no_lock = {"MAILER_USE_FILE_LOCK": False}
+    parallel_limits(bench, figure)
     sides: list[tuple[Side, float | None]] = [(bench.ours, 3.6)]
     if bench.old is not None and bench.old.runs_on(vendor):
         sides.append((bench.old, None))
@@ -1509,6 +1574,29 @@ def figure_parallel(bench: Bench, vendor: str) -> None:
             figure.compare(f"{side.label}: {processes} send_mail processes", many, one, at_least=goal, note=at_once)
         if side is bench.ours:
             several_connections(bench, figure, one, no_lock)
+
+
+def parallel_limits(bench: Bench, figure: Figure) -> None:
+    """Django's SMTP backend sending the same messages without a queue: over one connection, from several
+    processes, and over several connections (threads) of one process. What no queue can beat on this machine.
+    """
+    sizes = bench.sizes
+    send = functools.partial(bench.send_directly, "django_send", sizes.parallel, sizes.delay)
+    base = "Django SMTP backend, no queue: 1 connection"
+    one = figure.measure(base, send)
+    if one is None:
+        return
+    figure.base(base, one)
+    for what, many in (
+        (f"Django SMTP backend, no queue: {sizes.processes} processes (limit)", {"processes": sizes.processes}),
+        (
+            f"Django SMTP backend, no queue: 1 process, {sizes.connections} threads (limit)",
+            {"connections": sizes.connections},
+        ),
+    ):
+        run = figure.measure(what, functools.partial(send, **many))
+        if run:
+            figure.compare(what, run, one, note=f"peak {run.peak_in_flight} at the sink at once")
 
 
 def several_connections(bench: Bench, figure: Figure, one: Run, no_lock: dict) -> None:
