@@ -1293,9 +1293,9 @@ class Bench:
     def send_directly(self, task: str, n: int, delay: float = 0.0, processes: int = 1, connections: int = 1) -> Run:
         """A baseline that sends without a queue (Django's SMTP backend, or smtplib).
 
-        With ``processes``, that many processes each send ``n / processes``
-        of the messages, starting together; with ``connections``
-        (``django_send`` only), each process sends over that many at once.
+        With ``processes``, that many processes share the messages, starting
+        together; with ``connections`` (``django_send`` only), each process
+        sends over that many at once.
         """
         tag = self.tag()
         self.sink.reset(delay)
@@ -1306,7 +1306,8 @@ class Bench:
         if processes == 1:
             results = [self.runner.run(self.plain, task, None, timeout=timeout, n=n, **params)]
         else:
-            share = n // processes
+            # Process k sends messages bounds[k] to bounds[k + 1] - 1: shares as even as they can be.
+            bounds = [n * k // processes for k in range(processes + 1)]
             results = self.runner.run_together(
                 self.plain,
                 processes,
@@ -1314,8 +1315,7 @@ class Bench:
                 None,
                 timeout,
                 task=task,
-                n=share,
-                each=lambda k: {"first": k * share},
+                each=lambda k: {"first": bounds[k], "n": bounds[k + 1] - bounds[k]},
                 **params,
             )
         return Run(
