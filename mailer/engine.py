@@ -101,8 +101,9 @@ LONG_HELD_LOCK = 3600
 # rest of the queue when it is slow. When the queue runs dry, the other
 # workers have finished and wait on one worker's last claim: a short claim
 # keeps that tail short. Behind a mail server taking 20 ms a message, 4
-# processes sent about 3.5 times as fast as one with claims of 0.5 s, and
-# 3.65 times with 0.25 s (benchmarks/speed.py, figure 5).
+# processes sent 3.46-3.57 times as fast as one with claims of 0.5 s, and
+# 3.64-3.75 times with 0.25 s (benchmarks/speed.py, figure 5, a few runs of
+# each on one day).
 CLAIM_SECONDS = 0.25
 CLAIM_BATCH_MIN = 5
 CLAIM_BATCH_MAX = 100
@@ -1339,8 +1340,6 @@ def _dont_send_reason(suppressed: list[str]) -> str:
 
 
 def _log_sending(email: Any) -> None:
-    if not logger.isEnabledFor(logging.INFO):  # the usual case: no need to name the recipients
-        return
     if keeps_message_data():
         logger.info("sending message '%s' to %s", email.subject, ", ".join(map(str, email.to)))
     else:
