@@ -18,7 +18,7 @@ prints a table of figures, ratios, the goals and PASS or FAIL:
 4. ``scale``: drain 3,000 and 30,000: time per message within 1.2x, and the
    draining process's RSS growth <= 30 MB at 30,000 (``--huge``: also
    100,000 on PostgreSQL).
-5. ``parallel``: a sink that takes 20 ms per message; 4 ``send_mail``
+5. ``parallel``: a sink that takes 20 ms per message (``--delay``); 4 ``send_mail``
    processes (``MAILER_USE_FILE_LOCK = False``) against one (goal >= 3.6x),
    and one process with 8 delivery connections against one (goal >= 6x),
    each exactly once. PostgreSQL and MariaDB. The limits are Django's SMTP
@@ -1838,6 +1838,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--parallel", type=int, help="messages in figure 5 (default 1,000)")
     parser.add_argument("--latency", type=int, help="messages in figure 6 (default 500)")
     parser.add_argument(
+        "--delay", type=float, help="milliseconds the sink takes over each message in figure 5 (default 20)"
+    )
+    parser.add_argument(
         "--no-post-office", dest="post_office", action="store_false", help="leave django-post-office out"
     )
     parser.add_argument(
@@ -1864,6 +1867,8 @@ def chosen_sizes(args: argparse.Namespace) -> Sizes:
         changes["parallel"] = args.parallel
     if args.latency:
         changes["latency"] = args.latency
+    if args.delay is not None:
+        changes["delay"] = args.delay / 1000
     return replace(sizes, **changes)
 
 

@@ -337,7 +337,7 @@ def _delivery_connections(given: int | None) -> int:
 
 def _send_pass(queryset: Any, error_handler: ErrorHandler, senders: int) -> Counter[str]:
     """Run one pass with ``senders`` delivery connections; return its counts."""
-    progress = workers.Progress(_limit_reached, _routes_in_play())
+    progress = workers.Progress(_routes_in_play())
     database = database_connections[Message.objects.db]
     # Other threads would not see this transaction's rows, nor share an in-memory database.
     shareable = not database.in_atomic_block and not (
@@ -502,6 +502,10 @@ class SendingPass:
         # (``give_back_unbegun``), under ``held_lock``, when a second signal cuts the pass short.
         self.held: list[int] = []
         self.held_until = datetime_now()
+        # How long claims hold (read once, as the pass's other settings), and when to extend them next
+        # (``time.time``): once half that time has passed.
+        self.claim_timeout = datetime.timedelta(seconds=conf.get_setting("MAILER_CLAIM_TIMEOUT"))
+        self.extend_claims_at = 0.0
         self.held_lock = threading.Lock()
         self.abandoned = False
         # The routes on which this sender has a session open (or is opening one), counted in ``progress``.
@@ -571,7 +575,7 @@ class SendingPass:
         untried = None  # built when needed: building it costs more than a claim compiled once
         while True:
             now = datetime_now()
-            self.held_until = _claim_expiry()
+            self._hold_claims_until(now + self.claim_timeout)
             claim = self._claim_compiled(now) if whole_queue else None
             if claim is None or not claim.taken:
                 if untried is None:
@@ -648,7 +652,7 @@ class SendingPass:
                     reporting.observer().message_handled(claimed.pk, claimed.message, outcome.status)
                 if self.progress.ended or self.retired:
                     return
-                if outcome is not None and conf.get_setting("MAILER_EMAIL_THROTTLE"):
+                if outcome is not None and self.progress.throttle_seconds:
                     # Not while holding messages sent but not recorded, whose claims might lapse meanwhile.
                     self._record_unrecorded()
                     self.progress.throttle()
@@ -706,13 +710,12 @@ class SendingPass:
         """Extend the claims still held once half their time has passed: a slow mail server must not let
         another worker take (and send again) what this pass claimed, nor what it sent and has yet to record.
         """
-        timeout = datetime.timedelta(seconds=conf.get_setting("MAILER_CLAIM_TIMEOUT"))
-        if datetime_now() < self.held_until - timeout / 2:
+        if time.time() < self.extend_claims_at:
             return
         with self.held_lock:  # not while the main thread gives them back
             if self.abandoned:
                 return
-            until = _claim_expiry()
+            until = datetime_now() + self.claim_timeout
             sent = [message.pk for message, _note in self.unrecorded]
             if self.recorder is not None:  # the message being recorded on its thread
                 sent += [message.pk for message in self.recorder.pending()]
@@ -723,7 +726,18 @@ class SendingPass:
                     "pk", flat=True
                 )
             )
-            self.held_until = until
+            self._hold_claims_until(until)
+
+    def _hold_claims_until(self, until: datetime.datetime) -> None:
+        """Note that the claims held now hold ``until``, and extend them once half their time has passed.
+
+        Reckoned from ``until`` on the wall clock, as the claims lapse for the
+        other workers: neither the time the claiming queries took, nor a pause
+        of the machine (which the monotonic clock does not count), may eat into
+        the time left.
+        """
+        self.held_until = until
+        self.extend_claims_at = until.timestamp() - self.claim_timeout.total_seconds() / 2
 
     def _begin(self, pk: int) -> bool:
         """Take message ``pk`` off the claims not begun; False if its claim lapsed or they were given back."""
@@ -1261,10 +1275,6 @@ def _whole_queue() -> tuple[Any, tuple[str, datetime.datetime, datetime.datetime
     return _WHOLE_QUEUE[key]
 
 
-def _claim_expiry() -> datetime.datetime:
-    return datetime_now() + datetime.timedelta(seconds=conf.get_setting("MAILER_CLAIM_TIMEOUT"))
-
-
 def _session_ended(exc: Exception) -> bool:
     """Return whether ``exc`` says the server closed the session, rather than refused the message."""
     if isinstance(exc, smtplib.SMTPServerDisconnected):
@@ -1344,18 +1354,6 @@ def _log_sending(email: Any) -> None:
         logger.info("sending message '%s' to %s", email.subject, ", ".join(map(str, email.to)))
     else:
         logger.info("sending message %s", email.extra_headers.get("Message-ID", ""))
-
-
-def _limit_reached(counts: Counter[str]) -> bool:
-    max_batch = conf.get_setting("MAILER_EMAIL_MAX_BATCH")
-    if max_batch is not None and counts["sent"] >= max_batch:
-        logger.info("EMAIL_MAX_BATCH (%s) reached, stopping for this round", max_batch)
-        return True
-    max_deferred = conf.get_setting("MAILER_EMAIL_MAX_DEFERRED")
-    if max_deferred is not None and counts["deferred"] + counts["failed"] >= max_deferred:
-        logger.warning("EMAIL_MAX_DEFERRED (%s) reached, stopping for this round", max_deferred)
-        return True
-    return False
 
 
 def _asked_to_stop() -> bool:

@@ -11,6 +11,7 @@ the routes found down, the sessions each route has open, and whether the
 pass has ended.
 """
 
+import logging
 import threading
 import time
 from collections import Counter
@@ -20,17 +21,28 @@ from django.db import connections
 
 from mailer import conf, stopping
 
+# The pass's own doings, logged as the engine's: sites and the docs know the engine's logger.
+logger = logging.getLogger("mailer.engine")
+
 # How often a waiting thread looks whether the pass has been asked to stop.
 STOP_CHECK_INTERVAL = 0.2
 
 
 class Progress:
-    """The counts, limits, throttle and end of one pass, shared by its senders."""
+    """The counts, limits, throttle and end of one pass, shared by its senders.
 
-    def __init__(self, limit_reached: Callable[[Counter[str]], bool], routes: Iterable[str | None] = (None,)) -> None:
+    The limits and the throttle are read from the settings when the pass
+    begins: they hold for the whole pass, and the next pass reads them
+    again. Reading a setting the site leaves unset costs microseconds that
+    a pass would otherwise spend several times on every message.
+    """
+
+    def __init__(self, routes: Iterable[str | None] = (None,)) -> None:
         self.counts: Counter[str] = Counter()
         self.ended = False
-        self._limit_reached = limit_reached
+        self.max_batch: int | None = conf.get_setting("MAILER_EMAIL_MAX_BATCH")
+        self.max_deferred: int | None = conf.get_setting("MAILER_EMAIL_MAX_DEFERRED")
+        self.throttle_seconds: float = conf.get_setting("MAILER_EMAIL_THROTTLE") or 0
         self._lock = threading.Lock()
         self._sending = 0
         self._next_turn = 0.0
@@ -77,10 +89,9 @@ class Progress:
             return 0 if self.ended else self._room()
 
     def _room(self) -> int | None:
-        max_batch = conf.get_setting("MAILER_EMAIL_MAX_BATCH")
-        if max_batch is None:
+        if self.max_batch is None:
             return None
-        return max(0, int(max_batch) - self.counts["sent"] - self._sending)
+        return max(0, int(self.max_batch) - self.counts["sent"] - self._sending)
 
     def finished(self, status: str | None, ends_pass: bool = False) -> None:
         """Count how the message of a turn ended (None: it was gone), and end the pass if that says so."""
@@ -89,8 +100,18 @@ class Progress:
             if status is None:
                 return
             self.counts[status] += 1
-            if ends_pass or self._limit_reached(self.counts):
+            if ends_pass or self._limit_reached():
                 self.ended = True
+
+    def _limit_reached(self) -> bool:
+        if self.max_batch is not None and self.counts["sent"] >= self.max_batch:
+            logger.info("EMAIL_MAX_BATCH (%s) reached, stopping for this round", self.max_batch)
+            return True
+        failures = self.counts["deferred"] + self.counts["failed"]
+        if self.max_deferred is not None and failures >= self.max_deferred:
+            logger.warning("EMAIL_MAX_DEFERRED (%s) reached, stopping for this round", self.max_deferred)
+            return True
+        return False
 
     def end(self) -> None:
         with self._lock:
@@ -147,11 +168,10 @@ class Progress:
 
         With one sender this is django-mailer's sleep after each message.
         """
-        throttle = conf.get_setting("MAILER_EMAIL_THROTTLE")
-        if not throttle:
+        if not self.throttle_seconds:
             return
         with self._lock:
-            self._next_turn = max(self._next_turn, time.monotonic()) + throttle
+            self._next_turn = max(self._next_turn, time.monotonic()) + self.throttle_seconds
             wait = self._next_turn - time.monotonic()
         sleep(wait)
 

@@ -5,13 +5,15 @@ import subprocess
 import sys
 import threading
 import time
+from unittest import mock
 
 import pytest
 from django.core.mail.backends.locmem import EmailBackend as LocmemBackend
+from django.db.models import QuerySet
 from django.utils import timezone
 
 import mailer
-from mailer import engine
+from mailer import engine, workers
 from mailer.models import Message
 from tests.processes import MANAGE_PY, VENDOR, manage, process_environment
 
@@ -41,6 +43,63 @@ def test_a_pass_claims_each_message_for_claim_timeout_seconds_before_sending_it(
     assert claimed_by
     claim = datetime.timedelta(seconds=120)
     assert claimed_until is not None and before + claim <= claimed_until <= after + claim
+
+
+def a_pass_holding_claims_on(count: int) -> engine.SendingPass:
+    """A pass that has claimed ``count`` queued messages and sent none yet, as a pass stands between two messages."""
+    for n in range(count):
+        mailer.send_mail(f"Held {n}", "Body", "from@example.com", [f"to{n}@example.com"])
+    sending_pass = engine.SendingPass(None, engine.handle_delivery_exception, workers.Progress())
+    assert sending_pass._claim_next() and len(sending_pass.held) == count
+    return sending_pass
+
+
+def wait_until(moment: datetime.datetime) -> None:
+    while timezone.now() <= moment:
+        time.sleep(0.01)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_claims_are_extended_in_time_even_when_extending_them_is_slow(settings):
+    """The next extension is reckoned from the claims' new end, not from when the slow queries that made them
+    returned: otherwise a database slow to answer eats into the time left, and a claim lapses unextended while
+    the pass still means to send the message (and another worker has taken it)."""
+    settings.MAILER_CLAIM_TIMEOUT = 1
+    sending_pass = a_pass_holding_claims_on(3)
+    time.sleep(0.55)  # past half the claims' time: the next message extends them
+    slow_update = QuerySet.update
+
+    def update(queryset, **changes):
+        time.sleep(0.8)  # a database slow to answer
+        return slow_update(queryset, **changes)
+
+    with mock.patch.object(QuerySet, "update", update):
+        sending_pass._keep_claims()
+    wait_until(sending_pass.held_until)  # the extended claims lapse
+    [taken, *rest] = sending_pass.held
+    assert Message.objects.claim(taken, "another worker", until=timezone.now() + datetime.timedelta(minutes=10))
+
+    sending_pass._keep_claims()  # before the next message: extends what it still holds
+
+    assert not sending_pass._begin(taken), "the pass would send a message another worker holds"
+    assert sending_pass.held == rest and all(sending_pass._begin(pk) for pk in rest)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_claims_are_extended_after_the_machine_was_paused(settings):
+    """Claims lapse by the wall clock, which goes on while a virtual machine is paused and the monotonic clock
+    does not: after such a pause the next message extends the claims at once, and leaves the lapsed ones."""
+    settings.MAILER_CLAIM_TIMEOUT = 1
+    with mock.patch("time.monotonic", return_value=1000.0):  # a clock that stands still, as during a pause
+        sending_pass = a_pass_holding_claims_on(2)
+        wait_until(sending_pass.held_until)
+        [taken, kept] = sending_pass.held
+        assert Message.objects.claim(taken, "another worker", until=timezone.now() + datetime.timedelta(minutes=10))
+
+        sending_pass._keep_claims()
+
+    assert not sending_pass._begin(taken)
+    assert sending_pass._begin(kept)
 
 
 def read_claims(db):

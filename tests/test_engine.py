@@ -456,16 +456,16 @@ class TestSentButNotRecorded:
 
     def test_a_passing_database_error_is_retried(self):
         queue(1)
-        real_entry = MessageLog.objects.entry
+        real_row_for = MessageLog.objects.row_for
         calls = []
 
-        def flaky_entry(*args, **kwargs):
+        def flaky_row_for(*args, **kwargs):
             calls.append(args)
             if len(calls) == 1:
                 raise OperationalError("database is locked")
-            return real_entry(*args, **kwargs)
+            return real_row_for(*args, **kwargs)
 
-        with mock.patch.object(MessageLog.objects, "entry", side_effect=flaky_entry), mock.patch("time.sleep"):
+        with mock.patch.object(MessageLog.objects, "row_for", side_effect=flaky_row_for), mock.patch("time.sleep"):
             engine.send_all()
         assert len(mail.outbox) == 1
         assert Message.objects.count() == 0 and MessageLog.objects.get().result == RESULT_SUCCESS
@@ -476,7 +476,7 @@ class TestSentButNotRecorded:
         Sent messages are recorded two at a time: the first two go out, then neither can be recorded.
         """
         queue(3)
-        cannot_record = mock.patch.object(MessageLog.objects, "entry", side_effect=OperationalError("disk full"))
+        cannot_record = mock.patch.object(MessageLog.objects, "row_for", side_effect=OperationalError("disk full"))
         with cannot_record, mock.patch("time.sleep"), pytest.raises(engine.SentButNotRecorded, match="disk full"):
             engine.send_all()
 

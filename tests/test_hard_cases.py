@@ -4,10 +4,13 @@ rows SQLite cannot return, a sent message that can never be recorded, a 421 at R
 Each test asserts what must hold; all use the real SMTP test server.
 """
 
+import datetime
+
 import pytest
 from django.core.mail import EmailMessage
 from django.core.management import call_command
 from django.db import connection
+from django.utils import timezone
 
 import mailer
 from mailer import engine
@@ -76,7 +79,7 @@ def test_a_marked_message_that_can_never_be_recorded_stops_nothing_else(deliver_
 def test_a_marked_message_is_taken_by_one_worker_only_to_be_recorded():
     mailer.send_mail("Once", "Body", "from@example.com", ["a@example.com"])
     message = Message.objects.get()
-    Message.objects.claim(message.pk, "tok", until=engine._claim_expiry())
+    Message.objects.claim(message.pk, "tok", until=timezone.now() + datetime.timedelta(minutes=10))
     assert Message.objects.mark_sent(message.pk, "tok")
     # Two workers (two hosts, each with its own lock file) read the marked message at the same time.
     [a] = Message.objects.sent_but_not_recorded()
