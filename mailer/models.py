@@ -1020,20 +1020,20 @@ def _row_values(columns: tuple[_Column, ...], rows: Sequence[dict[str, Any]], co
     values = []
     for row in rows:
         for column in columns:
-            name = column.name
-            if name in row:
-                value = row[name]
-            elif name in defaults:
-                values.append(defaults[name])
+            if column.name not in row:
+                if column.name not in defaults:
+                    defaults[column.name] = _prepared(column, column.field.get_default(), connection)
+                values.append(defaults[column.name])
                 continue
-            else:
-                value = column.field.get_default()
-            if value is not None and type(value) is not column.as_is:
-                value = column.field.get_db_prep_save(value, connection)
-            if name not in row:
-                defaults[name] = value
-            values.append(value)
+            values.append(_prepared(column, row[column.name], connection))
     return values
+
+
+def _prepared(column: _Column, value: Any, connection: Any) -> Any:
+    """``value`` for ``column`` as the ORM would pass it to the database."""
+    if value is None or type(value) is column.as_is:
+        return value
+    return column.field.get_db_prep_save(value, connection)
 
 
 def insert_unless_listed(using: str, row: dict[str, Any], recipients: Sequence[str]) -> bool:
