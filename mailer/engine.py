@@ -76,7 +76,16 @@ from mailer.models import (
     cannot_hold,
     datetime_now,
 )
-from mailer.recording import RECORD_ASIDE_FROM, Recorder, drop_if_broken, mark_sent, record_sent, records_aside
+from mailer.recording import (
+    RECORD_ASIDE_FROM,
+    OverlappingRecorder,
+    Recorder,
+    drop_if_broken,
+    mark_sent,
+    record_sent,
+    recorder_for,
+    records_aside,
+)
 from mailer.redaction import keeps_message_data, loggable
 
 __all__ = [
@@ -486,9 +495,9 @@ class SendingPass:
         # Sent messages not recorded yet, with the notes for their log rows: at most unrecorded_at_most.
         self.unrecorded: list[tuple[Message, str]] = []
         self.unrecorded_at_most = unrecorded_at_most
-        # On a database server, what the pass sends is recorded on a thread of its own, once enough
+        # On a database server, what the pass sends is recorded on a connection of its own, once enough
         # messages wait to be sent (``RECORD_ASIDE_FROM``).
-        self.recorder: Recorder | None = None
+        self.recorder: Recorder | OverlappingRecorder | None = None
         self.records_aside: bool | None = None  # whether it does (None: not known yet)
         # Which process holds the claims, so that its claims can be given back if it is killed.
         self.token = f"{uuid.uuid4().hex}.{locking.process_name()}"
@@ -717,7 +726,7 @@ class SendingPass:
                 return
             until = datetime_now() + self.claim_timeout
             sent = [message.pk for message, _note in self.unrecorded]
-            if self.recorder is not None:  # the message being recorded on its thread
+            if self.recorder is not None:  # the message being recorded on its connection
                 sent += [message.pk for message in self.recorder.pending()]
             Message.objects.filter(pk__in=self.held + sent, claimed_by=self.token).update(claimed_until=until)
             # Claims that lapsed meanwhile may be another worker's now: leave them.
@@ -832,7 +841,7 @@ class SendingPass:
             self.records_aside = self.unrecorded_at_most >= 2 and records_aside(message._state.db or "default")
         if self.recorder is None and self.records_aside and len(self.held) >= RECORD_ASIDE_FROM:
             self._record_unrecorded()
-            self.recorder = Recorder()
+            self.recorder = recorder_for(message._state.db or "default")
         if self.recorder is not None:
             self.recorder.record(message, note)  # sent: recorded while the next one goes out
             return

@@ -652,6 +652,17 @@ class Message(models.Model):
         for message, note in outcomes:
             message._change_with_log_row(message.delete, result, note)
 
+    def recording_statement(self, result: str, log_message: str, connection: Any) -> tuple[str, list[Any]] | None:
+        """The one statement, and its parameters, that logs this message's outcome and takes it off the queue,
+        for ``connection`` (PostgreSQL's, outside a transaction) to run; None when the site listens to the
+        signals of these rows, as then the ORM must do it (``record``).
+        """
+        if _row_signals_heard():
+            return None
+        self._read_data_first()
+        row = MessageLog.objects.row_for(self, result, log_message)
+        return MessageLog.objects.log_and_delete_statement([row], [self.pk], connection)
+
     def _read_data_first(self) -> None:
         if "message_data" in self.get_deferred_fields():
             # Read it before the transaction, which must begin by writing: SQLite
@@ -1152,29 +1163,43 @@ class MessageLogManager(models.Manager["MessageLog"]):
 
         Without the ORM's compiling, which costs a drain more than the
         database does: the statements are written from the models' fields.
-        On PostgreSQL the DELETE rides along in the INSERT's ``WITH``: one
-        statement, atomic by itself, one round trip (a transaction would
-        add BEGIN and COMMIT). Elsewhere both run in one transaction. No
-        signals are sent (``Message.record_together`` decides when that is
-        fine).
+        On PostgreSQL, outside a transaction, one statement does both
+        (``log_and_delete_statement``): atomic by itself, one round trip (a
+        transaction would add BEGIN and COMMIT). Elsewhere both run in one
+        transaction. No signals are sent (``Message.record_together``
+        decides when that is fine).
         """
         connection = connections[self.db]
-        quote = connection.ops.quote_name
-        columns = _written_columns(self.model, rows)
-        insert = f"{_insert_into(self.model, columns, connection)} {_values_clause(columns, len(rows))}"
-        values = _row_values(columns, rows, connection)
-        messages = Message._meta
-        delete = (
-            f"DELETE FROM {quote(messages.db_table)} "  # noqa: S608
-            f"WHERE {quote(_column(Message, 'pk'))} IN ({', '.join(['%s'] * len(message_pks))})"
-        )
         if connection.vendor == "postgresql" and connection.get_autocommit():
             with connection.cursor() as cursor:
-                cursor.execute(f"WITH taken AS ({delete}) {insert}", [*message_pks, *values])
+                cursor.execute(*self.log_and_delete_statement(rows, message_pks, connection))
             return
+        insert, values, delete = self._log_and_delete_parts(rows, message_pks, connection)
         with transaction.atomic(using=self.db), connection.cursor() as cursor:
             cursor.execute(insert, values)
             cursor.execute(delete, list(message_pks))
+
+    def log_and_delete_statement(
+        self, rows: Sequence[dict[str, Any]], message_pks: Sequence[int], connection: Any
+    ) -> tuple[str, list[Any]]:
+        """The one PostgreSQL statement, and its parameters, that does what ``log_and_delete`` does: the
+        DELETE rides along in the INSERT's ``WITH``. ``connection`` (PostgreSQL's) runs it outside a transaction.
+        """
+        insert, values, delete = self._log_and_delete_parts(rows, message_pks, connection)
+        return f"WITH taken AS ({delete}) {insert}", [*message_pks, *values]
+
+    def _log_and_delete_parts(
+        self, rows: Sequence[dict[str, Any]], message_pks: Sequence[int], connection: Any
+    ) -> tuple[str, list[Any], str]:
+        """The INSERT of the log ``rows`` with its parameters, and the DELETE of ``message_pks`` (parameters: those)."""
+        quote = connection.ops.quote_name
+        columns = _written_columns(self.model, rows)
+        insert = f"{_insert_into(self.model, columns, connection)} {_values_clause(columns, len(rows))}"
+        delete = (
+            f"DELETE FROM {quote(Message._meta.db_table)} "  # noqa: S608
+            f"WHERE {quote(_column(Message, 'pk'))} IN ({', '.join(['%s'] * len(message_pks))})"
+        )
+        return insert, _row_values(columns, rows, connection), delete
 
     def log_without_copies(self, message: Message, result_code: str, log_message: str) -> "MessageLog":
         """Record an attempt with only what any column can hold: result, Message-ID, priority, the reason in ASCII."""

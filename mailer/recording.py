@@ -3,11 +3,13 @@
 A message that went out but is not recorded would be sent again by a later
 pass, so recording tries hard (``record_sent``), and what it cannot record
 it marks as sent (``mark_sent``). On a database server a record is mostly
-waiting, for the server to write it to disk; ``Recorder`` does that waiting
-on a thread of its own, while the pass sends the next message.
+waiting, for the server to write it to disk: ``recorder_for`` gives a pass
+a recorder that does that waiting while the pass sends the next message.
 """
 
+import contextlib
 import logging
+import select
 import threading
 import time
 from typing import Any
@@ -99,6 +101,19 @@ def mark_sent(message: Message) -> None:
         logger.error("message %s is marked as sent; a later pass will record it", message.message_id or message.pk)
 
 
+def recorder_for(using: str) -> "Recorder | OverlappingRecorder":
+    """A recorder for what a pass on the database ``using`` sends (``records_aside`` said it records aside)."""
+    if connections[using].vendor == "postgresql" and _psycopg3():
+        return OverlappingRecorder(using)
+    return Recorder()
+
+
+def _psycopg3() -> bool:
+    from django.db.backends.postgresql.psycopg_any import is_psycopg3
+
+    return bool(is_psycopg3)
+
+
 def records_aside(using: str) -> bool:
     """Whether a pass on the database ``using`` records what it sent on a ``Recorder``'s thread.
 
@@ -185,3 +200,126 @@ class Recorder:
                     self._changed.notify_all()
         finally:
             connections.close_all()
+
+
+class OverlappingRecorder:
+    """Records sent messages, one at a time, on a PostgreSQL connection of its own (psycopg 3), without a thread.
+
+    Each record is one statement (``Message.recording_statement``), handed
+    to the server and left to run: its commit overlaps the sending of the
+    next message, and its result is collected before the next record is
+    handed over, so that at most two messages are ever sent but not
+    recorded. ``Recorder``'s thread would do the same waiting, but handing
+    each message to a thread costs the pass more time than the record does.
+
+    The statements go to the server through libpq itself (psycopg's
+    ``pgconn``), written out as Django's cursor would write them: the
+    connection's execute wrappers and the ``DEBUG`` query log do not see
+    them. If anything goes wrong on this connection, the record is made
+    again on the pass's own connection (``record_sent``, which tries hard),
+    and so are the pass's later records.
+    """
+
+    def __init__(self, using: str) -> None:
+        from psycopg import ClientCursor
+
+        self._sent: tuple[Message, str] | None = None
+        self._database: Any = connections.create_connection(using)
+        try:
+            self._database.ensure_connection()
+            if not self._database.get_autocommit():
+                raise DatabaseError("the connection does not commit each statement (the AUTOCOMMIT setting)")
+        except DatabaseError as exc:
+            self._give_up(exc)
+            return
+        # Writes the statements out, parameters included, as Django's cursor does (client-side binding).
+        self._writer = ClientCursor(self._database.connection)
+
+    def record(self, message: Message, note: str) -> None:
+        """Have ``message``, just sent, recorded with ``note``, once the record before is done.
+
+        If that one could not be recorded at all, its error is raised here,
+        and ``message`` is marked as sent (as its own record would likely
+        fail too).
+        """
+        try:
+            self.wait()
+        except BaseException:
+            mark_sent(message)
+            raise
+        statement = None
+        if self._database is not None:
+            statement = message.recording_statement(RESULT_SUCCESS, note, self._database)
+        if statement is None:
+            record_sent([(message, note)])
+            return
+        try:
+            raw = self._database.connection
+            raw.pgconn.send_query(self._writer.mogrify(*statement).encode(raw.info.encoding))
+        except Exception as exc:
+            self._give_up(exc)
+            record_sent([(message, note)])
+            return
+        self._sent = (message, note)
+
+    def pending(self) -> list[Message]:
+        """The message handed over and not recorded yet, if any: its claim must be kept like the others'."""
+        return [self._sent[0]] if self._sent is not None else []
+
+    def wait(self) -> None:
+        """Wait until the message handed over last is recorded. If its record failed, make it on the pass's
+        connection; if that fails too, it is marked as sent and ``SentButNotRecorded`` raised.
+        """
+        if self._sent is None:
+            return
+        try:
+            self._collect()
+        except Exception as exc:
+            sent, self._sent = self._sent, None
+            self._give_up(exc)
+            if not _recorded_meanwhile(sent[0]):  # the session may have ended after the commit
+                record_sent([sent])
+            return
+        self._sent = None
+
+    def close(self) -> None:
+        """Wait for the last record, then close the connection."""
+        try:
+            self.wait()
+        finally:
+            if self._database is not None:
+                with contextlib.suppress(Exception):
+                    self._database.close()
+                self._database = None
+
+    def _collect(self) -> None:
+        """Wait for the result of the statement handed over last; raise ``DatabaseError`` if it failed."""
+        from psycopg.pq import ExecStatus
+
+        pgconn = self._database.connection.pgconn
+        pgconn.consume_input()
+        while pgconn.is_busy():
+            select.select([pgconn.socket], [], [])
+            pgconn.consume_input()
+        errors = []
+        while (result := pgconn.get_result()) is not None:
+            if result.status != ExecStatus.COMMAND_OK:
+                errors.append((result.error_message or pgconn.error_message).decode(errors="replace").strip())
+        if errors:
+            raise DatabaseError("; ".join(errors))
+
+    def _give_up(self, exc: Exception) -> None:
+        """Make this pass's records on its own connection from now on."""
+        logger.warning("recording on the sending connection from now on: %s", exc)
+        if self._database is not None:
+            with contextlib.suppress(Exception):
+                self._database.close()
+        self._database = None
+
+
+def _recorded_meanwhile(message: Message) -> bool:
+    """Whether ``message`` is off the queue (only its record takes it off); False when that cannot be told."""
+    try:
+        return not type(message)._default_manager.db_manager(message._state.db).filter(pk=message.pk).exists()
+    except DatabaseError:
+        return False

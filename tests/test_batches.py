@@ -22,7 +22,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 import mailer
-from mailer import engine
+from mailer import engine, recording
 from mailer.exceptions import ConfigurationError
 from mailer.models import RESULT_DONT_SEND, RESULT_SUCCESS, DontSendEntry, Message, MessageLog, datetime_now
 
@@ -66,16 +66,8 @@ def test_a_pass_records_two_messages_per_statement_and_claims_and_reads_per_batc
     assert len(deliver_to_smtp.received) == 90
 
 
-@pytest.mark.django_db(transaction=True)
-def test_outside_a_transaction_a_database_server_records_each_message_while_the_next_goes_out(deliver_to_smtp):
-    """On PostgreSQL and MariaDB the records are made on a connection of their own (a thread's), one message at
-    a time, so that their commits overlap the sending; the pass's own connection claims and reads per batch.
-    On PostgreSQL a record is one round trip: the DELETE rides in the INSERT's WITH, in autocommit.
-    """
-    if connection.vendor not in ("postgresql", "mysql"):
-        pytest.skip("a database server's")
-    queue(40)
-    run: list[tuple[str, str]] = []  # (thread, first word) of every statement, on any connection
+def statements_by_thread(run: list[tuple[str, str]], **patches) -> None:
+    """One pass of 40 messages, noting (thread, first word) of every statement Django runs, on any connection."""
 
     def note(execute, sql, params, many, context):
         run.append((threading.current_thread().name, sql.split(None, 1)[0].upper()))
@@ -93,14 +85,165 @@ def test_outside_a_transaction_a_database_server_records_each_message_while_the_
     finally:
         connection_created.disconnect(watch)
 
+
+# The records are made on the server as statements, with the session that made each (a trigger notes it).
+NOTE_RECORDING_SESSIONS = [
+    "CREATE TABLE recording_sessions (pid integer)",
+    """CREATE FUNCTION note_recording_session() RETURNS trigger AS $$ BEGIN
+           INSERT INTO recording_sessions VALUES (pg_backend_pid()); RETURN NULL;
+       END $$ LANGUAGE plpgsql""",
+    """CREATE TRIGGER note_recording_session AFTER INSERT ON mailer_messagelog
+       FOR EACH STATEMENT EXECUTE FUNCTION note_recording_session()""",
+]
+FORGET_RECORDING_SESSIONS = [
+    "DROP TRIGGER note_recording_session ON mailer_messagelog",
+    "DROP FUNCTION note_recording_session()",
+    "DROP TABLE recording_sessions",
+]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_outside_a_transaction_postgresql_records_each_message_in_one_statement_of_another_session(deliver_to_smtp):
+    """On PostgreSQL the records are made on a connection of their own, one statement per message (the DELETE
+    rides in the INSERT's WITH, in autocommit), sent while the next message goes out; the pass's own
+    connection claims and reads per batch. Those statements go through libpq, not Django's cursor.
+    """
+    if connection.vendor != "postgresql":
+        pytest.skip("PostgreSQL's")
+    queue(40)
+    with connection.cursor() as cursor:
+        for statement in NOTE_RECORDING_SESSIONS:
+            cursor.execute(statement)
+    run: list[tuple[str, str]] = []
+    try:
+        statements_by_thread(run)
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pid, COUNT(*) FROM recording_sessions GROUP BY pid")
+            sessions = dict(cursor.fetchall())
+    finally:
+        with connection.cursor() as cursor:
+            for statement in FORGET_RECORDING_SESSIONS:
+                cursor.execute(statement)
+
+    own_session = connection.connection.info.backend_pid
+    records_elsewhere = sum(n for pid, n in sessions.items() if pid != own_session)
+    assert records_elsewhere >= 30, sessions  # one statement each, on another session
+    own = Counter(word for _thread, word in run)
+    assert own["WITH"] == sessions.get(own_session, 0) <= 5, own  # the first few, two at a time
+    assert sum(n for word, n in own.items() if word != "WITH") <= 12, own  # claims, reads: per batch
+    assert {thread for thread, _word in run} == {threading.current_thread().name}  # no thread of its own
+    assert MessageLog.objects.filter(result=RESULT_SUCCESS).count() == 40 and not Message.objects.exists()
+    assert len(deliver_to_smtp.received) == 40
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_postgresql_recorder_has_one_record_at_a_time_in_flight():
+    """A record is handed over and left to run, but the next waits for it: at most two messages are ever sent
+    and not recorded (the one being recorded and the one just sent).
+    """
+    if connection.vendor != "postgresql" or not recording._psycopg3():
+        pytest.skip("PostgreSQL's, through psycopg 3")
+    queue(3)
+    first, second, third = Message.objects.order_by("pk")
+    recorder = recording.recorder_for("default")
+    assert isinstance(recorder, recording.OverlappingRecorder)
+    try:
+        recorder.record(first, "")
+        assert recorder.pending() == [first]
+        recorder.record(second, "")
+        assert not Message.objects.filter(pk=first.pk).exists()  # recorded before the second was handed over
+        assert recorder.pending() == [second]
+        recorder.record(third, "")
+    finally:
+        recorder.close()
+    assert recorder.pending() == [] and not Message.objects.exists()
+    assert sorted(MessageLog.objects.values_list("subject_copy", flat=True)) == ["Message 0", "Message 1", "Message 2"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_record_whose_reply_is_lost_after_its_commit_is_not_made_twice():
+    """The connection breaks after the server committed a record and before its reply arrived (a network
+    failure, simulated: a server ending a session first sends the replies it owes): the pass finds the
+    message off the queue and does not log it again; the next record is made on its own connection.
+    """
+    if connection.vendor != "postgresql" or not recording._psycopg3():
+        pytest.skip("PostgreSQL's, through psycopg 3")
+    queue(2)
+    first, second = Message.objects.order_by("pk")
+    collect = recording.OverlappingRecorder._collect
+
+    def commit_then_lose_the_reply(recorder):
+        collect(recorder)
+        raise OperationalError("server closed the connection unexpectedly")
+
+    recorder = recording.recorder_for("default")
+    with mock.patch.object(recording.OverlappingRecorder, "_collect", commit_then_lose_the_reply):
+        recorder.record(first, "")
+        recorder.record(second, "")
+        recorder.close()
+    assert sorted(MessageLog.objects.values_list("subject_copy", flat=True)) == ["Message 0", "Message 1"]
+    assert not Message.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_when_the_recorders_session_ends_the_pass_records_on_its_own_and_each_message_once(deliver_to_smtp, caplog):
+    """The server ends every session but the pass's while the 20th message arrives (as a restart would, for
+    a connection): the record in flight and the later ones are made on the pass's connection, each once.
+    """
+    if connection.vendor != "postgresql":
+        pytest.skip("PostgreSQL's")
+    queue(40)
+    connection.ensure_connection()
+    own_session = connection.connection.info.backend_pid
+
+    ended: list[bool] = []
+
+    def end_other_sessions() -> None:  # on a thread of its own, with a connection of its own
+        try:
+            with connections["default"].cursor() as cursor:
+                cursor.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND pid NOT IN (pg_backend_pid(), %s) AND backend_type = 'client backend'",
+                    [own_session],
+                )
+                ended.extend(done for (done,) in cursor.fetchall())
+        finally:
+            connections["default"].close()
+
+    def on_message(received):
+        if received.message["Subject"] == "Message 19":
+            thread = threading.Thread(target=end_other_sessions)
+            thread.start()
+            thread.join()
+
+    deliver_to_smtp.on_message(on_message)
+    with mock.patch("mailer.recording.time.sleep"):
+        assert one_pass()["sent"] == 40
+
+    assert ended and all(ended)  # the recorder's session
+    assert "recording on the sending connection from now on" in caplog.text
+    sent = [received.message["Subject"] for received in deliver_to_smtp.received]
+    assert sorted(sent) == sorted(f"Message {n}" for n in range(40))
+    logged = list(MessageLog.objects.values_list("subject_copy", flat=True))
+    assert sorted(logged) == sorted(sent) and not Message.objects.exists()  # one log row each
+
+
+@pytest.mark.django_db(transaction=True)
+def test_outside_a_transaction_mariadb_records_each_message_on_a_thread_while_the_next_goes_out(deliver_to_smtp):
+    """On MariaDB and MySQL the records are made on a thread's connection, one message at a time, so that
+    their commits overlap the sending; the pass's own connection claims and reads per batch.
+    """
+    if connection.vendor != "mysql":
+        pytest.skip("MariaDB's")
+    queue(40)
+    run: list[tuple[str, str]] = []
+    statements_by_thread(run)
+
     recorder = Counter(word for thread, word in run if thread == "mailer-recorder")
     own = Counter(word for thread, word in run if thread != "mailer-recorder")
-    if connection.vendor == "postgresql":
-        assert recorder["WITH"] >= 30 and recorder["INSERT"] == recorder["DELETE"] == 0, recorder
-    else:
-        assert recorder["INSERT"] == recorder["DELETE"] >= 30, recorder  # with BEGIN and COMMIT
+    assert recorder["INSERT"] == recorder["DELETE"] >= 30, recorder  # with BEGIN and COMMIT
     # The first few, sent before the pass knew how many it would send, are recorded two at a time on its own.
-    records = ("WITH", "INSERT", "DELETE", "BEGIN", "COMMIT")
+    records = ("INSERT", "DELETE", "BEGIN", "COMMIT")
     assert sum(n for word, n in own.items() if word not in records) <= 12, own  # claims, reads: per batch
     assert MessageLog.objects.filter(result=RESULT_SUCCESS).count() == 40 and not Message.objects.exists()
     assert len(deliver_to_smtp.received) == 40
