@@ -25,7 +25,7 @@ SUMMARY = re.compile(
 )
 PROGRESS = re.compile(
     r"^Progress: (?P<handled>\d+) handled, (?P<rate>[\d.]+) per second, (?P<left>\d+) left, "
-    r"about (?P<eta>\d+) seconds to go\.$"
+    r"about (?P<eta>\d+) (?P<unit>seconds?) to go\.$"
 )
 
 
@@ -186,6 +186,7 @@ def test_send_mail_at_verbosity_2_shows_progress_on_a_long_drain(site, smtp_serv
     handled = [int(p["handled"]) for p in progress]
     assert handled == sorted(handled) and all(0 < count < 8 for count in handled)
     assert all(int(p["handled"]) + int(p["left"]) <= 8 for p in progress)
+    assert all(p["unit"] == ("second" if p["eta"] == "1" else "seconds") for p in progress), progress
     # At most one a second (PROGRESS_INTERVAL), however the pass goes.
     assert len(progress) <= summary["seconds"]
     # Not at -v 1.
@@ -428,3 +429,26 @@ def test_verbosity_3_in_a_process_that_goes_on_leaves_the_log_levels_as_they_wer
     before = logging.getLogger("mailer").level
     call_command("send_mail", verbosity=3, stdout=io.StringIO(), stderr=io.StringIO())
     assert logging.getLogger("mailer").level == before
+
+
+@pytest.mark.parametrize(
+    ("language", "handled", "due", "seconds", "expected"),
+    [
+        ("en", 10, 20, 1.0, "about 1 second to go."),
+        ("en", 10, 30, 1.0, "about 2 seconds to go."),
+        ("de", 10, 20, 1.0, "noch etwa 1 Sekunde."),
+        ("de", 10, 30, 1.0, "noch etwa 2 Sekunden."),
+        ("fr", 10, 20, 1.0, "encore environ 1 seconde."),
+        ("fr", 10, 30, 1.0, "encore environ 2 secondes."),
+    ],
+)
+def test_the_time_left_of_a_progress_line_agrees_with_its_number(language, handled, due, seconds, expected):
+    from django.core.management.base import OutputWrapper
+    from django.utils import translation
+
+    from mailer.management.commands._output import PassReport
+
+    report = PassReport(OutputWrapper(io.StringIO()), OutputWrapper(io.StringIO()), 2)
+    report._due = due
+    with translation.override(language):
+        assert report._progress_line(handled, seconds).endswith(expected)

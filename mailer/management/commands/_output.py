@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import CommandError, OutputWrapper
 from django.db import DatabaseError
-from django.utils.translation import gettext
+from django.utils.translation import gettext, ngettext
 
 from mailer.exceptions import ConfigurationError, SentButNotRecorded
 from mailer.redaction import keeps_message_data, loggable
@@ -185,9 +185,12 @@ class PassReport(Observer):
             }
         # Messages queued during the pass are not counted: they may wait for the next.
         left = max(self._due - handled, 0)
-        return gettext(
-            "Progress: %(handled)d handled, %(rate).1f per second, %(left)d left, about %(eta)d seconds to go."
-        ) % {"handled": handled, "rate": rate, "left": left, "eta": round(left / rate)}
+        eta = round(left / rate)
+        return ngettext(
+            "Progress: %(handled)d handled, %(rate).1f per second, %(left)d left, about %(eta)d second to go.",
+            "Progress: %(handled)d handled, %(rate).1f per second, %(left)d left, about %(eta)d seconds to go.",
+            eta,
+        ) % {"handled": handled, "rate": rate, "left": left, "eta": eta}
 
     def server_unreachable(self, server: str, reason: str) -> None:
         self._err(
