@@ -638,7 +638,7 @@ class Message(models.Model):
         """
         for message, _note in outcomes:
             message._read_data_first()
-        if not _row_signals_heard():
+        if not row_signals_heard():
             using = outcomes[0][0]._state.db or router.db_for_write(cls)
             rows = [MessageLog.objects.row_for(message, result, note) for message, note in outcomes]
             try:
@@ -657,7 +657,7 @@ class Message(models.Model):
         for ``connection`` (PostgreSQL's, outside a transaction) to run; None when the site listens to the
         signals of these rows, as then the ORM must do it (``record``).
         """
-        if _row_signals_heard():
+        if row_signals_heard():
             return None
         self._read_data_first()
         row = MessageLog.objects.row_for(self, result, log_message)
@@ -1102,8 +1102,8 @@ def _saves_heard() -> bool:
     return models.signals.pre_save.has_listeners(Message) or models.signals.post_save.has_listeners(Message)
 
 
-def _row_signals_heard() -> bool:
-    """Whether the site listens to messages being deleted or log rows being saved (then the ORM must do it)."""
+def row_signals_heard() -> bool:
+    """Whether the site listens to messages being deleted or log rows being saved (then the ORM must record)."""
     return any(
         signal.has_listeners(sender)
         for signal, sender in (
@@ -1174,32 +1174,44 @@ class MessageLogManager(models.Manager["MessageLog"]):
             with connection.cursor() as cursor:
                 cursor.execute(*self.log_and_delete_statement(rows, message_pks, connection))
             return
-        insert, values, delete = self._log_and_delete_parts(rows, message_pks, connection)
+        columns = _written_columns(self.model, rows)
+        insert = f"{_insert_into(self.model, columns, connection)} {_values_clause(columns, len(rows))}"
         with transaction.atomic(using=self.db), connection.cursor() as cursor:
-            cursor.execute(insert, values)
-            cursor.execute(delete, list(message_pks))
+            cursor.execute(insert, _row_values(columns, rows, connection))
+            cursor.execute(self._delete(message_pks, connection), list(message_pks))
 
     def log_and_delete_statement(
         self, rows: Sequence[dict[str, Any]], message_pks: Sequence[int], connection: Any
     ) -> tuple[str, list[Any]]:
         """The one PostgreSQL statement, and its parameters, that does what ``log_and_delete`` does: the
         DELETE rides along in the INSERT's ``WITH``. ``connection`` (PostgreSQL's) runs it outside a transaction.
-        """
-        insert, values, delete = self._log_and_delete_parts(rows, message_pks, connection)
-        return f"WITH taken AS ({delete}) {insert}", [*message_pks, *values]
 
-    def _log_and_delete_parts(
-        self, rows: Sequence[dict[str, Any]], message_pks: Sequence[int], connection: Any
-    ) -> tuple[str, list[Any], str]:
-        """The INSERT of the log ``rows`` with its parameters, and the DELETE of ``message_pks`` (parameters: those)."""
+        Each log row is written only if the DELETE took its message (``rows``
+        and ``message_pks`` go together, in order): a record made again,
+        after the reply to one that was committed got lost, logs nothing twice.
+        """
         quote = connection.ops.quote_name
+        pk = quote(_column(Message, "pk"))
         columns = _written_columns(self.model, rows)
-        insert = f"{_insert_into(self.model, columns, connection)} {_values_clause(columns, len(rows))}"
-        delete = (
+        values = _row_values(columns, rows, connection)
+        # Only quoted names of the models are written in; the values are parameters.
+        row = f"SELECT {', '.join(['%s'] * len(columns))} FROM taken WHERE taken.{pk} = %s"  # noqa: S608
+        statement = (
+            f"WITH taken AS ({self._delete(message_pks, connection)} RETURNING {pk}) "
+            f"{_insert_into(self.model, columns, connection)} {' UNION ALL '.join([row] * len(rows))}"
+        )
+        params: list[Any] = list(message_pks)
+        for number, message_pk in enumerate(message_pks):
+            params += [*values[number * len(columns) : (number + 1) * len(columns)], message_pk]
+        return statement, params
+
+    def _delete(self, message_pks: Sequence[int], connection: Any) -> str:
+        """The DELETE of the messages ``message_pks`` (its parameters: those)."""
+        quote = connection.ops.quote_name
+        return (
             f"DELETE FROM {quote(Message._meta.db_table)} "  # noqa: S608
             f"WHERE {quote(_column(Message, 'pk'))} IN ({', '.join(['%s'] * len(message_pks))})"
         )
-        return insert, _row_values(columns, rows, connection), delete
 
     def log_without_copies(self, message: Message, result_code: str, log_message: str) -> "MessageLog":
         """Record an attempt with only what any column can hold: result, Message-ID, priority, the reason in ASCII."""

@@ -9,7 +9,7 @@ a recorder that does that waiting while the pass sends the next message.
 
 import contextlib
 import logging
-import select
+import selectors
 import threading
 import time
 from typing import Any
@@ -17,8 +17,13 @@ from typing import Any
 from django.db import DatabaseError, connections
 
 from mailer.exceptions import SentButNotRecorded
-from mailer.models import RESULT_SUCCESS, Message
+from mailer.models import RESULT_SUCCESS, Message, row_signals_heard
 from mailer.redaction import loggable
+
+try:
+    from psycopg import Error as PsycopgError
+except ImportError:  # without psycopg 3 there is no OverlappingRecorder
+    PsycopgError = DatabaseError  # type: ignore[assignment,misc]
 
 # Part of the engine's work, and logged as such: sites and the docs know the engine's logger.
 logger = logging.getLogger("mailer.engine")
@@ -30,7 +35,7 @@ RECORD_ATTEMPTS = 3
 # before MariaDB 10.2).
 TOGETHER_BYTES = 1024 * 1024
 
-# The databases whose commits are worth waiting for on another thread: servers, whose commit waits for a
+# The databases whose commits are worth waiting for on another connection: servers, whose commit waits for a
 # disk. SQLite's commit in WAL mode costs a fraction of a millisecond, and a second writer would only
 # wait for the first.
 RECORDED_ASIDE_ON = ("postgresql", "mysql")
@@ -102,8 +107,12 @@ def mark_sent(message: Message) -> None:
 
 
 def recorder_for(using: str) -> "Recorder | OverlappingRecorder":
-    """A recorder for what a pass on the database ``using`` sends (``records_aside`` said it records aside)."""
-    if connections[using].vendor == "postgresql" and _psycopg3():
+    """A recorder for what a pass on the database ``using`` sends (``records_aside`` said it records aside).
+
+    Where the site listens to the signals of the rows a record writes, the
+    ORM records (on ``Recorder``'s thread), so that its receivers run.
+    """
+    if connections[using].vendor == "postgresql" and _psycopg3() and not row_signals_heard():
         return OverlappingRecorder(using)
     return Recorder()
 
@@ -115,7 +124,7 @@ def _psycopg3() -> bool:
 
 
 def records_aside(using: str) -> bool:
-    """Whether a pass on the database ``using`` records what it sent on a ``Recorder``'s thread.
+    """Whether a pass on the database ``using`` records what it sent on a connection of its own (``recorder_for``).
 
     Only on a database server, and not inside a transaction: the
     recorder's connection would not see what the transaction holds.
@@ -217,7 +226,8 @@ class OverlappingRecorder:
     connection's execute wrappers and the ``DEBUG`` query log do not see
     them. If anything goes wrong on this connection, the record is made
     again on the pass's own connection (``record_sent``, which tries hard),
-    and so are the pass's later records.
+    and so are the pass's later records. Making it again is safe: the
+    statement logs only a message it takes off the queue.
     """
 
     def __init__(self, using: str) -> None:
@@ -229,7 +239,7 @@ class OverlappingRecorder:
             self._database.ensure_connection()
             if not self._database.get_autocommit():
                 raise DatabaseError("the connection does not commit each statement (the AUTOCOMMIT setting)")
-        except DatabaseError as exc:
+        except Exception as exc:
             self._give_up(exc)
             return
         # Writes the statements out, parameters included, as Django's cursor does (client-side binding).
@@ -247,20 +257,28 @@ class OverlappingRecorder:
         except BaseException:
             mark_sent(message)
             raise
-        statement = None
+        query = None
         if self._database is not None:
-            statement = message.recording_statement(RESULT_SUCCESS, note, self._database)
-        if statement is None:
+            with contextlib.suppress(Exception):  # its data, say: the ORM's way tells, below
+                query = self._query_for(message, note)
+        if query is None:
             record_sent([(message, note)])
             return
         try:
-            raw = self._database.connection
-            raw.pgconn.send_query(self._writer.mogrify(*statement).encode(raw.info.encoding))
-        except Exception as exc:
+            self._send(query)
+        except (DatabaseError, OSError, PsycopgError) as exc:
             self._give_up(exc)
             record_sent([(message, note)])
             return
         self._sent = (message, note)
+
+    def _query_for(self, message: Message, note: str) -> bytes | None:
+        """The record of ``message``, written out for the server; None if the ORM must make it (signals)."""
+        statement = message.recording_statement(RESULT_SUCCESS, note, self._database)
+        if statement is None:
+            return None
+        query: str = self._writer.mogrify(*statement)
+        return query.encode(self._database.connection.info.encoding)
 
     def pending(self) -> list[Message]:
         """The message handed over and not recorded yet, if any: its claim must be kept like the others'."""
@@ -274,11 +292,10 @@ class OverlappingRecorder:
             return
         try:
             self._collect()
-        except Exception as exc:
+        except (DatabaseError, OSError, PsycopgError) as exc:
             sent, self._sent = self._sent, None
             self._give_up(exc)
-            if not _recorded_meanwhile(sent[0]):  # the session may have ended after the commit
-                record_sent([sent])
+            record_sent([sent])
             return
         self._sent = None
 
@@ -292,6 +309,14 @@ class OverlappingRecorder:
                     self._database.close()
                 self._database = None
 
+    def _send(self, query: bytes) -> None:
+        """Hand ``query`` to the server, all of it: a large message's record outgrows the socket's buffers."""
+        pgconn = self._database.connection.pgconn
+        pgconn.send_query(query)
+        while pgconn.flush():  # psycopg's connections do not block: the rest waits for the socket
+            if self._wait_for(selectors.EVENT_READ | selectors.EVENT_WRITE) & selectors.EVENT_READ:
+                pgconn.consume_input()
+
     def _collect(self) -> None:
         """Wait for the result of the statement handed over last; raise ``DatabaseError`` if it failed."""
         from psycopg.pq import ExecStatus
@@ -299,7 +324,7 @@ class OverlappingRecorder:
         pgconn = self._database.connection.pgconn
         pgconn.consume_input()
         while pgconn.is_busy():
-            select.select([pgconn.socket], [], [])
+            self._wait_for(selectors.EVENT_READ)
             pgconn.consume_input()
         errors = []
         while (result := pgconn.get_result()) is not None:
@@ -308,18 +333,16 @@ class OverlappingRecorder:
         if errors:
             raise DatabaseError("; ".join(errors))
 
-    def _give_up(self, exc: Exception) -> None:
+    def _wait_for(self, events: int) -> int:
+        """Wait until the connection's socket is ready for ``events``; return those it is ready for."""
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._database.connection.pgconn.socket, events)
+            return sum(ready for _key, ready in selector.select())
+
+    def _give_up(self, exc: BaseException) -> None:
         """Make this pass's records on its own connection from now on."""
         logger.warning("recording on the sending connection from now on: %s", exc)
         if self._database is not None:
             with contextlib.suppress(Exception):
                 self._database.close()
         self._database = None
-
-
-def _recorded_meanwhile(message: Message) -> bool:
-    """Whether ``message`` is off the queue (only its record takes it off); False when that cannot be told."""
-    try:
-        return not type(message)._default_manager.db_manager(message._state.db).filter(pk=message.pk).exists()
-    except DatabaseError:
-        return False

@@ -18,6 +18,7 @@ from django.core.mail.backends.locmem import EmailBackend as LocmemBackend
 from django.core.management import CommandError, call_command
 from django.db import OperationalError, connection, connections
 from django.db.backends.signals import connection_created
+from django.db.models.signals import post_save
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
@@ -160,11 +161,28 @@ def test_the_postgresql_recorder_has_one_record_at_a_time_in_flight():
     assert sorted(MessageLog.objects.values_list("subject_copy", flat=True)) == ["Message 0", "Message 1", "Message 2"]
 
 
+def end_session(pid: int) -> None:
+    """End the database session ``pid`` from a connection of a thread's own, as a server restart would."""
+
+    def end() -> None:
+        try:
+            with connections["default"].cursor() as cursor:
+                cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
+        finally:
+            connections["default"].close()
+
+    thread = threading.Thread(target=end)
+    thread.start()
+    thread.join()
+
+
+@pytest.mark.parametrize("pass_connection", ["works", "broke too"])
 @pytest.mark.django_db(transaction=True)
-def test_a_record_whose_reply_is_lost_after_its_commit_is_not_made_twice():
+def test_a_record_whose_reply_is_lost_after_its_commit_is_not_made_twice(pass_connection):
     """The connection breaks after the server committed a record and before its reply arrived (a network
-    failure, simulated: a server ending a session first sends the replies it owes): the pass finds the
-    message off the queue and does not log it again; the next record is made on its own connection.
+    failure, simulated: a server ending a session first sends the replies it owes). The pass makes the record
+    again on its own connection (reconnecting if that broke too), which logs nothing twice: the statement logs
+    only a message it takes off the queue. The next record is made there too.
     """
     if connection.vendor != "postgresql" or not recording._psycopg3():
         pytest.skip("PostgreSQL's, through psycopg 3")
@@ -174,14 +192,70 @@ def test_a_record_whose_reply_is_lost_after_its_commit_is_not_made_twice():
 
     def commit_then_lose_the_reply(recorder):
         collect(recorder)
+        if pass_connection == "broke too":
+            end_session(connection.connection.info.backend_pid)
         raise OperationalError("server closed the connection unexpectedly")
 
     recorder = recording.recorder_for("default")
-    with mock.patch.object(recording.OverlappingRecorder, "_collect", commit_then_lose_the_reply):
+    with (
+        mock.patch.object(recording.OverlappingRecorder, "_collect", commit_then_lose_the_reply),
+        mock.patch("mailer.recording.time.sleep"),
+    ):
         recorder.record(first, "")
         recorder.record(second, "")
         recorder.close()
     assert sorted(MessageLog.objects.values_list("subject_copy", flat=True)) == ["Message 0", "Message 1"]
+    assert not Message.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_where_the_site_listens_to_log_rows_being_saved_the_orm_records_on_a_thread():
+    """Its receivers run for each record, while the next message goes out."""
+    if connection.vendor != "postgresql":
+        pytest.skip("PostgreSQL's")
+    queue(2)
+    saved: list[str] = []
+
+    def note(sender, instance, **kwargs):
+        saved.append(instance.subject_copy)
+
+    post_save.connect(note, sender=MessageLog)
+    try:
+        recorder = recording.recorder_for("default")
+        assert isinstance(recorder, recording.Recorder)
+        for message in Message.objects.order_by("pk"):
+            recorder.record(message, "")
+        recorder.close()
+    finally:
+        post_save.disconnect(note, sender=MessageLog)
+    assert saved == ["Message 0", "Message 1"] and not Message.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_record_of_a_message_larger_than_the_sockets_buffers_is_handed_over_whole():
+    """A 30 MB message (a 25 MB attachment, encoded): its record does not fit the socket's buffers at once."""
+    if connection.vendor != "postgresql" or not recording._psycopg3():
+        pytest.skip("PostgreSQL's, through psycopg 3")
+    mailer.send_mail("Large", "x" * 30_000_000, "from@example.com", ["to@example.com"])
+    queue(1)
+    large, small = Message.objects.order_by("pk")
+    done = threading.Event()
+
+    def record() -> None:  # on a thread, so that a hang fails the test rather than stopping the run
+        try:
+            recorder = recording.recorder_for("default")
+            recorder.record(large, "")
+            recorder.record(small, "")
+            recorder.close()
+            done.set()
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=record, daemon=True)
+    thread.start()
+    thread.join(timeout=120)
+    assert done.is_set(), "the record hangs"
+    assert sorted(MessageLog.objects.values_list("subject_copy", flat=True)) == ["Large", "Message 0"]
     assert not Message.objects.exists()
 
 
