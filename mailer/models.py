@@ -625,7 +625,7 @@ class Message(models.Model):
         type(self).record_together([(self, log_message)], result)
 
     @classmethod
-    def record_together(cls, outcomes: Sequence[tuple["Message", str]], result: str) -> None:
+    def record_together(cls, outcomes: Sequence[tuple["Message", str]], result: str, *, again: bool = False) -> None:
         """Log the outcome of several messages and take them off the queue, all in one transaction.
 
         This is what a drain does for every message it sends, so it is kept
@@ -635,6 +635,10 @@ class Message(models.Model):
         instead, so that its receivers run. If the log rows cannot hold the
         copies of one of them, each is recorded on its own, and the one that
         cannot is written without them.
+
+        ``again``: a record of these made before may have been committed (its
+        reply was lost); on PostgreSQL only the messages still queued are then
+        logged, so that none is logged twice (see ``log_and_delete_statement``).
         """
         for message, _note in outcomes:
             message._read_data_first()
@@ -643,7 +647,7 @@ class Message(models.Model):
             rows = [MessageLog.objects.row_for(message, result, note) for message, note in outcomes]
             try:
                 pks = [message.pk for message, _note in outcomes]
-                MessageLog.objects.db_manager(using).log_and_delete(rows, pks)
+                MessageLog.objects.db_manager(using).log_and_delete(rows, pks, again=again)
                 return
             except DatabaseError as exc:
                 if not cannot_hold(exc):
@@ -1158,7 +1162,9 @@ class MessageLogManager(models.Manager["MessageLog"]):
             "log_message": storable_text(loggable(log_message, message)) or "",
         }
 
-    def log_and_delete(self, rows: Sequence[dict[str, Any]], message_pks: Sequence[int]) -> None:
+    def log_and_delete(
+        self, rows: Sequence[dict[str, Any]], message_pks: Sequence[int], *, again: bool = False
+    ) -> None:
         """Insert the log ``rows`` (``row_for``) and delete the messages ``message_pks``, atomically.
 
         Without the ORM's compiling, which costs a drain more than the
@@ -1172,7 +1178,7 @@ class MessageLogManager(models.Manager["MessageLog"]):
         connection = connections[self.db]
         if connection.vendor == "postgresql" and connection.get_autocommit():
             with connection.cursor() as cursor:
-                cursor.execute(*self.log_and_delete_statement(rows, message_pks, connection))
+                cursor.execute(*self.log_and_delete_statement(rows, message_pks, connection, again=again))
             return
         columns = _written_columns(self.model, rows)
         insert = f"{_insert_into(self.model, columns, connection)} {_values_clause(columns, len(rows))}"
@@ -1181,25 +1187,29 @@ class MessageLogManager(models.Manager["MessageLog"]):
             cursor.execute(self._delete(message_pks, connection), list(message_pks))
 
     def log_and_delete_statement(
-        self, rows: Sequence[dict[str, Any]], message_pks: Sequence[int], connection: Any
+        self, rows: Sequence[dict[str, Any]], message_pks: Sequence[int], connection: Any, *, again: bool = False
     ) -> tuple[str, list[Any]]:
         """The one PostgreSQL statement, and its parameters, that does what ``log_and_delete`` does: the
         DELETE rides along in the INSERT's ``WITH``. ``connection`` (PostgreSQL's) runs it outside a transaction.
 
-        Each log row is written only if the DELETE took its message (``rows``
-        and ``message_pks`` go together, in order): a record made again,
-        after the reply to one that was committed got lost, logs nothing twice.
+        ``again``: the record is made again, as the reply to the first one
+        got lost, and that one may have been committed. Then each log row is
+        written only if the DELETE took its message (``rows`` and
+        ``message_pks`` go together, in order), so that none is logged twice.
+        Not the first time: a message that went out is logged even if it left
+        the queue meanwhile (deleted in the admin while it was being sent).
         """
         quote = connection.ops.quote_name
         pk = quote(_column(Message, "pk"))
         columns = _written_columns(self.model, rows)
         values = _row_values(columns, rows, connection)
+        insert = _insert_into(self.model, columns, connection)
+        delete = self._delete(message_pks, connection)
+        if not again:
+            return f"WITH taken AS ({delete}) {insert} {_values_clause(columns, len(rows))}", [*message_pks, *values]
         # Only quoted names of the models are written in; the values are parameters.
         row = f"SELECT {', '.join(['%s'] * len(columns))} FROM taken WHERE taken.{pk} = %s"  # noqa: S608
-        statement = (
-            f"WITH taken AS ({self._delete(message_pks, connection)} RETURNING {pk}) "
-            f"{_insert_into(self.model, columns, connection)} {' UNION ALL '.join([row] * len(rows))}"
-        )
+        statement = f"WITH taken AS ({delete} RETURNING {pk}) {insert} {' UNION ALL '.join([row] * len(rows))}"
         params: list[Any] = list(message_pks)
         for number, message_pk in enumerate(message_pks):
             params += [*values[number * len(columns) : (number + 1) * len(columns)], message_pk]

@@ -45,8 +45,11 @@ RECORDED_ASIDE_ON = ("postgresql", "mysql")
 RECORD_ASIDE_FROM = 10
 
 
-def record_sent(sent: list[tuple[Message, str]]) -> None:
+def record_sent(sent: list[tuple[Message, str]], *, again: bool = False) -> None:
     """Record delivered messages (each with the note for its log row), together, trying again briefly.
+
+    ``again``: a record of them may have been committed already, its reply lost
+    (``Message.record_together``). So may the one before each try here.
 
     A failure here risks sending them twice: if it still fails, each is
     marked as sent (``mark_sent``), so that no pass sends it again, and
@@ -56,13 +59,13 @@ def record_sent(sent: list[tuple[Message, str]]) -> None:
     for attempt in range(1, RECORD_ATTEMPTS + 1):
         try:
             if len(sent) > 1 and sum(len(message.message_data or "") for message, _note in sent) <= TOGETHER_BYTES:
-                Message.record_together(sent, RESULT_SUCCESS)
+                Message.record_together(sent, RESULT_SUCCESS, again=again or attempt > 1)
                 return
             # One by one: large messages together could exceed what one statement may carry (MariaDB's
             # max_allowed_packet).
             while sent:
                 message, note = sent[0]
-                message.record(RESULT_SUCCESS, note)
+                Message.record_together([(message, note)], RESULT_SUCCESS, again=again or attempt > 1)
                 sent.pop(0)
             return
         except DatabaseError as exc:
@@ -226,8 +229,8 @@ class OverlappingRecorder:
     connection's execute wrappers and the ``DEBUG`` query log do not see
     them. If anything goes wrong on this connection, the record is made
     again on the pass's own connection (``record_sent``, which tries hard),
-    and so are the pass's later records. Making it again is safe: the
-    statement logs only a message it takes off the queue.
+    and so are the pass's later records. Made again, it logs only a message
+    it takes off the queue: the first one may have been committed.
     """
 
     def __init__(self, using: str) -> None:
@@ -242,6 +245,9 @@ class OverlappingRecorder:
         except Exception as exc:
             self._give_up(exc)
             return
+        except BaseException:
+            self._close()
+            raise
         # Writes the statements out, parameters included, as Django's cursor does (client-side binding).
         self._writer = ClientCursor(self._database.connection)
 
@@ -259,8 +265,10 @@ class OverlappingRecorder:
             raise
         query = None
         if self._database is not None:
-            with contextlib.suppress(Exception):  # its data, say: the ORM's way tells, below
+            try:
                 query = self._query_for(message, note)
+            except (DatabaseError, PsycopgError, ValueError, TypeError) as exc:  # its data: the ORM's way tells
+                logger.warning("message %s is recorded on the sending connection: %s", message.pk, exc)
         if query is None:
             record_sent([(message, note)])
             return
@@ -268,7 +276,7 @@ class OverlappingRecorder:
             self._send(query)
         except (DatabaseError, OSError, PsycopgError) as exc:
             self._give_up(exc)
-            record_sent([(message, note)])
+            record_sent([(message, note)], again=True)  # it may have gone out whole
             return
         self._sent = (message, note)
 
@@ -295,7 +303,7 @@ class OverlappingRecorder:
         except (DatabaseError, OSError, PsycopgError) as exc:
             sent, self._sent = self._sent, None
             self._give_up(exc)
-            record_sent([sent])
+            record_sent([sent], again=True)
             return
         self._sent = None
 
@@ -304,10 +312,7 @@ class OverlappingRecorder:
         try:
             self.wait()
         finally:
-            if self._database is not None:
-                with contextlib.suppress(Exception):
-                    self._database.close()
-                self._database = None
+            self._close()
 
     def _send(self, query: bytes) -> None:
         """Hand ``query`` to the server, all of it: a large message's record outgrows the socket's buffers."""
@@ -342,7 +347,11 @@ class OverlappingRecorder:
     def _give_up(self, exc: BaseException) -> None:
         """Make this pass's records on its own connection from now on."""
         logger.warning("recording on the sending connection from now on: %s", exc)
+        self._close()
+
+    def _close(self) -> None:
         if self._database is not None:
-            with contextlib.suppress(Exception):
+            # A broken connection is let go all the same: Django forgets it, whatever closing it raised.
+            with contextlib.suppress(DatabaseError, PsycopgError, OSError):
                 self._database.close()
         self._database = None

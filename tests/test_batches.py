@@ -231,6 +231,32 @@ def test_where_the_site_listens_to_log_rows_being_saved_the_orm_records_on_a_thr
     assert saved == ["Message 0", "Message 1"] and not Message.objects.exists()
 
 
+class DeletingBackend(LocmemBackend):
+    """Sends each message; the one whose subject is ``deleted`` is deleted from the queue meanwhile."""
+
+    deleted = ""
+
+    def send_messages(self, messages):
+        for email in messages:
+            if email.subject == self.deleted:
+                Message.objects.filter(subject_copy=email.subject).delete()
+        return super().send_messages(messages)
+
+
+@pytest.mark.parametrize("deleted", ["Message 1", "Message 15"])  # recorded on the pass's connection; aside
+@pytest.mark.django_db(transaction=True)
+def test_a_message_deleted_from_the_queue_while_it_was_sent_is_still_logged(settings, deleted):
+    """Someone deletes it in the admin while the mail server takes it: it went out, so it has its log row."""
+    settings.MAILER_EMAIL_BACKEND = "tests.test_batches.DeletingBackend"
+    DeletingBackend.deleted = deleted
+    queue(20)
+
+    assert one_pass()["sent"] == 20
+
+    logged = sorted(MessageLog.objects.filter(result=RESULT_SUCCESS).values_list("subject_copy", flat=True))
+    assert logged == sorted(f"Message {n}" for n in range(20)) and not Message.objects.exists()
+
+
 @pytest.mark.django_db(transaction=True)
 def test_the_record_of_a_message_larger_than_the_sockets_buffers_is_handed_over_whole():
     """A 30 MB message (a 25 MB attachment, encoded): its record does not fit the socket's buffers at once."""
