@@ -21,9 +21,16 @@ from mailer.models import RESULT_SUCCESS, Message, row_signals_heard
 from mailer.redaction import loggable
 
 try:
-    from psycopg import Error as PsycopgError
+    import psycopg
+
+    PSYCOPG_ERRORS: tuple[type[Exception], ...] = (psycopg.Error,)
 except ImportError:  # without psycopg 3 there is no OverlappingRecorder
-    PsycopgError = DatabaseError  # type: ignore[assignment,misc]
+    PSYCOPG_ERRORS = ()
+
+# What a failing connection of an OverlappingRecorder raises: psycopg's own errors too, as libpq is called directly.
+CONNECTION_ERRORS: tuple[type[Exception], ...] = (DatabaseError, OSError, *PSYCOPG_ERRORS)
+# And what writing out one message's record can raise, for its data: the ORM's way tells more.
+DATA_ERRORS: tuple[type[Exception], ...] = (*CONNECTION_ERRORS, ValueError, TypeError)
 
 # Part of the engine's work, and logged as such: sites and the docs know the engine's logger.
 logger = logging.getLogger("mailer.engine")
@@ -267,14 +274,14 @@ class OverlappingRecorder:
         if self._database is not None:
             try:
                 query = self._query_for(message, note)
-            except (DatabaseError, PsycopgError, ValueError, TypeError) as exc:  # its data: the ORM's way tells
+            except DATA_ERRORS as exc:
                 logger.warning("message %s is recorded on the sending connection: %s", message.pk, exc)
         if query is None:
             record_sent([(message, note)])
             return
         try:
             self._send(query)
-        except (DatabaseError, OSError, PsycopgError) as exc:
+        except CONNECTION_ERRORS as exc:
             self._give_up(exc)
             record_sent([(message, note)], again=True)  # it may have gone out whole
             return
@@ -300,7 +307,7 @@ class OverlappingRecorder:
             return
         try:
             self._collect()
-        except (DatabaseError, OSError, PsycopgError) as exc:
+        except CONNECTION_ERRORS as exc:
             sent, self._sent = self._sent, None
             self._give_up(exc)
             record_sent([sent], again=True)
@@ -352,6 +359,6 @@ class OverlappingRecorder:
     def _close(self) -> None:
         if self._database is not None:
             # A broken connection is let go all the same: Django forgets it, whatever closing it raised.
-            with contextlib.suppress(DatabaseError, PsycopgError, OSError):
+            with contextlib.suppress(*CONNECTION_ERRORS):
                 self._database.close()
         self._database = None
