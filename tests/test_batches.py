@@ -15,6 +15,7 @@ from unittest import mock
 
 import pytest
 from django.core.mail.backends.locmem import EmailBackend as LocmemBackend
+from django.core.mail.backends.smtp import EmailBackend as SMTPBackend
 from django.core.management import CommandError, call_command
 from django.db import OperationalError, connection, connections
 from django.db.backends.signals import connection_created
@@ -26,6 +27,7 @@ import mailer
 from mailer import engine, recording
 from mailer.exceptions import ConfigurationError
 from mailer.models import RESULT_DONT_SEND, RESULT_SUCCESS, DontSendEntry, Message, MessageLog, datetime_now
+from tests.conftest import MAILERS_SUPPORTED
 
 
 def queue(count: int, start: int = 0) -> None:
@@ -161,19 +163,30 @@ def test_the_postgresql_recorder_has_one_record_at_a_time_in_flight():
     assert sorted(MessageLog.objects.values_list("subject_copy", flat=True)) == ["Message 0", "Message 1", "Message 2"]
 
 
-def end_session(pid: int) -> None:
-    """End the database session ``pid`` from a connection of a thread's own, as a server restart would."""
+def on_a_thread(work) -> None:
+    """Run ``work`` on a thread of its own, with a database connection of its own, and wait for it: beside the
+    pass's connection, or from the mail server's thread (asynchronous, where Django refuses database work).
+    """
 
-    def end() -> None:
+    def run() -> None:
         try:
-            with connections["default"].cursor() as cursor:
-                cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
+            work()
         finally:
             connections["default"].close()
 
-    thread = threading.Thread(target=end)
+    thread = threading.Thread(target=run)
     thread.start()
     thread.join()
+
+
+def end_session(pid: int) -> None:
+    """End the database session ``pid``, as a server restart would."""
+
+    def end() -> None:
+        with connections["default"].cursor() as cursor:
+            cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
+
+    on_a_thread(end)
 
 
 @pytest.mark.parametrize("pass_connection", ["works", "broke too"])
@@ -231,28 +244,35 @@ def test_where_the_site_listens_to_log_rows_being_saved_the_orm_records_on_a_thr
     assert saved == ["Message 0", "Message 1"] and not Message.objects.exists()
 
 
-class DeletingBackend(LocmemBackend):
-    """Sends each message; the one whose subject is ``deleted`` is deleted from the queue meanwhile."""
+class DeletingSMTPBackend(SMTPBackend):
+    """Django's SMTP backend; the message whose subject is ``deleted`` is deleted from the queue as it goes out."""
 
     deleted = ""
 
-    def send_messages(self, messages):
-        for email in messages:
+    def send_messages(self, email_messages):
+        for email in email_messages:
             if email.subject == self.deleted:
                 Message.objects.filter(subject_copy=email.subject).delete()
-        return super().send_messages(messages)
+        return super().send_messages(email_messages)
 
 
 @pytest.mark.parametrize("deleted", ["Message 1", "Message 15"])  # recorded on the pass's connection; aside
 @pytest.mark.django_db(transaction=True)
-def test_a_message_deleted_from_the_queue_while_it_was_sent_is_still_logged(settings, deleted):
+def test_a_message_deleted_from_the_queue_while_it_was_sent_is_still_logged(deliver_to_smtp, settings, deleted):
     """Someone deletes it in the admin while the mail server takes it: it went out, so it has its log row."""
-    settings.MAILER_EMAIL_BACKEND = "tests.test_batches.DeletingBackend"
-    DeletingBackend.deleted = deleted
+    backend = "tests.test_batches.DeletingSMTPBackend"
+    if MAILERS_SUPPORTED:
+        settings.MAILERS = {**settings.MAILERS, "smtp": {**settings.MAILERS["smtp"], "BACKEND": backend}}
+    else:
+        settings.MAILER_EMAIL_BACKEND = backend
+    DeletingSMTPBackend.deleted = deleted
     queue(20)
 
     assert one_pass()["sent"] == 20
 
+    assert sorted(received.message["Subject"] for received in deliver_to_smtp.received) == sorted(
+        f"Message {n}" for n in range(20)
+    )
     logged = sorted(MessageLog.objects.filter(result=RESULT_SUCCESS).values_list("subject_copy", flat=True))
     assert logged == sorted(f"Message {n}" for n in range(20)) and not Message.objects.exists()
 
@@ -298,23 +318,18 @@ def test_when_the_recorders_session_ends_the_pass_records_on_its_own_and_each_me
 
     ended: list[bool] = []
 
-    def end_other_sessions() -> None:  # on a thread of its own, with a connection of its own
-        try:
-            with connections["default"].cursor() as cursor:
-                cursor.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database()"
-                    " AND pid NOT IN (pg_backend_pid(), %s) AND backend_type = 'client backend'",
-                    [own_session],
-                )
-                ended.extend(done for (done,) in cursor.fetchall())
-        finally:
-            connections["default"].close()
+    def end_other_sessions() -> None:
+        with connections["default"].cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND pid NOT IN (pg_backend_pid(), %s) AND backend_type = 'client backend'",
+                [own_session],
+            )
+            ended.extend(done for (done,) in cursor.fetchall())
 
     def on_message(received):
         if received.message["Subject"] == "Message 19":
-            thread = threading.Thread(target=end_other_sessions)
-            thread.start()
-            thread.join()
+            on_a_thread(end_other_sessions)
 
     deliver_to_smtp.on_message(on_message)
     with mock.patch("mailer.recording.time.sleep"):
