@@ -10,7 +10,7 @@ import datetime
 import functools
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from django.core.exceptions import EmptyResultSet
 from django.core.mail import EmailMessage, EmailMultiAlternatives
@@ -486,8 +486,14 @@ class Message(models.Model):
             # The sending order: a pass claims the first due messages without sorting the queue.
             models.Index(fields=["priority", "when_added", "id"], name="mailer_message_sending_order"),
             # The messages a pass has just claimed (SQLite claims with one UPDATE, then reads them back),
-            # and those sent but not recorded (their claims run for a century).
-            models.Index(fields=["claimed_until"], name="mailer_message_claims"),
+            # and those sent but not recorded (their claims run for a century). Only claimed messages are
+            # in it, so queueing one writes no entry here (MariaDB and MySQL, which have no partial indexes,
+            # get it whole: see ``check``).
+            models.Index(
+                fields=["claimed_until"],
+                name="mailer_message_claims",
+                condition=models.Q(claimed_until__isnull=False),
+            ),
         ]
 
     def __str__(self) -> str:
@@ -519,6 +525,31 @@ class Message(models.Model):
             if update_fields is not None:
                 kwargs["update_fields"] = {*update_fields, *SEARCH_COLUMNS}
         super().save(*args, **kwargs)
+        if writes_data:
+            self._row_data_hash = hash(data)
+
+    @classmethod
+    def from_db(cls, db: str | None, field_names: Any, values: Any, **kwargs: Any) -> "Message":
+        """A message read from the queue, which knows the data its row holds (``row_holds_its_data``).
+
+        By a hash of it: a reference would keep a large message's data in
+        memory after the engine lets go of it.
+        """
+        message = super().from_db(db, field_names, values, **kwargs)
+        data = message.__dict__.get("message_data", _NOT_LOADED)
+        if data is not _NOT_LOADED:
+            message._row_data_hash = hash(data)
+        return message
+
+    @classmethod
+    def check(cls, **kwargs: Any) -> list[Any]:
+        """Django's checks, without its warning (models.W037) that MariaDB and MySQL have no partial indexes.
+
+        There the index of claims is made whole, which serves the same
+        queries at a little more cost: a warning on every ``migrate`` would
+        tell the site nothing it can act on.
+        """
+        return [problem for problem in super().check(**kwargs) if problem.id != "models.W037"]
 
     @classmethod
     def for_email(
@@ -656,23 +687,48 @@ class Message(models.Model):
         for message, note in outcomes:
             message._change_with_log_row(message.delete, result, note)
 
-    def recording_statement(self, result: str, log_message: str, connection: Any) -> tuple[str, list[Any]] | None:
-        """The one statement, and its parameters, that logs this message's outcome and takes it off the queue,
-        for ``connection`` (PostgreSQL's, outside a transaction) to run; None when the site listens to the
-        signals of these rows, as then the ORM must do it (``record``).
+    def recording_statement(self, result: str, log_message: str, connection: Any) -> "RecordingStatement | None":
+        """The one statement that logs this message's outcome and takes it off the queue, for ``connection``
+        (PostgreSQL's, outside a transaction) to run; None when the site listens to the signals of these
+        rows, as then the ORM must do it (``record``).
+
+        While its row holds what the message holds (``row_holds_its_data``),
+        the server copies the log row from the row it deletes: the message
+        is not sent back to it (``copy_and_delete_statement``).
         """
         if row_signals_heard():
             return None
+        if self.row_holds_its_data():
+            sql, params = MessageLog.objects.copy_and_delete_statement(self, result, log_message, connection)
+            return RecordingStatement(sql, params, from_queue_row=True)
         self._read_data_first()
         row = MessageLog.objects.row_for(self, result, log_message)
-        return MessageLog.objects.log_and_delete_statement([row], [self.pk], connection)
+        sql, params = MessageLog.objects.log_and_delete_statement([row], [self.pk], connection)
+        return RecordingStatement(sql, params, from_queue_row=False)
+
+    def row_holds_its_data(self) -> bool:
+        """Whether the message's row holds the data the message holds: the data it was read or saved with.
+
+        (Also when the message holds none, as the engine lets go of a large
+        message's data while it is sent: the row still holds it.)
+        """
+        known = getattr(self, "_row_data_hash", None)
+        if known is None:
+            return False
+        data = self.__dict__.get("message_data", _NOT_LOADED)
+        return data is _NOT_LOADED or hash(data) == known
 
     def _read_data_first(self) -> None:
         if "message_data" in self.get_deferred_fields():
             # Read it before the transaction, which must begin by writing: SQLite
             # cannot turn a reading transaction into a writing one while another
             # process writes ("database is locked").
-            self.refresh_from_db(fields=["message_data"])
+            try:
+                self.refresh_from_db(fields=["message_data"])
+            except Message.DoesNotExist:
+                # Its row is gone: deleted while the message was being sent, or taken off the queue by a
+                # record whose reply was lost. Logged, if at all, with its copies but without its data.
+                self.message_data = None  # type: ignore[assignment]  # the log row's NULL
 
     def _change_state(self, fields: list[str], reason: str | None) -> None:
         self.claimed_until = None
@@ -740,6 +796,18 @@ class Message(models.Model):
 
 
 _NOT_LOADED = object()
+
+# The statement of ``copy_and_delete_statement`` by the kind of database and whether message data is kept.
+_COPIES_AND_DELETES: dict[tuple[Any, bool], str] = {}
+
+
+class RecordingStatement(NamedTuple):
+    """The statement recording one sent message (``Message.recording_statement``), and its parameters."""
+
+    sql: str
+    params: list[Any]
+    # The log row is copied from the message's queue row: none is written if the row is gone.
+    from_queue_row: bool
 
 
 def _copy_of(email: EmailMessage) -> EmailMessage:
@@ -1214,6 +1282,45 @@ class MessageLogManager(models.Manager["MessageLog"]):
         for number, message_pk in enumerate(message_pks):
             params += [*values[number * len(columns) : (number + 1) * len(columns)], message_pk]
         return statement, params
+
+    def copy_and_delete_statement(
+        self, message: Message, result_code: str, log_message: str, connection: Any
+    ) -> tuple[str, list[Any]]:
+        """The one PostgreSQL statement, and its parameters, that logs ``message`` as ``log_and_delete_statement``
+        does, with the copies (data, subject, addresses) its queue row holds, and deletes that row.
+
+        For a message whose row holds its data (``Message.row_holds_its_data``): the server
+        copies them from the row it deletes, so the message is not written
+        out and sent back to it. The statement returns how many queue rows
+        it took: if none (the row was deleted while the message was being
+        sent), nothing is logged, and the caller logs it from what it holds.
+        """
+        quote = connection.ops.quote_name
+        keep_data = keeps_message_data()
+        key = (type(connection.ops), keep_data)
+        if key not in _COPIES_AND_DELETES:
+            copies = ["message_data", "subject_copy", "from_email", "recipients"] if keep_data else []
+            copied = ["when_added", *copies]
+            given = ["priority", "message_id", "result", "log_message", "when_attempted"]
+            names = ", ".join(quote(_column(self.model, name)) for name in [*copied, *given])
+            taken = ", ".join(f"taken.{quote(_column(Message, name))}" for name in copied)
+            # Names from the models, quoted; every value is a parameter. The statement's result is the
+            # number of queue rows it took (what the INSERT reports may be changed by triggers or rules).
+            _COPIES_AND_DELETES[key] = (
+                f"WITH taken AS ({self._delete([message.pk], connection)} RETURNING *), "  # noqa: S608
+                f"logged AS (INSERT INTO {quote(self.model._meta.db_table)} ({names}) "
+                f"SELECT {taken}, %s, %s, %s, %s, %s FROM taken) "
+                "SELECT COUNT(*) FROM taken"
+            )
+        note = log_message if keep_data or not log_message else loggable(log_message, message)
+        return _COPIES_AND_DELETES[key], [
+            message.pk,
+            message.priority,  # as it was sent: someone may defer the row meanwhile
+            storable_text(message.message_id or _message_id_of(message.email)),
+            result_code,
+            storable_text(note) or "",
+            datetime_now(),  # when_attempted: PostgreSQL takes the time as it is
+        ]
 
     def _delete(self, message_pks: Sequence[int], connection: Any) -> str:
         """The DELETE of the messages ``message_pks`` (its parameters: those)."""

@@ -9,6 +9,7 @@ a recorder that does that waiting while the pass sends the next message.
 
 import contextlib
 import logging
+import math
 import selectors
 import threading
 import time
@@ -65,7 +66,7 @@ def record_sent(sent: list[tuple[Message, str]], *, again: bool = False) -> None
     sent = list(sent)  # what is recorded is taken off it: only the rest is tried again, or marked
     for attempt in range(1, RECORD_ATTEMPTS + 1):
         try:
-            if len(sent) > 1 and sum(len(message.message_data or "") for message, _note in sent) <= TOGETHER_BYTES:
+            if len(sent) > 1 and _held_bytes(sent) <= TOGETHER_BYTES:
                 Message.record_together(sent, RESULT_SUCCESS, again=again or attempt > 1)
                 return
             # One by one: large messages together could exceed what one statement may carry (MariaDB's
@@ -90,6 +91,15 @@ def record_sent(sent: list[tuple[Message, str]], *, again: bool = False) -> None
             for message, _note in sent:
                 mark_sent(message)
             raise SentButNotRecorded(f"{type(exc).__name__}: {loggable(str(exc), sent[0][0])}") from exc
+
+
+def _held_bytes(sent: list[tuple[Message, str]]) -> float:
+    """The size of the data of the ``sent`` messages; infinite if one no longer holds its data (as the engine
+    lets go of a large message's): reading it again would cost a query, and its row may be gone.
+    """
+    if any("message_data" in message.get_deferred_fields() for message, _note in sent):
+        return math.inf
+    return sum(len(message.message_data or "") for message, _note in sent)
 
 
 def drop_if_broken(connection: Any) -> None:
@@ -243,7 +253,8 @@ class OverlappingRecorder:
     def __init__(self, using: str) -> None:
         from psycopg import ClientCursor
 
-        self._sent: tuple[Message, str] | None = None
+        # The message handed over last, its note, and whether its log row is copied from its queue row.
+        self._sent: tuple[Message, str, bool] | None = None
         self._database: Any = connections.create_connection(using)
         try:
             self._database.ensure_connection()
@@ -270,30 +281,24 @@ class OverlappingRecorder:
         except BaseException:
             mark_sent(message)
             raise
-        query = None
+        statement = None
         if self._database is not None:
             try:
-                query = self._query_for(message, note)
+                statement = message.recording_statement(RESULT_SUCCESS, note, self._database)
+                query = self._writer.mogrify(statement.sql, statement.params) if statement is not None else ""
             except DATA_ERRORS as exc:
                 logger.warning("message %s is recorded on the sending connection: %s", message.pk, exc)
-        if query is None:
+                statement = None
+        if statement is None:  # the ORM must make it (signals), or it could not be written out
             record_sent([(message, note)])
             return
         try:
-            self._send(query)
+            self._send(query.encode(self._database.connection.info.encoding))
         except CONNECTION_ERRORS as exc:
             self._give_up(exc)
             record_sent([(message, note)], again=True)  # it may have gone out whole
             return
-        self._sent = (message, note)
-
-    def _query_for(self, message: Message, note: str) -> bytes | None:
-        """The record of ``message``, written out for the server; None if the ORM must make it (signals)."""
-        statement = message.recording_statement(RESULT_SUCCESS, note, self._database)
-        if statement is None:
-            return None
-        query: str = self._writer.mogrify(*statement)
-        return query.encode(self._database.connection.info.encoding)
+        self._sent = (message, note, statement.from_queue_row)
 
     def pending(self) -> list[Message]:
         """The message handed over and not recorded yet, if any: its claim must be kept like the others'."""
@@ -305,14 +310,19 @@ class OverlappingRecorder:
         """
         if self._sent is None:
             return
+        message, note, from_queue_row = self._sent
         try:
-            self._collect()
+            taken = self._collect()
         except CONNECTION_ERRORS as exc:
-            sent, self._sent = self._sent, None
+            self._sent = None
             self._give_up(exc)
-            record_sent([sent], again=True)
+            record_sent([(message, note)], again=True)
             return
         self._sent = None
+        if from_queue_row and not taken:
+            # Its queue row was gone (deleted while it was being sent), and the log row with it: it went
+            # out all the same, so it is logged from what the pass holds.
+            record_sent([(message, note)])
 
     def close(self) -> None:
         """Wait for the last record, then close the connection."""
@@ -329,8 +339,12 @@ class OverlappingRecorder:
             if self._wait_for(selectors.EVENT_READ | selectors.EVENT_WRITE) & selectors.EVENT_READ:
                 pgconn.consume_input()
 
-    def _collect(self) -> None:
-        """Wait for the result of the statement handed over last; raise ``DatabaseError`` if it failed."""
+    def _collect(self) -> int | None:
+        """Wait for the result of the statement handed over last; return the number it returned, if any
+        (a copying record's: how many queue rows it took).
+
+        Raise ``DatabaseError`` if it failed.
+        """
         from psycopg.pq import ExecStatus
 
         pgconn = self._database.connection.pgconn
@@ -338,12 +352,15 @@ class OverlappingRecorder:
         while pgconn.is_busy():
             self._wait_for(selectors.EVENT_READ)
             pgconn.consume_input()
-        errors = []
+        errors, returned = [], None
         while (result := pgconn.get_result()) is not None:
-            if result.status != ExecStatus.COMMAND_OK:
+            if result.status == ExecStatus.TUPLES_OK:
+                returned = int(result.get_value(0, 0) or 0)
+            elif result.status != ExecStatus.COMMAND_OK:
                 errors.append((result.error_message or pgconn.error_message).decode(errors="replace").strip())
         if errors:
             raise DatabaseError("; ".join(errors))
+        return returned
 
     def _wait_for(self, events: int) -> int:
         """Wait until the connection's socket is ready for ``events``; return those it is ready for."""

@@ -14,6 +14,7 @@ from collections import Counter
 from unittest import mock
 
 import pytest
+from django.core.mail import EmailMessage
 from django.core.mail.backends.locmem import EmailBackend as LocmemBackend
 from django.core.mail.backends.smtp import EmailBackend as SMTPBackend
 from django.core.management import CommandError, call_command
@@ -26,7 +27,16 @@ from django.utils import timezone
 import mailer
 from mailer import engine, recording
 from mailer.exceptions import ConfigurationError
-from mailer.models import RESULT_DONT_SEND, RESULT_SUCCESS, DontSendEntry, Message, MessageLog, datetime_now
+from mailer.models import (
+    PRIORITY_MEDIUM,
+    RESULT_DONT_SEND,
+    RESULT_SUCCESS,
+    DontSendEntry,
+    Message,
+    MessageLog,
+    datetime_now,
+    email_to_db,
+)
 from tests.conftest import MAILERS_SUPPORTED
 
 
@@ -277,14 +287,197 @@ def test_a_message_deleted_from_the_queue_while_it_was_sent_is_still_logged(deli
     assert logged == sorted(f"Message {n}" for n in range(20)) and not Message.objects.exists()
 
 
+@pytest.fixture
+def handed_over(monkeypatch):
+    """The sizes of the statements PostgreSQL's recorder hands over (skips the test elsewhere)."""
+    if connection.vendor != "postgresql" or not recording._psycopg3():
+        pytest.skip("PostgreSQL's, through psycopg 3")
+    sizes: list[int] = []
+    send = recording.OverlappingRecorder._send
+
+    def spy(self, query: bytes) -> None:
+        sizes.append(len(query))
+        send(self, query)
+
+    monkeypatch.setattr(recording.OverlappingRecorder, "_send", spy)
+    return sizes
+
+
+COPIED = ("message_id", "message_data", "subject_copy", "from_email", "recipients", "priority", "when_added")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_postgresqls_recorder_copies_the_log_row_from_the_queue_row_rather_than_sending_the_message_back(
+    deliver_to_smtp, handed_over
+):
+    """The server holds the message already: a record names its row, however large the message."""
+    queue(20)
+    mailer.send_mail("Large", "x" * 2_000_000, "from@example.com", ["to@example.com"])
+    queued = set(Message.objects.values_list(*COPIED))
+
+    assert one_pass()["sent"] == 21
+
+    assert set(MessageLog.objects.values_list(*COPIED)) == queued
+    assert len(handed_over) >= 10 and max(handed_over) < 2_000, handed_over
+
+
+@pytest.mark.django_db(transaction=True)
+def test_postgresqls_recorder_copies_no_message_data_where_the_site_keeps_none(deliver_to_smtp, settings, handed_over):
+    settings.MAILER_EMAIL_LOG_MESSAGE_DATA = False
+    queue(20)
+    message_ids = set(Message.objects.values_list("message_id", flat=True))
+
+    assert one_pass()["sent"] == 20
+
+    assert len(handed_over) >= 10
+    copies = set(MessageLog.objects.values_list("message_data", "subject_copy", "from_email", "recipients"))
+    assert copies == {(None, None, None, None)}
+    assert set(MessageLog.objects.values_list("message_id", flat=True)) == message_ids
+
+
+@pytest.mark.django_db(transaction=True)
+def test_postgresqls_recorder_logs_a_message_the_backend_changed_as_it_left(deliver_to_smtp, settings, handed_over):
+    """Its queue row no longer holds what went out: the record carries the message as the backend left it."""
+    from tests.test_upstream_compat import StampingBackend, deliver_through
+
+    deliver_through(settings, f"{StampingBackend.__module__}.{StampingBackend.__qualname__}")
+    queue(20)
+
+    assert one_pass()["sent"] == 20
+
+    assert len(handed_over) >= 10
+    stamps = [log.email.extra_headers.get("X-Relay-Ticket") for log in MessageLog.objects.all()]
+    assert stamps == ["T-1"] * 20
+
+
+@pytest.mark.django_db(transaction=True)
+def test_postgresqls_recorder_logs_each_message_once_where_a_trigger_moves_log_rows_elsewhere(
+    deliver_to_smtp, handed_over
+):
+    """A log partitioned the old way: a trigger puts each row in a child table, and the INSERT reports none."""
+    statements = [
+        "CREATE TABLE mailer_messagelog_old_style_part () INHERITS (mailer_messagelog)",
+        "CREATE FUNCTION mailer_messagelog_to_part() RETURNS trigger AS $$ BEGIN "
+        "INSERT INTO mailer_messagelog_old_style_part VALUES (NEW.*); RETURN NULL; END $$ LANGUAGE plpgsql",
+        "CREATE TRIGGER mailer_messagelog_to_part BEFORE INSERT ON mailer_messagelog "
+        "FOR EACH ROW EXECUTE FUNCTION mailer_messagelog_to_part()",
+    ]
+    queue(20)
+    with connection.cursor() as cursor:
+        for statement in statements:
+            cursor.execute(statement)
+    try:
+        assert one_pass()["sent"] == 20
+        logged = sorted(MessageLog.objects.values_list("subject_copy", flat=True))
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("DROP TABLE mailer_messagelog_old_style_part")
+            cursor.execute("DROP TRIGGER mailer_messagelog_to_part ON mailer_messagelog")
+            cursor.execute("DROP FUNCTION mailer_messagelog_to_part()")
+    assert len(handed_over) >= 10
+    assert logged == sorted(f"Message {n}" for n in range(20))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_postgresqls_recorder_logs_the_priority_a_message_was_sent_with(deliver_to_smtp, settings, handed_over):
+    """Someone defers the message in the admin while the mail server takes it: it went out at its priority."""
+    backend = "tests.test_batches.DeferringSMTPBackend"
+    if MAILERS_SUPPORTED:
+        settings.MAILERS = {**settings.MAILERS, "smtp": {**settings.MAILERS["smtp"], "BACKEND": backend}}
+    else:
+        settings.MAILER_EMAIL_BACKEND = backend
+    queue(20)
+
+    assert one_pass()["sent"] == 20
+
+    assert len(handed_over) >= 10
+    assert set(MessageLog.objects.values_list("priority", flat=True)) == {PRIORITY_MEDIUM}
+
+
+class DeferringSMTPBackend(SMTPBackend):
+    """Django's SMTP backend; "Message 15" is deferred in the queue (as the admin's action does) as it goes out."""
+
+    def send_messages(self, email_messages):
+        for email in email_messages:
+            if email.subject == "Message 15":
+                Message.objects.get(subject_copy=email.subject).defer()
+        return super().send_messages(email_messages)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_postgresqls_recorder_logs_message_data_assigned_since_the_message_was_read():
+    if connection.vendor != "postgresql" or not recording._psycopg3():
+        pytest.skip("PostgreSQL's, through psycopg 3")
+    mailer.send_mail("Queued", "Body", "from@example.com", ["to@example.com"])
+    message = Message.objects.get()
+    message.message_data = email_to_db(EmailMessage("Changed", "Body", "f@example.com", ["t@example.com"]))
+
+    recorder = recording.recorder_for("default")
+    recorder.record(message, "")
+    recorder.close()
+
+    assert MessageLog.objects.get().email.subject == "Changed"
+
+
+@pytest.mark.parametrize("deleted", ["Large 1", "Large 15"])  # recorded on the pass's connection; aside
+@pytest.mark.django_db(transaction=True)
+def test_a_large_message_deleted_from_the_queue_while_it_was_sent_is_logged_without_its_data(
+    deliver_to_smtp, settings, deleted
+):
+    """The pass let go of its data while it was sent (it is large), and the row is gone: its copies are logged."""
+    backend = "tests.test_batches.DeletingSMTPBackend"
+    if MAILERS_SUPPORTED:
+        settings.MAILERS = {**settings.MAILERS, "smtp": {**settings.MAILERS["smtp"], "BACKEND": backend}}
+    else:
+        settings.MAILER_EMAIL_BACKEND = backend
+    DeletingSMTPBackend.deleted = deleted
+    for n in range(20):
+        body = "x" * 2_000_000 if f"Large {n}" == deleted else "Body"
+        mailer.send_mail(
+            f"Large {n}" if f"Large {n}" == deleted else f"Message {n}", body, "f@example.com", ["t@example.com"]
+        )
+
+    assert one_pass()["sent"] == 20
+
+    assert MessageLog.objects.count() == 20 and not Message.objects.exists()
+    log = MessageLog.objects.get(subject_copy=deleted)
+    assert (log.result, log.message_data, log.recipients) == (RESULT_SUCCESS, None, "t@example.com")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_lost_reply_to_the_record_of_a_large_message_ends_nothing(deliver_to_smtp, handed_over):
+    """The record of a message whose data the pass let go of commits, its reply is lost: it is logged once."""
+    queue(12)
+    mailer.send_mail("Large", "x" * 2_000_000, "from@example.com", ["to@example.com"])
+    queue(8, start=12)
+    collect = recording.OverlappingRecorder._collect
+
+    def lose_the_reply_to_the_large_ones(recorder):
+        taken = collect(recorder)
+        if recorder._sent[0].subject_copy == "Large":
+            raise OperationalError("server closed the connection unexpectedly")
+        return taken
+
+    with mock.patch.object(recording.OverlappingRecorder, "_collect", lose_the_reply_to_the_large_ones):
+        assert one_pass()["sent"] == 21
+
+    assert sorted(MessageLog.objects.values_list("subject_copy", flat=True)) == sorted(
+        ["Large", *(f"Message {n}" for n in range(20))]
+    )
+    assert not Message.objects.exists()
+
+
 @pytest.mark.django_db(transaction=True)
 def test_the_record_of_a_message_larger_than_the_sockets_buffers_is_handed_over_whole():
-    """A 30 MB message (a 25 MB attachment, encoded): its record does not fit the socket's buffers at once."""
+    """A 30 MB message (a 25 MB attachment, encoded) that the backend changed, so that its record carries it:
+    the record does not fit the socket's buffers at once.
+    """
     if connection.vendor != "postgresql" or not recording._psycopg3():
         pytest.skip("PostgreSQL's, through psycopg 3")
     mailer.send_mail("Large", "x" * 30_000_000, "from@example.com", ["to@example.com"])
     queue(1)
     large, small = Message.objects.order_by("pk")
+    large.email = large.email  # as the engine stores what a backend changed
     done = threading.Event()
 
     def record() -> None:  # on a thread, so that a hang fails the test rather than stopping the run
@@ -400,6 +593,44 @@ def test_the_claim_query_walks_the_sending_order_index_on_postgresql():
         plan = "\n".join(row[0] for row in cursor.fetchall())
     assert "mailer_message_sending_order" in plan, plan
     assert "Sort" not in plan, plan  # the index gives the order: the queue is not sorted to find 10
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_claims_index_holds_claimed_messages_only_and_serves_the_look_for_them():
+    """Queueing writes no entry in it (PostgreSQL, SQLite); the queries that find claims still use it."""
+    Message.objects.bulk_create(Message(message_data="{}") for _ in range(3000))
+    now = datetime_now()
+    claimed = Message.objects.order_by("pk")[:10].claim_batch("token", now + datetime.timedelta(minutes=5), 10)
+    assert len(claimed) == 10
+    claims = Message.objects.filter(claimed_until__gt=now)
+    looks = {"claims": claims, "sent but not recorded": Message.objects.sent_but_not_recorded()}
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute("SELECT indexdef FROM pg_indexes WHERE indexname = 'mailer_message_claims'")
+            [[definition]] = cursor.fetchall()
+            assert definition.endswith("WHERE (claimed_until IS NOT NULL)"), definition
+            cursor.execute("ANALYZE mailer_message")
+            cursor.execute("SET enable_seqscan = off")  # the plan a large queue gets: the index, if usable
+            explain = "EXPLAIN "
+        elif connection.vendor == "sqlite":
+            cursor.execute("SELECT sql FROM sqlite_master WHERE name = 'mailer_message_claims'")
+            [[definition]] = cursor.fetchall()
+            assert definition.endswith('WHERE "claimed_until" IS NOT NULL'), definition
+            explain = "EXPLAIN QUERY PLAN "
+        else:  # MariaDB and MySQL: no partial indexes, so the whole column is indexed
+            cursor.execute("SHOW INDEX FROM mailer_message WHERE Key_name = 'mailer_message_claims'")
+            assert len(cursor.fetchall()) == 1
+            explain = "EXPLAIN "
+        try:
+            for name, look in looks.items():
+                sql, params = look.query.sql_with_params()
+                cursor.execute(explain + sql, params)
+                plan = str(cursor.fetchall())
+                assert "mailer_message_claims" in plan, (name, plan)
+        finally:
+            if connection.vendor == "postgresql":
+                cursor.execute("RESET enable_seqscan")
+    assert claims.count() == 10
 
 
 @pytest.mark.django_db(transaction=True)

@@ -142,6 +142,7 @@ class TestMailers:
         mailers["default"]["OPTIONS"]["deliver_using"] = "stmp"  # ignored, and still misspelt
         assert ids(reported(settings, mailers, MAILER_EMAIL_BACKEND=LOCMEM)) == ["mailer.E002", "mailer.W001"]
 
+    @pytest.mark.django_db(databases="__all__")  # the model checks ask MariaDB and MySQL for their version
     def test_manage_py_check_fails_on_it(self, settings):
         """The check is registered with Django's framework when the app is ready."""
         del settings.MAILER_EMAIL_BACKEND
