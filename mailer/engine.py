@@ -1140,6 +1140,7 @@ def _read_email(message: Message) -> EmailMessage:
         message.save(update_fields=["message_data"])  # and the search columns, from it
         if len(message.message_data) > READ_BYTES:
             del message.__dict__["message_data"]  # held once, as the email
+            message.__dict__.pop("_columns_of", None)  # which names the text the search columns came from
     return email
 
 

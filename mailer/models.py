@@ -668,8 +668,8 @@ class Message(models.Model):
         cannot is written without them.
 
         ``again``: a record of these made before may have been committed (its
-        reply was lost); on PostgreSQL only the messages still queued are then
-        logged, so that none is logged twice (see ``log_and_delete_statement``).
+        reply was lost); only the messages still queued are then logged, so
+        that none is logged twice (see ``log_and_delete``).
         """
         for message, _note in outcomes:
             message._read_data_first()
@@ -698,7 +698,7 @@ class Message(models.Model):
         """
         if row_signals_heard():
             return None
-        if self.row_holds_its_data():
+        if self.message_id and self.row_holds_its_data():  # (no Message-ID to copy: it is read from the data)
             sql, params = MessageLog.objects.copy_and_delete_statement(self, result, log_message, connection)
             return RecordingStatement(sql, params, from_queue_row=True)
         self._read_data_first()
@@ -1241,18 +1241,31 @@ class MessageLogManager(models.Manager["MessageLog"]):
         (``log_and_delete_statement``): atomic by itself, one round trip (a
         transaction would add BEGIN and COMMIT). Elsewhere both run in one
         transaction. No signals are sent (``Message.record_together``
-        decides when that is fine).
+        decides when that is fine). ``again``: a record of these made before
+        may have been committed (its reply was lost), so only the messages
+        still queued are logged.
         """
         connection = connections[self.db]
         if connection.vendor == "postgresql" and connection.get_autocommit():
             with connection.cursor() as cursor:
                 cursor.execute(*self.log_and_delete_statement(rows, message_pks, connection, again=again))
             return
-        columns = _written_columns(self.model, rows)
-        insert = f"{_insert_into(self.model, columns, connection)} {_values_clause(columns, len(rows))}"
         with transaction.atomic(using=self.db), connection.cursor() as cursor:
-            cursor.execute(insert, _row_values(columns, rows, connection))
-            cursor.execute(self._delete(message_pks, connection), list(message_pks))
+            if again:
+                # A record of these made before may have been committed, its reply lost: only the messages
+                # this one takes off the queue are logged (each deleted on its own, to know which).
+                taken = []
+                for row, message_pk in zip(rows, message_pks, strict=True):
+                    cursor.execute(self._delete([message_pk], connection), [message_pk])
+                    if cursor.rowcount:
+                        taken.append(row)
+                rows, message_pks = taken, []
+            if rows:
+                columns = _written_columns(self.model, rows)
+                insert = f"{_insert_into(self.model, columns, connection)} {_values_clause(columns, len(rows))}"
+                cursor.execute(insert, _row_values(columns, rows, connection))
+            if message_pks:
+                cursor.execute(self._delete(message_pks, connection), list(message_pks))
 
     def log_and_delete_statement(
         self, rows: Sequence[dict[str, Any]], message_pks: Sequence[int], connection: Any, *, again: bool = False

@@ -15,6 +15,7 @@ import threading
 import time
 from typing import Any
 
+from django.core.exceptions import ObjectDoesNotExist
 from django.db import DatabaseError, connections
 
 from mailer.exceptions import SentButNotRecorded
@@ -30,8 +31,9 @@ except ImportError:  # without psycopg 3 there is no OverlappingRecorder
 
 # What a failing connection of an OverlappingRecorder raises: psycopg's own errors too, as libpq is called directly.
 CONNECTION_ERRORS: tuple[type[Exception], ...] = (DatabaseError, OSError, *PSYCOPG_ERRORS)
-# And what writing out one message's record can raise, for its data: the ORM's way tells more.
-DATA_ERRORS: tuple[type[Exception], ...] = (*CONNECTION_ERRORS, ValueError, TypeError)
+# And what writing out one message's record can raise, for its data, or as its row is gone (a large
+# message's data is read again): the ORM's way tells more, and copes.
+DATA_ERRORS: tuple[type[Exception], ...] = (*CONNECTION_ERRORS, ValueError, TypeError, ObjectDoesNotExist)
 
 # Part of the engine's work, and logged as such: sites and the docs know the engine's logger.
 logger = logging.getLogger("mailer.engine")

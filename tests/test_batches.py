@@ -34,6 +34,7 @@ from mailer.models import (
     DontSendEntry,
     Message,
     MessageLog,
+    MessageLogManager,
     datetime_now,
     email_to_db,
 )
@@ -465,6 +466,66 @@ def test_a_lost_reply_to_the_record_of_a_large_message_ends_nothing(deliver_to_s
         ["Large", *(f"Message {n}" for n in range(20))]
     )
     assert not Message.objects.exists()
+
+
+def queue_with_one_large(subject: str, at: int) -> None:
+    for n in range(20):
+        mailer.send_mail(
+            subject if n == at else f"Message {n}",
+            "x" * 2_000_000 if n == at else "Body",
+            "from@example.com",
+            ["to@example.com"],
+        )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_large_message_without_a_message_id_column_deleted_while_it_was_sent_is_logged(deliver_to_smtp, settings):
+    """Queued by django-mailer 2.3.2 during the upgrade (its Message-ID only in its data): recorded aside."""
+    backend = "tests.test_batches.DeletingSMTPBackend"
+    if MAILERS_SUPPORTED:
+        settings.MAILERS = {**settings.MAILERS, "smtp": {**settings.MAILERS["smtp"], "BACKEND": backend}}
+    else:
+        settings.MAILER_EMAIL_BACKEND = backend
+    DeletingSMTPBackend.deleted = "Large"
+    queue_with_one_large("Large", at=15)
+    Message.objects.update(message_id=None)
+
+    assert one_pass()["sent"] == 20
+
+    assert MessageLog.objects.filter(subject_copy="Large").count() == 1 and MessageLog.objects.count() == 20
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_record_made_again_after_its_reply_was_lost_logs_nothing_twice_on_every_database(deliver_to_smtp):
+    """The first record of two messages commits and its reply is lost: the pass makes it again, logging none."""
+    queue_with_one_large("Large", at=1)  # recorded with "Message 0", on the pass's connection
+    record = MessageLogManager.log_and_delete
+    lost: list[bool] = []
+
+    def commit_then_lose_the_reply(self, rows, message_pks, *, again=False):
+        record(self, rows, message_pks, again=again)
+        if not lost:
+            lost.append(again)
+            raise OperationalError("server closed the connection unexpectedly")
+
+    with mock.patch.object(MessageLogManager, "log_and_delete", commit_then_lose_the_reply):
+        assert one_pass()["sent"] == 20
+
+    assert lost == [False]
+    logged = Counter(MessageLog.objects.values_list("subject_copy", flat=True))
+    assert logged == Counter(["Large", *(f"Message {n}" for n in range(20) if n != 1)])
+
+
+@pytest.mark.django_db
+def test_reading_a_large_message_given_its_message_id_then_lets_go_of_its_data():
+    email = EmailMessage("Large", "x" * 2_000_000, "from@example.com", ["to@example.com"])
+    Message(message_data=email_to_db(email)).save()  # no Message-ID: the engine gives it one as it reads it
+    message = Message.objects.get()
+
+    engine._read_email(message)
+
+    assert "message_data" not in message.__dict__
+    assert not [name for name, value in vars(message).items() if isinstance(value, str) and len(value) > 1_000_000]
 
 
 @pytest.mark.django_db(transaction=True)
