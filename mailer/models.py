@@ -1325,13 +1325,12 @@ class MessageLogManager(models.Manager["MessageLog"]):
                 f"SELECT {taken}, %s, %s, %s, %s, %s FROM taken) "
                 "SELECT COUNT(*) FROM taken"
             )
-        note = log_message if keep_data or not log_message else loggable(log_message, message)
         return _COPIES_AND_DELETES[key], [
             message.pk,
             message.priority,  # as it was sent: someone may defer the row meanwhile
             storable_text(message.message_id or _message_id_of(message.email)),
             result_code,
-            storable_text(note) or "",
+            storable_text(loggable(log_message, message)) or "",
             datetime_now(),  # when_attempted: PostgreSQL takes the time as it is
         ]
 

@@ -105,6 +105,15 @@ def configure_smtp_delivery(settings, server) -> None:
         settings.EMAIL_TIMEOUT = 10
 
 
+def deliver_through(settings, backend_path: str) -> None:
+    """Make ``backend_path`` the delivering backend, in whichever configuration ``deliver_to_smtp`` made."""
+    mailers = getattr(settings, "MAILERS", None)
+    if mailers and "smtp" in mailers:
+        settings.MAILERS = {**mailers, "smtp": {**mailers["smtp"], "BACKEND": backend_path}}
+    else:
+        settings.MAILER_EMAIL_BACKEND = backend_path
+
+
 @pytest.fixture(autouse=True)
 def lock_path(settings, tmp_path):
     """Give each test its own lock file, so tests never contend for one."""

@@ -38,7 +38,7 @@ from mailer.models import (
     datetime_now,
     email_to_db,
 )
-from tests.conftest import MAILERS_SUPPORTED
+from tests.conftest import deliver_through
 
 
 def queue(count: int, start: int = 0) -> None:
@@ -271,11 +271,7 @@ class DeletingSMTPBackend(SMTPBackend):
 @pytest.mark.django_db(transaction=True)
 def test_a_message_deleted_from_the_queue_while_it_was_sent_is_still_logged(deliver_to_smtp, settings, deleted):
     """Someone deletes it in the admin while the mail server takes it: it went out, so it has its log row."""
-    backend = "tests.test_batches.DeletingSMTPBackend"
-    if MAILERS_SUPPORTED:
-        settings.MAILERS = {**settings.MAILERS, "smtp": {**settings.MAILERS["smtp"], "BACKEND": backend}}
-    else:
-        settings.MAILER_EMAIL_BACKEND = backend
+    deliver_through(settings, "tests.test_batches.DeletingSMTPBackend")
     DeletingSMTPBackend.deleted = deleted
     queue(20)
 
@@ -339,7 +335,7 @@ def test_postgresqls_recorder_copies_no_message_data_where_the_site_keeps_none(d
 @pytest.mark.django_db(transaction=True)
 def test_postgresqls_recorder_logs_a_message_the_backend_changed_as_it_left(deliver_to_smtp, settings, handed_over):
     """Its queue row no longer holds what went out: the record carries the message as the backend left it."""
-    from tests.test_upstream_compat import StampingBackend, deliver_through
+    from tests.test_upstream_compat import StampingBackend
 
     deliver_through(settings, f"{StampingBackend.__module__}.{StampingBackend.__qualname__}")
     queue(20)
@@ -382,11 +378,7 @@ def test_postgresqls_recorder_logs_each_message_once_where_a_trigger_moves_log_r
 @pytest.mark.django_db(transaction=True)
 def test_postgresqls_recorder_logs_the_priority_a_message_was_sent_with(deliver_to_smtp, settings, handed_over):
     """Someone defers the message in the admin while the mail server takes it: it went out at its priority."""
-    backend = "tests.test_batches.DeferringSMTPBackend"
-    if MAILERS_SUPPORTED:
-        settings.MAILERS = {**settings.MAILERS, "smtp": {**settings.MAILERS["smtp"], "BACKEND": backend}}
-    else:
-        settings.MAILER_EMAIL_BACKEND = backend
+    deliver_through(settings, "tests.test_batches.DeferringSMTPBackend")
     queue(20)
 
     assert one_pass()["sent"] == 20
@@ -426,11 +418,7 @@ def test_a_large_message_deleted_from_the_queue_while_it_was_sent_is_logged_with
     deliver_to_smtp, settings, deleted
 ):
     """The pass let go of its data while it was sent (it is large), and the row is gone: its copies are logged."""
-    backend = "tests.test_batches.DeletingSMTPBackend"
-    if MAILERS_SUPPORTED:
-        settings.MAILERS = {**settings.MAILERS, "smtp": {**settings.MAILERS["smtp"], "BACKEND": backend}}
-    else:
-        settings.MAILER_EMAIL_BACKEND = backend
+    deliver_through(settings, "tests.test_batches.DeletingSMTPBackend")
     DeletingSMTPBackend.deleted = deleted
     for n in range(20):
         body = "x" * 2_000_000 if f"Large {n}" == deleted else "Body"
@@ -481,11 +469,7 @@ def queue_with_one_large(subject: str, at: int) -> None:
 @pytest.mark.django_db(transaction=True)
 def test_a_large_message_without_a_message_id_column_deleted_while_it_was_sent_is_logged(deliver_to_smtp, settings):
     """Queued by django-mailer 2.3.2 during the upgrade (its Message-ID only in its data): recorded aside."""
-    backend = "tests.test_batches.DeletingSMTPBackend"
-    if MAILERS_SUPPORTED:
-        settings.MAILERS = {**settings.MAILERS, "smtp": {**settings.MAILERS["smtp"], "BACKEND": backend}}
-    else:
-        settings.MAILER_EMAIL_BACKEND = backend
+    deliver_through(settings, "tests.test_batches.DeletingSMTPBackend")
     DeletingSMTPBackend.deleted = "Large"
     queue_with_one_large("Large", at=15)
     Message.objects.update(message_id=None)

@@ -18,6 +18,7 @@ import mailer
 from mailer import engine
 from mailer.models import RESULT_FAILURE, RESULT_SUCCESS, Message, MessageLog, db_to_email, email_to_db
 from tests.alarms import time_limit
+from tests.conftest import deliver_through
 
 pytestmark = pytest.mark.django_db
 
@@ -31,15 +32,6 @@ class StampingBackend(SMTPBackend):
         for email in email_messages:
             email.extra_headers["X-Relay-Ticket"] = "T-1"
         return super().send_messages(email_messages)
-
-
-def deliver_through(settings, backend_path: str) -> None:
-    """Make ``backend_path`` the delivering backend, in whichever configuration ``deliver_to_smtp`` made."""
-    mailers = getattr(settings, "MAILERS", None)
-    if mailers and "smtp" in mailers:
-        settings.MAILERS = {**mailers, "smtp": {**mailers["smtp"], "BACKEND": backend_path}}
-    else:
-        settings.MAILER_EMAIL_BACKEND = backend_path
 
 
 def test_a_header_the_delivering_backend_adds_in_place_is_kept_in_the_log(settings, deliver_to_smtp):
