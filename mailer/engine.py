@@ -802,6 +802,11 @@ class SendingPass:
             if not self._use_route(route, message):
                 return Outcome("deferred")
             try:
+                if not email.recipients():
+                    # Queued so by django-mailer 2.x (its don't-send list dropped every recipient, or mail_admins
+                    # ran without ADMINS): nothing goes out, and the message is done, as it was there.
+                    message.record(RESULT_DONT_SEND, "the message has no recipients: nothing to send")
+                    return Outcome("dont_send")
                 if claimed.suppressed and claimed.suppressed == email.recipients():
                     message.record(RESULT_DONT_SEND, _dont_send_reason(claimed.suppressed))
                     return Outcome("dont_send")
@@ -1130,8 +1135,7 @@ def _read_email(message: Message) -> EmailMessage:
     del data
     if not isinstance(email, EmailMessage):
         raise UndecodableData(f"message data holds a {type(email).__name__}, not an email")
-    if not email.recipients():  # and the fields the engine relies on are usable
-        raise UndecodableData("the message has no recipients")
+    email.recipients()  # raises unless the fields the engine relies on are usable
     if get_message_id(email) is None:
         # Queued by django-mailer or by assigning Message.email: give it its
         # Message-ID now, and keep it, so every attempt carries the same one.

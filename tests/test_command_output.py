@@ -153,6 +153,18 @@ def test_send_mail_at_verbosity_2_names_each_message_and_why_it_failed(site, smt
     assert summaries(result.stdout)[0]["failed"] == 1
 
 
+def test_send_mail_at_verbosity_2_says_why_a_row_that_cannot_be_read_was_deferred(site, smtp_server):
+    """Such a row has no Message-ID to find its log row by."""
+    code = "from mailer.models import Message\nMessage.objects.create(message_data='not a message at all')\n"
+    assert site.run("shell", "-c", code).returncode == 0
+
+    result = site.run("send_mail", "-v", "2")
+
+    assert result.returncode == 0, result.stderr
+    [deferred] = [line for line in result.stdout.splitlines() if line.startswith("deferred: #")]
+    assert deferred.endswith("(message data is neither JSON nor a django-mailer pickle)"), deferred
+
+
 def test_send_mail_at_verbosity_2_keeps_addresses_and_subjects_out_when_the_site_says_so(site, smtp_server):
     """MAILER_EMAIL_LOG_MESSAGE_DATA = False: the per-message lines name messages by Message-ID only."""
     site.settings("MAILER_EMAIL_LOG_MESSAGE_DATA = False")

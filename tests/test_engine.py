@@ -1,7 +1,9 @@
 """A pass over the queue: claims, limits, the don't-send list at send time, patch points."""
 
+import base64
 import datetime
 import logging
+import pickle
 import smtplib
 import time
 from unittest import mock
@@ -11,6 +13,7 @@ import pytest
 from django.core import mail
 from django.core.mail import EmailMessage
 from django.core.mail.backends.locmem import EmailBackend as LocmemBackend
+from django.core.management import call_command
 from django.db import OperationalError
 from django.db.models.signals import post_delete, post_save
 from django.utils import timezone
@@ -198,6 +201,25 @@ class TestDontSendAtSendTime:
         log = MessageLog.objects.get()
         assert log.result == RESULT_DONT_SEND
         assert "blocked@example.com" in log.log_message
+
+    @pytest.mark.parametrize("stored_as", ["django-mailer 2.3.2's pickle", "JSON"])
+    def test_a_message_queued_without_recipients_is_logged_once_and_done(self, stored_as):
+        """django-mailer 2.3.2 queued these (its don't-send list dropped every recipient, or mail_admins ran
+        without ADMINS) and finished them without sending: after the switch they must not come back deferred
+        after every retry_deferred."""
+        email = EmailMessage("Nobody", "Body", "f@example.com", [])
+        data = base64.encodebytes(pickle.dumps(email)).decode("ascii") if stored_as != "JSON" else email_to_db(email)
+        Message.objects.create(message_data=data, priority=PRIORITY_HIGH)
+        queue(1)
+
+        assert engine.send_all() == {"sent": 1, "dont_send": 1}
+        call_command("retry_deferred")
+        assert engine.send_all() is not None
+
+        assert len(mail.outbox) == 1
+        assert Message.objects.count() == 0
+        [log] = MessageLog.objects.filter(subject_copy="Nobody")
+        assert (log.result, log.log_message) == (RESULT_DONT_SEND, "the message has no recipients: nothing to send")
 
 
 def test_undecodable_messages_are_kept_deferred_with_the_reason(caplog):

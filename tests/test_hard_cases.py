@@ -14,7 +14,7 @@ from django.utils import timezone
 
 import mailer
 from mailer import engine
-from mailer.models import PRIORITY_HIGH, PRIORITY_LOW, Message, MessageLog
+from mailer.models import PRIORITY_HIGH, PRIORITY_LOW, RESULT_DONT_SEND, Message, MessageLog
 
 pytestmark = pytest.mark.django_db
 
@@ -112,7 +112,7 @@ def test_a_row_with_an_impossible_date_is_set_aside():
     assert len(mail.outbox) == 1
 
 
-def test_a_message_without_recipients_is_set_aside_and_never_copied(deliver_to_smtp):
+def test_a_message_without_recipients_is_done_and_never_copied(deliver_to_smtp):
     deliver_to_smtp.reject_recipient("busy@example.com", "452 4.5.3 Too many recipients")
     mailer.send_mail(
         "First", "Body", "from@example.com", ["ok@example.com", "busy@example.com"], priority=PRIORITY_HIGH
@@ -126,6 +126,7 @@ def test_a_message_without_recipients_is_set_aside_and_never_copied(deliver_to_s
     engine.send_all()
     got = [(r.rcpt_tos, r.message["Subject"]) for r in deliver_to_smtp.received]
     assert (["busy@example.com"], "PRIVATE second") not in got
+    assert MessageLog.objects.get(subject_copy="PRIVATE second").result == RESULT_DONT_SEND
 
 
 @pytest.mark.parametrize("limit", [2, 1])

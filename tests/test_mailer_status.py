@@ -225,7 +225,7 @@ def test_the_report_for_people_gives_each_count_on_an_aligned_line():
     assert rows["Deferred"] == "3, of which 1 failed permanently"
     assert rows["Being sent"] == "1"
     assert rows["Sent, not recorded"] == "1"
-    assert re.fullmatch(r"1 hour, 30 minutes ago \(queued \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC\)", rows["Oldest due"])
+    assert re.fullmatch(r"1 hour, 30 minutes ago \(due since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC\)", rows["Oldest due"])
     assert rows["Last hour"] == "2 sent, 1 failed, 0 not sent (don't-send list)"
     assert rows["Last day"] == "3 sent, 2 failed, 1 not sent (don't-send list)"
     assert rows["Lock"] == "free"

@@ -245,14 +245,18 @@ def _message_line(pk: int, message: "Message | None", status: str) -> str:
 
 def _failure_reason(message: "Message | None") -> str | None:
     """Why the pass set ``message`` aside: the log row it wrote, as an operator reads it in the admin."""
-    if message is None or not message.message_id:
+    if message is None:
         return None
     from mailer.models import RESULT_FAILURE, MessageLog
 
+    rows = MessageLog.objects.filter(result=RESULT_FAILURE)
+    if message.message_id:
+        rows = rows.filter(message_id=message.message_id)
+    else:  # a row that could not be read has no Message-ID; its log row copies when it was queued
+        rows = rows.filter(message_id=None, when_added=message.when_added)
     try:
         reason = (
-            MessageLog.objects.filter(message_id=message.message_id, result=RESULT_FAILURE)
-            .order_by("-pk")
+            rows.order_by("-pk")
             .values_list("log_message", flat=True)
             .first()
         )

@@ -120,7 +120,7 @@ def _priorities(status: QueueStatus) -> dict[str, int]:
 def _oldest_due(status: QueueStatus) -> str:
     if status.oldest_due is None or status.oldest_due_age is None:
         return gettext("none")
-    return gettext("%(age)s ago (queued %(when)s)") % {
+    return gettext("%(age)s ago (due since %(when)s)") % {
         "when": _time(status.oldest_due),
         "age": _duration(status.oldest_due_age),
     }
