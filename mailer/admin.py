@@ -156,6 +156,8 @@ class StoredEmailDisplay:
         ]
 
     def _viewable_email(self, request: HttpRequest, object_id: str) -> Any:
+        if not self.has_view_permission(request):  # type: ignore[attr-defined]
+            raise PermissionDenied  # before the lookup, as Django's own views: which rows exist is not told
         instance = self.get_object(request, unquote(object_id))  # type: ignore[attr-defined]
         if instance is None:
             raise Http404
@@ -316,6 +318,15 @@ class MessageAdmin(StoredEmailDisplay, admin.ModelAdmin):
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # mail is queued by code, never typed in as data
+
+    def has_change_permission(self, request: HttpRequest, obj: Message | None = None) -> bool:
+        """The actions need the permission; a message's own page is read-only all the same.
+
+        Saving it would write back the row as read at the start of the
+        request: over a claim a sender made meanwhile, or, once the message
+        was sent and taken off the queue, as a new row, queued again.
+        """
+        return obj is None and super().has_change_permission(request)
 
     def has_dont_send_permission(self, request: HttpRequest) -> bool:
         opts = DontSendEntry._meta

@@ -1225,7 +1225,12 @@ def _row_unreadable(pk: int) -> bool:
 
 def _set_aside_unloadable(pk: int, exc: Exception) -> None:
     """Defer a row that cannot be read, with a log row that copies nothing of it (nothing can be read)."""
-    reason = storable_text(f"the row cannot be read from the database: {type(exc).__name__}: {exc}") or ""
+    detail = str(exc)
+    if not keeps_message_data():
+        # SQLite quotes the text it could not decode ("... column 'recipients' with text '...'"): an address,
+        # a subject.
+        detail = detail.split(" with text '", 1)[0]
+    reason = storable_text(f"the row cannot be read from the database: {type(exc).__name__}: {detail}") or ""
     logger.warning("message %s deferred: %s", pk, reason)
     with transaction.atomic(using=Message.objects.db):
         Message.objects.filter(pk=pk).update(priority=PRIORITY_DEFERRED, claimed_until=None)

@@ -8,6 +8,7 @@ field or a wrong count fails.
 
 from datetime import timedelta
 from html.parser import HTMLParser
+from unittest import mock
 
 import pytest
 from django.core.mail import EmailMessage
@@ -466,12 +467,27 @@ def test_the_stored_data_cannot_be_edited_in_the_admin(admin_client):
         follow=True,
     )
 
-    assert response.status_code == 200
+    assert response.status_code == 403
     message.refresh_from_db()
     assert message.priority == PRIORITY_MEDIUM
     assert message.message_data == stored
     assert (message.subject_copy, message.recipients) == ("Original", "a@example.com")
     assert "message_data" not in change_page(admin_client, "message", message.pk)
+
+
+def test_a_message_page_saves_nothing(admin_client):
+    """The page is read-only, and a POST to it is refused rather than saved: a save would write back the row as
+    read when the request began, over a claim made meanwhile, or as a new row if the message was sent (and taken
+    off the queue) meanwhile: queued again."""
+    message = queue("Queued", ["a@example.com"])
+    page = reverse("admin:mailer_message_change", args=[message.pk])
+    assert b'name="_save"' not in admin_client.get(page).content
+
+    with mock.patch.object(Message, "save", autospec=True, side_effect=Message.save) as save:
+        response = admin_client.post(page, {"_save": "Save"})
+
+    assert response.status_code == 403
+    assert save.call_count == 0
 
 
 def test_messages_cannot_be_added_and_the_log_cannot_be_added_to_or_changed(admin_client):
@@ -805,6 +821,10 @@ def test_previews_and_downloads_need_the_view_permission(client):
         response = outsider.get(url)
         assert response.status_code == 403, url
         assert b"secret" not in response.content and b"Hello" not in response.content
+    # Nor which rows exist: a row that is not there gets the same answer.
+    for name in ("message", "messagelog"):
+        for view in ("html", "attachment"):
+            assert outsider.get(reverse(f"admin:mailer_{name}_{view}", args=[10_000, 0])).status_code == 403
 
 
 def test_the_message_page_links_to_its_log_rows(admin_client):

@@ -334,6 +334,26 @@ def test_a_poison_row_first_in_the_queue_stops_nothing_behind_it(case, log_data,
 
 
 @pytest.mark.django_db(transaction=True)
+@SQLITE_ONLY
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("column", ["recipients", "subject"])
+def test_a_row_that_cannot_be_read_leaks_none_of_its_text_when_the_site_keeps_message_data_out(
+    column, settings, deliver_to_smtp, caplog
+):
+    """SQLite's error quotes the text it could not decode: with message data kept out of the log, so is it."""
+    settings.MAILER_EMAIL_LOG_MESSAGE_DATA = False
+    store_first(json_row_with()(), f"{column} = CAST(X'626F6240736563726574FF' AS TEXT)")  # 'bob@secret' + bad byte
+
+    with caplog.at_level("WARNING", logger="mailer"):
+        assert engine.send_all() == {"deferred": 1}
+
+    [log] = MessageLog.objects.all()
+    assert log.log_message.startswith("the row cannot be read from the database: OperationalError:")
+    assert f"column '{column}'" in log.log_message  # which column, for whoever repairs it
+    assert "secret" not in log.log_message
+    assert "secret" not in caplog.text
+
+
 def test_a_legacy_header_object_is_read_as_its_text_and_delivered_first(deliver_to_smtp):
     """2.x stopped on a pickled ``email.header.Header`` header value; mailer reads it as its text and sends it."""
     store_first(legacy_row_with(header_object)())
