@@ -23,6 +23,7 @@ from django.utils.functional import Promise
 
 from mailer.exceptions import InvalidAddress, InvalidHeader
 from mailer.legacy import is_header_value
+from mailer.mime import MAX_ADDRESS_LENGTH, addresses_problem, header_problem
 from mailer.redaction import address_of
 
 ENVELOPE_FIELDS = ("to", "cc", "bcc")
@@ -51,6 +52,9 @@ PLAIN_ADDRESS = re.compile(rf"({_ADDR_SPEC})|{_DISPLAY_NAME} <({_ADDR_SPEC})>")
 # the rest away. In a header value, each is a line break.
 LINE_BREAKS = frozenset("\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
 
+# RFC 5322 allows no NUL in a message; software written in C ends a header at it.
+NUL = "\x00"
+
 
 def check_addresses(email: EmailMessage) -> None:
     """Raise InvalidAddress, naming the field, unless every address of ``email`` can be delivered.
@@ -60,6 +64,9 @@ def check_addresses(email: EmailMessage) -> None:
     break (a group, or several addresses in one entry, are fine there).
     The extra headers are checked too (``check_headers``: InvalidHeader).
     """
+    problem = addresses_problem(email)  # first: parsing an address takes time that grows with its square
+    if problem is not None:
+        raise InvalidAddress(problem)
     check_address(email.from_email, "from_email")
     for field in ENVELOPE_FIELDS:
         for index, address in enumerate(map(_resolved, _as_list(getattr(email, field), field))):
@@ -72,6 +79,8 @@ def check_addresses(email: EmailMessage) -> None:
             raise InvalidAddress(f"reply_to[{index}] is {address!r}, not an email address")
         if "\r" in address or "\n" in address:
             raise InvalidAddress(f"reply_to[{index}] contains a line break: {address!r}")
+        if NUL in address:
+            raise InvalidAddress(f"reply_to[{index}] contains a NUL character: {address!r}")
     check_headers(email)
 
 
@@ -89,6 +98,8 @@ def check_address(address: Any, where: str) -> None:
         raise InvalidAddress(f"{where} is {address!r}, not an email address")
     if "\r" in address or "\n" in address:
         raise InvalidAddress(f"{where} contains a line break: {address!r}")
+    if len(address) > MAX_ADDRESS_LENGTH:
+        raise InvalidAddress(f"{where} is longer than {MAX_ADDRESS_LENGTH} characters: {reprlib.repr(address)}")
     try:
         parsed = AddressHeader.value_parser(address)
         # The parser leaves them None (typeshed says str) for "<>", "a@b@c", "a@x..y".
@@ -143,7 +154,8 @@ def _as_list(value: Any, field: str) -> Iterable[Any]:
 
 
 def check_headers(email: EmailMessage) -> None:
-    """Raise InvalidHeader, naming the header, unless every extra header of ``email`` can be sent as given.
+    """Raise InvalidHeader, naming the header, unless every extra header of ``email`` (and its subject and
+    attachment names, for a NUL) can be sent as given.
 
     Without this, a bad name would be queued and sent (a header injection on
     Django 5.2, a garbled header on 6.1), and a bad value would fail here
@@ -153,6 +165,13 @@ def check_headers(email: EmailMessage) -> None:
     for name, value in _header_items(email):
         check_header_name(name)
         check_header_value(name, value)
+    # NUL is no line break, and Django writes it out; mail software written in C reads a header only up to it.
+    if isinstance(email.subject, str) and NUL in email.subject:
+        raise InvalidHeader(f"the subject contains a NUL character: {reprlib.repr(email.subject)}")
+    for attachment in email.attachments:
+        filename = attachment[0] if isinstance(attachment, tuple) and attachment else None
+        if isinstance(filename, str) and NUL in filename:
+            raise InvalidHeader(f"an attachment's file name contains a NUL character: {reprlib.repr(filename)}")
 
 
 def check_header_name(name: Any) -> None:
@@ -176,6 +195,9 @@ def check_header_value(name: str, value: Any) -> None:
     """
     if isinstance(value, Promise):
         value = str(value)  # the queue stores a lazy string resolved, so check what it stores
+    problem = header_problem(name, value)
+    if problem is not None:
+        raise InvalidHeader(problem)
     if not is_header_value(value):
         raise InvalidHeader(
             f"header {name!r} has the value {reprlib.repr(value)} ({type(value).__name__}), which cannot be queued: "
@@ -190,6 +212,8 @@ def check_header_value(name: str, value: Any) -> None:
 def _check_header_text(name: str, value: str) -> None:
     if not LINE_BREAKS.isdisjoint(value):
         raise InvalidHeader(f"header {name!r} contains a line break: {reprlib.repr(value)}")
+    if NUL in value:
+        raise InvalidHeader(f"header {name!r} contains a NUL character: {reprlib.repr(value)}")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:

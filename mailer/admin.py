@@ -12,7 +12,7 @@ not what was selected.
 
 import logging
 from collections.abc import Iterator
-from email.mime.base import MIMEBase
+from email.message import Message as MIMEMessage
 from typing import Any
 
 from django.contrib import admin, messages
@@ -220,13 +220,24 @@ def _html_parts(email: Any) -> list[str]:
 def _attachments(email: EmailMessage) -> Iterator[tuple[str, bytes]]:
     """Each attachment's file name (as the message gives it) and content, in bytes."""
     for attachment in email.attachments:
-        if isinstance(attachment, MIMEBase):
+        if isinstance(attachment, MIMEMessage):  # a MIMEBase, or Django 6.1's MIMEPart
             payload = attachment.get_payload(decode=True)
             content = payload if isinstance(payload, bytes) else attachment.as_bytes()
             yield attachment.get_filename() or "", content
         else:
             filename, content, _mimetype = attachment
-            yield filename or "", content.encode("utf-8") if isinstance(content, str) else bytes(content or b"")
+            yield filename or "", _bytes_of(content)
+
+
+def _bytes_of(content: Any) -> bytes:
+    """The content of a (filename, content, mimetype) attachment as the file it is: text, bytes, a message."""
+    if isinstance(content, str):
+        return content.encode("utf-8")
+    if isinstance(content, EmailMessage):  # a message/rfc822 attachment given as an email
+        return bytes(content.message().as_bytes())
+    if isinstance(content, MIMEMessage):
+        return content.as_bytes()
+    return bytes(content or b"")
 
 
 def _safe_filename(name: str, index: int) -> str:

@@ -39,7 +39,7 @@ from mailer import conf, legacy
 from mailer.compat import detach_connection
 from mailer.exceptions import UndecodableData, UnstorableEmail
 from mailer.message_id import get_message_id
-from mailer.mime import StoredMIMEBase, check_bounds
+from mailer.mime import StoredMIMEBase, addresses_problem, check_bounds, check_source_bounds, header_problem
 
 __all__ = [
     "FORMAT_VERSION",
@@ -171,6 +171,9 @@ def check_email(message: EmailMessage) -> None:
     _require(isinstance(headers, dict), "extra_headers is not a dict")
     _require(all(isinstance(name, str) for name in headers), "a header name is not text")
     _require(all(legacy.is_header_value(value) for value in headers.values()), "a header value is not text")
+    # Within what the email package renders in bounded time: sending must not take a worker for hours.
+    for problem in (addresses_problem(message), *(header_problem(*item) for item in headers.items())):
+        _require(problem is None, str(problem))
     _require(isinstance(message.attachments, list), "attachments is not a list")
     for attachment in message.attachments:
         if isinstance(attachment, email.message.Message):
@@ -197,6 +200,11 @@ def check_email(message: EmailMessage) -> None:
         )
         if isinstance(content, EmailMessage):
             check_email(content)
+        elif isinstance(content, email.message.Message):
+            try:
+                check_bounds(content)
+            except ValueError as exc:
+                raise UndecodableData(f"message data is damaged: {exc}") from exc
     if isinstance(message, EmailMultiAlternatives):
         _require(isinstance(message.alternatives, list), "alternatives is not a list")
         for alternative in message.alternatives:
@@ -388,6 +396,10 @@ def _encode_mime(part: email.message.Message) -> dict[str, Any]:
         kind = "mimebase"
     else:
         kind = "message"
+    try:
+        check_bounds(part)  # as reading it back will
+    except ValueError as exc:
+        raise UnstorableEmail(f"{exc}: it could not be read back in bounded time") from exc
     data = part.as_bytes()
     return {"kind": kind, "bytes": _to_base64(data)}
 
@@ -521,7 +533,9 @@ _MIME_PARSERS: dict[str, tuple[Any, Any]] = {
 def _decode_mime(encoded: dict[str, Any]) -> email.message.Message:
     message_class, policy = _MIME_PARSERS[encoded["kind"]]
     parser = email.parser.BytesParser(message_class, policy=policy)
-    message: email.message.Message = parser.parsebytes(binascii.a2b_base64(encoded["bytes"]))
+    source = binascii.a2b_base64(encoded["bytes"])
+    check_source_bounds(source)
+    message: email.message.Message = parser.parsebytes(source)
     return message
 
 

@@ -2,6 +2,7 @@
 
 import email.message
 import email.policy
+import re
 from email.mime.base import MIMEBase
 from typing import Any
 
@@ -28,9 +29,13 @@ MAX_HEADERS_LENGTH = 32768
 def check_bounds(part: email.message.Message) -> None:
     """Raise ValueError if ``part`` has more parts, or longer headers, than a stored attachment may have."""
     total = 0
+    multiparts = 0
     for count, each in enumerate(part.walk(), start=1):
         if count > MAX_PARTS:
             raise ValueError(f"a MIME attachment of more than {MAX_PARTS} parts")
+        multiparts += each.is_multipart()
+        if multiparts > MAX_MULTIPARTS:
+            raise ValueError(f"a MIME attachment of more than {MAX_MULTIPARTS} multipart parts")
         for name, value in each.raw_items():
             length = len(str(value))
             total += length
@@ -38,3 +43,65 @@ def check_bounds(part: email.message.Message) -> None:
                 raise ValueError(f"a MIME header ({name!s:.40}) longer than {MAX_HEADER_LENGTH} characters")
             if total > MAX_HEADERS_LENGTH:
                 raise ValueError(f"MIME headers longer than {MAX_HEADERS_LENGTH} characters in all")
+
+
+# The same holds for the addresses of an email, which the email package
+# parses one by one (a run of '"' twenty thousand long takes seconds): an
+# address may be as long as a line of a message (RFC 5322), and the To, Cc
+# and Reply-To headers may hold some four thousand ordinary addresses. Bcc
+# is not written out as a header: its addresses are bounded one by one only.
+MAX_ADDRESS_LENGTH = 998
+MAX_ADDRESSES_LENGTH = 100_000
+
+# The headers the email package parses as addresses or MIME parameters; it
+# takes the others as text, in linear time, whatever their length.
+PARSED_HEADERS = frozenset(
+    {
+        "bcc", "cc", "content-disposition", "content-type", "from", "message-id", "reply-to", "resent-bcc",
+        "resent-cc", "resent-from", "resent-sender", "resent-to", "sender", "to",
+    }
+)  # fmt: skip
+
+# A part nested in others is read once for each multipart above it: a stored
+# MIME object may have this many multipart containers.
+MAX_MULTIPARTS = 20
+
+
+def addresses_problem(message: Any) -> str | None:
+    """Why the addresses of the email ``message`` are too long to render in bounded time, or None.
+
+    Fields that are not text are left to the checks of their types.
+    """
+    total = 0
+    for field in ("from_email", "to", "cc", "reply_to", "bcc"):
+        value = getattr(message, field, None)
+        for address in [value] if isinstance(value, str) else value if isinstance(value, list) else []:
+            if not isinstance(address, str):
+                continue
+            if len(address) > MAX_ADDRESS_LENGTH:
+                return f"{field} has an address longer than {MAX_ADDRESS_LENGTH} characters"
+            if field != "bcc":
+                total += len(address)
+    if total > MAX_ADDRESSES_LENGTH:
+        return f"the addresses of To, Cc, Reply-To and From are longer than {MAX_ADDRESSES_LENGTH} characters in all"
+    return None
+
+
+def header_problem(name: Any, value: Any) -> str | None:
+    """Why the extra header ``name`` with ``value`` is too long to render in bounded time, or None."""
+    if isinstance(name, str) and name.lower() in PARSED_HEADERS and len(str(value)) > MAX_HEADER_LENGTH:
+        return f"header {name!s:.40} is longer than {MAX_HEADER_LENGTH} characters"
+    return None
+
+
+def check_source_bounds(source: bytes) -> None:
+    """Raise ValueError if the MIME ``source`` declares more multipart containers than it may have.
+
+    Checked before parsing: the parser reads every line once for each
+    multipart that encloses it.
+    """
+    if len(_MULTIPART_DECLARATION.findall(source)) > MAX_MULTIPARTS:
+        raise ValueError(f"a MIME attachment of more than {MAX_MULTIPARTS} multipart parts")
+
+
+_MULTIPART_DECLARATION = re.compile(rb"^content-type:[ \t]*multipart/", re.IGNORECASE | re.MULTILINE)

@@ -7,9 +7,12 @@ field or a wrong count fails.
 """
 
 from datetime import timedelta
+from email.message import MIMEPart
 from html.parser import HTMLParser
+from typing import Any
 from unittest import mock
 
+import django
 import pytest
 from django.core.mail import EmailMessage
 from django.urls import reverse
@@ -779,6 +782,25 @@ def test_a_message_without_html_has_no_preview_and_a_missing_part_is_not_found(a
     assert preview_frames(admin_client.get(reverse("admin:mailer_message_change", args=[plain.pk]))) == []
     assert admin_client.get(reverse("admin:mailer_message_html", args=[plain.pk, 0])).status_code == 404
     assert admin_client.get(reverse("admin:mailer_message_html", args=[plain.pk + 1000, 0])).status_code == 404
+
+
+def test_an_attached_email_and_a_mime_part_download_as_their_bytes(admin_client):
+    """A message/rfc822 attachment given as an email, and (from Django 6.0) a MIMEPart."""
+    forwarded = EmailMessage("Forwarded", "The forwarded text", "old@example.com", ["a@example.com"])
+    attachments: list[Any] = [("fwd.eml", forwarded, "message/rfc822")]
+    if django.VERSION >= (6, 0):  # Django 5.2 takes MIMEBase parts only
+        part = MIMEPart()
+        part.set_content(b"%PDF-1.4 part bytes", maintype="application", subtype="pdf", filename="part.pdf")
+        attachments.append(part)
+    message = queue("With an email", ["a@example.com"], attachments=attachments)
+
+    first = admin_client.get(reverse("admin:mailer_message_attachment", args=[message.pk, 0]))
+    assert first.status_code == 200
+    assert b"Subject: Forwarded" in first.content and b"The forwarded text" in first.content
+    if len(attachments) == 2:
+        second = admin_client.get(reverse("admin:mailer_message_attachment", args=[message.pk, 1]))
+        assert second.content == b"%PDF-1.4 part bytes"
+        assert "part.pdf" in second["Content-Disposition"]
 
 
 def test_attachments_are_links_that_download_under_a_safe_name(admin_client):

@@ -100,6 +100,23 @@ def test_a_reply_to_with_a_line_break_is_refused():
         DbBackend().send_messages([email])
 
 
+@pytest.mark.parametrize(
+    ("fields", "error", "message"),
+    [
+        ({"reply_to": ["a@x.com\x00Bcc: b@y.com"]}, InvalidAddress, r"reply_to\[0\] contains a NUL character"),
+        ({"subject": "Hello\x00Bcc: b@y.com"}, InvalidHeader, r"the subject contains a NUL character"),
+        ({"attachments": [("a\x00.txt", "text", "text/plain")]}, InvalidHeader, r"file name contains a NUL"),
+    ],
+    ids=["reply_to", "subject", "attachment name"],
+)
+def test_a_nul_in_a_header_is_refused(fields, error, message):
+    """No line break, and Django writes it out; but mail software written in C reads a header only up to it."""
+    email = EmailMessage(fields.pop("subject", "Subject"), "Body", "from@example.com", ["ok@example.com"], **fields)
+    with pytest.raises(error, match=message):
+        DbBackend().send_messages([email])
+    assert Message.objects.count() == 0
+
+
 def test_a_bad_admins_entry_is_refused(settings):
     settings.ADMINS = [("Ada", "ada@example.com"), ("Bob", "bob@example.com, eve@example.com")]
     with pytest.raises(InvalidAddress, match=r"to\[1\] must be one address"):
@@ -191,6 +208,7 @@ BAD_HEADERS: dict[str, tuple[dict[Any, Any], str]] = {
     "vertical tab in the value": ({"X-Ref": "a\x0bBcc: victim@example.com"}, r"header 'X-Ref' contains a line break"),
     "U+2028 in the value": ({"X-Ref": "a\u2028Bcc: victim@example.com"}, r"header 'X-Ref' contains a line break"),
     "lone surrogate in the value": ({"X-Ref": "a\ud800"}, r"header 'X-Ref' is not text that can be sent"),
+    "NUL in the value": ({"X-Ref": "a\x00Bcc: victim@example.com"}, r"header 'X-Ref' contains a NUL character"),
 }
 if not NUMBERS_ARE_SENT:
     BAD_HEADERS["int value (Django 6 cannot send it)"] = ({"X-Ref": 5}, NOT_QUEUEABLE)

@@ -333,7 +333,6 @@ def test_a_poison_row_first_in_the_queue_stops_nothing_behind_it(case, log_data,
     assert Message.objects.defer("message_data").get().priority == PRIORITY_DEFERRED
 
 
-@pytest.mark.django_db(transaction=True)
 @SQLITE_ONLY
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("column", ["recipients", "subject"])
@@ -354,6 +353,7 @@ def test_a_row_that_cannot_be_read_leaks_none_of_its_text_when_the_site_keeps_me
     assert "secret" not in caplog.text
 
 
+@pytest.mark.django_db(transaction=True)
 def test_a_legacy_header_object_is_read_as_its_text_and_delivered_first(deliver_to_smtp):
     """2.x stopped on a pickled ``email.header.Header`` header value; mailer reads it as its text and sends it."""
     store_first(legacy_row_with(header_object)())

@@ -255,11 +255,7 @@ def _failure_reason(message: "Message | None") -> str | None:
     else:  # a row that could not be read has no Message-ID; its log row copies when it was queued
         rows = rows.filter(message_id=None, when_added=message.when_added)
     try:
-        reason = (
-            rows.order_by("-pk")
-            .values_list("log_message", flat=True)
-            .first()
-        )
+        reason = rows.order_by("-pk").values_list("log_message", flat=True).first()
     except DatabaseError:
         return None
     return loggable(reason, message) if reason else None

@@ -1,0 +1,163 @@
+"""Rows and emails that Python's email package would take minutes or hours to render.
+
+The package parses an address in time that grows with the square of its
+length (a run of ``"`` 40,000 long takes about ten seconds), and reads every
+line of a MIME part once for each multipart that encloses it. A row holding
+such a thing, whether crafted, left by django-mailer 2.x (which checked
+nothing), or written by hand, must be refused when it is read, before it
+is rendered: otherwise the worker that claims it is stuck for hours, and
+so is every worker after it once the claim lapses. A site that tries to
+queue one gets the error then and there.
+"""
+
+import base64
+import json
+import pickle
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
+
+import pytest
+from django.core.mail import EmailMessage
+
+import mailer
+from mailer import engine
+from mailer.codec import decode, email_to_db
+from mailer.exceptions import InvalidAddress, InvalidHeader, UndecodableData, UnstorableEmail
+from mailer.mime import MAX_ADDRESS_LENGTH, MAX_MULTIPARTS
+from mailer.models import PRIORITY_DEFERRED, PRIORITY_HIGH, RESULT_FAILURE, Message, MessageLog
+from tests.alarms import time_limit
+
+pytestmark = pytest.mark.django_db
+
+QUOTES = '"' * 40_000  # rendered as an address: about ten seconds; refused: at once
+
+
+def legacy_row(email: EmailMessage) -> str:
+    """``email`` as django-mailer 2.3.2 stored it: a base64 pickle."""
+    return base64.encodebytes(pickle.dumps(email)).decode("ascii")
+
+
+def nested_multiparts(levels: int) -> MIMEMultipart:
+    inner: MIMEMultipart | MIMEText = MIMEText("the text at the bottom")
+    for _ in range(levels):
+        outer = MIMEMultipart()
+        outer.attach(inner)
+        inner = outer
+    assert isinstance(inner, MIMEMultipart)
+    return inner
+
+
+def plain(**fields: object) -> EmailMessage:
+    return EmailMessage("Subject", "Body", "from@example.com", ["to@example.com"], **fields)  # type: ignore[arg-type]
+
+
+def with_mime_attachment(part: MIMEMultipart) -> EmailMessage:
+    email = plain()
+    email.attachments.append(part)  # as Django 5.2 attaches it; attach() warns of MIMEBase parts on 6.1
+    return email
+
+
+def forwarded_with_a_long_header() -> EmailMessage:
+    forwarded = MIMEText("the forwarded text")
+    forwarded["To"] = QUOTES
+    return plain(attachments=[("fwd.eml", forwarded, "message/rfc822")])
+
+
+def json_reply_to(address: str) -> str:
+    """A JSON row whose Reply-To holds ``address``, as a row written by hand could."""
+    return email_to_db(plain()).replace('"reply_to":[]', '"reply_to":' + json.dumps([address]))
+
+
+ROWS = {
+    "django-mailer pickle, long Reply-To": (lambda: legacy_row(plain(reply_to=[QUOTES])), "reply_to has an address"),
+    "django-mailer pickle, long To": (
+        lambda: legacy_row(EmailMessage("S", "B", "from@example.com", [QUOTES])),
+        "to has an address longer",
+    ),
+    "django-mailer pickle, many long Cc": (
+        lambda: legacy_row(plain(cc=['"' * 990] * 120)),
+        "longer than 100000 characters in all",
+    ),
+    "django-mailer pickle, long parsed header": (
+        lambda: legacy_row(plain(headers={"Reply-To": QUOTES})),
+        "header Reply-To is longer than 4096",
+    ),
+    "django-mailer pickle, MIME content with a long header": (
+        lambda: legacy_row(forwarded_with_a_long_header()),
+        r"a MIME header \(To\) longer than 4096",
+    ),
+    "JSON row, long Reply-To": (lambda: json_reply_to(QUOTES), "reply_to has an address longer"),
+}
+
+
+@pytest.mark.parametrize("name", ROWS)
+def test_a_row_too_costly_to_render_is_refused_when_read(name):
+    make_row, reason = ROWS[name]
+    row = make_row()
+    with time_limit(5), pytest.raises(UndecodableData, match=reason):
+        decode(row)
+
+
+@pytest.mark.parametrize("name", ["django-mailer pickle, long Reply-To", "JSON row, long Reply-To"])
+def test_such_a_row_is_set_aside_at_once_and_the_rest_is_sent(name, deliver_to_smtp):
+    Message.objects.create(message_data=ROWS[name][0](), priority=PRIORITY_HIGH)
+    mailer.send_mail("After it", "Body", "from@example.com", ["next@example.com"])
+
+    with time_limit(20):
+        assert engine.send_all() == {"sent": 1, "deferred": 1}
+
+    assert [r.message["Subject"] for r in deliver_to_smtp.received] == ["After it"]
+    assert Message.objects.get().priority == PRIORITY_DEFERRED
+    assert "has an address longer than 998 characters" in MessageLog.objects.get(result=RESULT_FAILURE).log_message
+
+
+def test_a_stored_mime_part_nested_too_deep_is_refused_before_it_is_parsed():
+    """Stored as it renders (``$mime``); a hand-made row may nest it deeper than mailer would store."""
+    fine = email_to_db(with_mime_attachment(nested_multiparts(MAX_MULTIPARTS - 1)))
+    assert decode(fine).attachments[0].is_multipart()
+
+    too_deep = nested_multiparts(3 * MAX_MULTIPARTS)
+    stored = email_to_db(with_mime_attachment(nested_multiparts(1)))
+    source = base64.b64encode(too_deep.as_bytes()).decode("ascii")
+    row = stored.replace(stored.split('"bytes":"', 1)[1].split('"', 1)[0], source)
+    with time_limit(5), pytest.raises(UndecodableData, match=f"more than {MAX_MULTIPARTS} multipart parts"):
+        decode(row)
+
+
+# Queueing ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "error", "reason"),
+    [
+        ({"reply_to": [QUOTES]}, InvalidAddress, "reply_to has an address longer than 998"),
+        ({"cc": ["a" * 990 + "@example.com"]}, InvalidAddress, "cc has an address longer than 998"),
+        ({"bcc": [QUOTES]}, InvalidAddress, "bcc has an address longer than 998"),
+        ({"to": [f"user{n:06}@example.com" for n in range(5_000)]}, InvalidAddress, "100000 characters in all"),
+        ({"headers": {"Reply-To": QUOTES}}, InvalidHeader, "header Reply-To is longer than 4096"),
+        ({"headers": {"To": "x" * 5_000}}, InvalidHeader, "header To is longer than 4096"),
+    ],
+    ids=["reply_to", "cc", "bcc", "to in all", "parsed header", "header To"],
+)
+def test_queueing_refuses_addresses_and_headers_too_costly_to_render(fields, error, reason):
+    email = EmailMessage("S", "B", "from@example.com", fields.pop("to", ["to@example.com"]), **fields)
+    with time_limit(5), pytest.raises(error, match=reason):
+        Message.queue(email)
+    assert not Message.objects.exists()
+
+
+def test_queueing_takes_what_renders_in_linear_time_however_long():
+    """Bcc is no header; text headers and the subject are read as text: none of them is bounded in all."""
+    many = [f"user{n:06}@example.com" for n in range(5_000)]
+    email = EmailMessage("S" * 20_000, "B", "from@example.com", ["to@example.com"], bcc=many)
+    email.extra_headers["X-SMTPAPI"] = '{"to": [' + ", ".join(f'"{a}"' for a in many) + "]}"
+    email.extra_headers["Reply-To"] = "Longest Name Allowed <" + "r" * (MAX_ADDRESS_LENGTH - 40) + "@example.com>"
+
+    assert Message.queue(email) is not None
+    assert decode(Message.objects.get().message_data).bcc == many
+
+
+def test_queueing_refuses_a_mime_attachment_that_could_not_be_read_back():
+    email = with_mime_attachment(nested_multiparts(MAX_MULTIPARTS + 1))
+    with pytest.raises(UnstorableEmail, match=f"more than {MAX_MULTIPARTS} multipart parts"):
+        Message.queue(email)
