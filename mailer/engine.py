@@ -876,7 +876,7 @@ class SendingPass:
                 if connecting or not _session_ended(exc):
                     raise
                 # The server ended the session the pass was reusing (idle
-                # timeout, a per-session limit): the message was never tried.
+                # timeout, a per-session limit) before the message's text went out.
                 logger.info("the mail server ended the session (%s); opening a new one", loggable(str(exc), message))
                 self._drop_connection()
                 connecting = True
@@ -1297,12 +1297,23 @@ def _whole_queue() -> tuple[Any, tuple[str, datetime.datetime, datetime.datetime
 def _session_ended(exc: Exception) -> bool:
     """Return whether ``exc`` says the server closed the session, rather than refused the message."""
     if isinstance(exc, smtplib.SMTPServerDisconnected):
-        # Not a timeout (smtplib reports one so too): the server may have taken the message before it
-        # stopped answering, and sending it again at once could deliver it twice.
-        return not isinstance(exc.__context__, TimeoutError)
+        # Not a timeout (smtplib reports one so too), nor a session lost once the message's text was going
+        # out: the server may have taken the message before it stopped answering, and sending it again at
+        # once could deliver it twice.
+        return not isinstance(exc.__context__, TimeoutError) and not _raised_in(exc, smtplib.SMTP.data)
     if isinstance(exc, smtplib.SMTPRecipientsRefused):
         return any(code == 421 for code, _reply in exc.recipients.values())
     return isinstance(exc, smtplib.SMTPResponseException) and exc.smtp_code == 421
+
+
+def _raised_in(exc: BaseException, function: Callable[..., Any]) -> bool:
+    """Whether ``exc`` was raised inside ``function`` (a call of it is in its traceback)."""
+    traceback = exc.__traceback__
+    while traceback is not None:
+        if traceback.tb_frame.f_code is function.__code__:
+            return True
+        traceback = traceback.tb_next
+    return False
 
 
 def _refusals_note(message: Message, email: EmailMessage, refused: dict[str, Any]) -> str:

@@ -46,6 +46,8 @@ class Recorder:
     data_reply: str | None = None
     messages_per_session: int | None = None
     hang_up_after: int | None = None
+    # Take the message to this recipient, then hang up without answering its DATA (once).
+    hang_up_taking: str | None = None
     on_message: Callable[[Received], None] | None = None
     delay: float = 0.0
     # How many messages the server has begun to take (their DATA), accepted or not yet.
@@ -96,6 +98,11 @@ class Recorder:
         if self.on_message is not None:
             self.on_message(received)
         self.received.append(received)
+        if self.hang_up_taking in envelope.rcpt_tos:
+            self.hang_up_taking = None
+            self.hang_ups += 1
+            server.transport.abort()  # at once: the reply is never written
+            return "250 never written"
         if self.hang_up_after is not None and session.messages >= self.hang_up_after:
             self._hang_up(server)
         return "250 Message accepted for delivery"
@@ -233,6 +240,10 @@ class SMTPServer:
     def hang_up_after(self, count: int | None) -> None:
         """Close each session, without a word, once it has delivered ``count`` messages (an idle timeout, say)."""
         self.recorder.hang_up_after = count
+
+    def hang_up_taking(self, recipient: str) -> None:
+        """Take the next message to ``recipient``, then close the session without answering its DATA."""
+        self.recorder.hang_up_taking = recipient
 
     def limit_sessions(self, limit: int | None) -> None:
         """Take at most ``limit`` sessions at once; refuse more with ``421`` at the greeting."""

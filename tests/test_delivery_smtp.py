@@ -161,6 +161,23 @@ def test_a_session_the_server_closed_without_a_word_is_reopened_without_deferrin
     assert set(MessageLog.objects.values_list("result", flat=True)) == {RESULT_SUCCESS}
 
 
+def test_a_session_lost_once_the_message_went_out_defers_it_rather_than_sending_it_again(deliver_to_smtp):
+    """The server took the third message and hung up before it answered: it may deliver it, so the message is
+    deferred (as after a timeout), never sent again at once."""
+    deliver_to_smtp.hang_up_taking("to2@example.com")
+    queue_five()
+
+    first = engine.send_all()
+    after = engine.send_all()  # the first pass ends at a lost session, as at any connection failure
+
+    assert first == {"sent": 2, "deferred": 1} and after == {"sent": 2}
+    arrived = sorted(r.rcpt_tos[0] for r in deliver_to_smtp.received)
+    assert arrived == [f"to{n}@example.com" for n in range(5)], "sent twice, or not at all"
+    deferred = Message.objects.get()
+    assert (deferred.priority, deferred.recipients) == (PRIORITY_DEFERRED, "to2@example.com")
+    assert "SMTPServerDisconnected" in MessageLog.objects.get(result=RESULT_FAILURE).log_message
+
+
 def test_a_421_on_a_new_session_defers_the_message_rather_than_reconnecting_again(deliver_to_smtp):
     """Only a reused session may have simply expired: a server refusing a fresh one is a failure."""
     deliver_to_smtp.limit_messages_per_session(0)
