@@ -49,7 +49,7 @@ from django.db import DatabaseError, router, transaction
 from django.db import connections as database_connections
 from django.utils.module_loading import import_string
 
-from mailer import conf, failures, locking, reporting, stopping, workers
+from mailer import conf, failures, locking, reporting, stopping, unfinished, workers
 from mailer.codec import decode, storable_text
 from mailer.delivery import (
     backend_path,
@@ -346,6 +346,7 @@ def _delivery_connections(given: int | None) -> int:
 
 def _send_pass(queryset: Any, error_handler: ErrorHandler, senders: int) -> Counter[str]:
     """Run one pass with ``senders`` delivery connections; return its counts."""
+    unfinished.finish()  # what an earlier pass of this process could not write, first
     progress = workers.Progress(_routes_in_play())
     database = database_connections[Message.objects.db]
     # Other threads would not see this transaction's rows, nor share an in-memory database.
@@ -406,7 +407,7 @@ def send_loop(*, connections: int | None = None) -> None:
         # for it patches send_all.
         make_pass = send_all
         try:
-            if Message.objects.non_deferred().due(datetime_now()).exists():
+            if unfinished.pending() or Message.objects.non_deferred().due(datetime_now()).exists():
                 counts = make_pass() if connections is None else make_pass(connections=connections)
                 if counts and counts["sent"]:
                     continue  # there may be more: look again at once
@@ -768,6 +769,7 @@ class SendingPass:
                 Message.objects.filter(pk__in=held, claimed_by=self.token).update(claimed_until=None)
             except Exception:
                 logger.debug("giving back %d claims failed; they lapse by themselves", len(held), exc_info=True)
+                unfinished.claims_kept(held, self.token)
 
     def _release_held(self) -> None:
         """Give back at once the claims this pass did not get to (it was asked to stop, or it ended)."""
@@ -776,7 +778,8 @@ class SendingPass:
             try:
                 Message.objects.filter(pk__in=held, claimed_by=self.token).update(claimed_until=None)
             except Exception:
-                logger.debug("releasing %d claims failed; they lapse by themselves", len(held), exc_info=True)
+                logger.debug("releasing %d claims failed; the next pass gives them back", len(held), exc_info=True)
+                unfinished.claims_kept(held, self.token)
 
     def _handle(self, claimed: Claimed) -> Outcome | None:
         """Send the claimed message and record how it went; None if it is gone."""
@@ -1257,7 +1260,8 @@ def _release_quietly(pk: int, token: str) -> None:
     try:
         Message.objects.filter(pk=pk, claimed_by=token).update(claimed_until=None)
     except Exception:
-        logger.debug("releasing the claim of message %s failed; it lapses by itself", pk, exc_info=True)
+        logger.debug("releasing the claim of message %s failed; the next pass gives it back", pk, exc_info=True)
+        unfinished.claims_kept([pk], token)
 
 
 def _server_name(connection: BaseEmailBackend | None) -> str:

@@ -30,7 +30,7 @@ from typing import Any
 from django.db import connections as db_connections
 from django.db import transaction
 
-from mailer import conf, engine, stopping
+from mailer import conf, engine, stopping, unfinished
 from mailer.exceptions import ConfigurationError
 from mailer.models import Message, datetime_now
 
@@ -275,7 +275,7 @@ class SendLoop:
         now = time.monotonic()
         try:
             _drop_broken_database_connections()
-            if notified or Message.objects.non_deferred().due(datetime_now()).exists():
+            if notified or unfinished.pending() or Message.objects.non_deferred().due(datetime_now()).exists():
                 with self.sessions.keeping():
                     counts = engine.send_all(**self.pass_options)
                 if counts is None:  # paused, or the lock is held elsewhere: not for a while, perhaps

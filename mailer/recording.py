@@ -18,6 +18,7 @@ from typing import Any
 from django.core.exceptions import ObjectDoesNotExist
 from django.db import DatabaseError, connections
 
+from mailer import unfinished
 from mailer.exceptions import SentButNotRecorded
 from mailer.models import RESULT_SUCCESS, Message, row_signals_heard
 from mailer.redaction import loggable
@@ -123,6 +124,7 @@ def mark_sent(message: Message) -> None:
         marked = Message.objects.mark_sent(message.pk, message.claimed_by or "")
     except Exception:
         logger.error("message %s stays claimed until %s", message.message_id or message.pk, message.claimed_until)
+        unfinished.sent_unmarked(message.pk, message.claimed_by or "")  # for this process's next pass to mark
         return
     if marked:
         logger.error("message %s is marked as sent; a later pass will record it", message.message_id or message.pk)

@@ -121,6 +121,16 @@ def lock_path(settings, tmp_path):
     return settings.MAILER_LOCK_PATH
 
 
+@pytest.fixture(autouse=True)
+def nothing_left_unfinished():
+    """Each test begins as a new process: with nothing an earlier pass could not write (``mailer.unfinished``)."""
+    yield
+    from mailer import unfinished
+
+    unfinished._sent_unmarked.clear()
+    unfinished._claims_kept.clear()
+
+
 @pytest.fixture
 def hold_lock(lock_path):
     """Return a function that has another owner take a lock file (this test's by default) and hold it.

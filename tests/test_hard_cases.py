@@ -5,6 +5,7 @@ Each test asserts what must hold; all use the real SMTP test server.
 """
 
 import datetime
+from unittest import mock
 
 import pytest
 from django.core.mail import EmailMessage
@@ -13,7 +14,7 @@ from django.db import connection
 from django.utils import timezone
 
 import mailer
-from mailer import engine
+from mailer import engine, unfinished
 from mailer.models import PRIORITY_HIGH, PRIORITY_LOW, RESULT_DONT_SEND, Message, MessageLog
 
 pytestmark = pytest.mark.django_db
@@ -74,6 +75,46 @@ def test_a_marked_message_that_can_never_be_recorded_stops_nothing_else(deliver_
             engine.send_all()  # logs that the stuck message cannot be recorded, and sends the rest
     assert len(deliver_to_smtp.received) == 4, "the three good messages are sent"
     assert [m.subject for m in Message.objects.sent_but_not_recorded()] == ["Stuck"]  # never sent again
+
+
+@pytest.mark.django_db(transaction=True)  # in autocommit, as the commands run: the errors end no transaction
+def test_the_next_pass_of_a_process_marks_and_gives_back_what_a_database_outage_kept_it_from(deliver_to_smtp):
+    """The database goes down after the claim: the pass can neither record nor mark what it sent, nor give back
+    the claims it did not get to. Once it is back, the next pass of the same process (runmailer's) marks and
+    records the sent ones, never sending them again, and sends the rest at once, not when their claims lapse."""
+    if connection.vendor != "sqlite":
+        pytest.skip("trigger syntax for SQLite")
+    for n in range(5):
+        mailer.send_mail(f"Message {n}", "Body", "from@example.com", [f"to{n}@example.com"])
+    with connection.cursor() as cursor:
+        cursor.execute("CREATE TABLE outage (down INTEGER)")
+        cursor.execute("INSERT INTO outage VALUES (1)")
+        # Claiming still works; recording (its DELETE), marking and giving claims back fail.
+        cursor.execute(
+            "CREATE TRIGGER no_delete BEFORE DELETE ON mailer_message WHEN (SELECT down FROM outage) "
+            "BEGIN SELECT RAISE(ABORT, 'the database is down'); END;"
+        )
+        cursor.execute(
+            "CREATE TRIGGER no_mark BEFORE UPDATE ON mailer_message WHEN (SELECT down FROM outage) "
+            "AND (new.claimed_until IS NULL OR new.claimed_by LIKE 'sent:%') "
+            "BEGIN SELECT RAISE(ABORT, 'the database is down'); END;"
+        )
+    with mock.patch("time.sleep"), pytest.raises(engine.SentButNotRecorded):
+        engine.send_all()
+    sent_first = len(deliver_to_smtp.received)
+    assert sent_first == 2  # sent, then recorded together: the record failed
+    assert unfinished.pending()  # so runmailer makes a pass, though no message is due
+    with connection.cursor() as cursor:
+        cursor.execute("UPDATE outage SET down = 0")
+
+    assert engine.send_all() == {"sent": 5 - sent_first}
+    assert not unfinished.pending()
+
+    arrived = sorted(str(r.message["Subject"]) for r in deliver_to_smtp.received)
+    assert arrived == [f"Message {n}" for n in range(5)], "sent twice, or not at all"
+    assert not Message.objects.exists()
+    notes = sorted(MessageLog.objects.values_list("log_message", flat=True))
+    assert notes == [""] * 3 + ["sent by an earlier pass, recorded late"] * 2
 
 
 def test_a_marked_message_is_taken_by_one_worker_only_to_be_recorded():
