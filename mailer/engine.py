@@ -214,7 +214,7 @@ def _release_claims_of(pids: tuple[int, ...]) -> None:
 
 def release_lock(lock: Any) -> None:
     logger.debug("releasing lock...")
-    lock.release()
+    locking.release(lock)
     logger.debug("released.")
 
 

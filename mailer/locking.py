@@ -36,7 +36,7 @@ from typing import Any
 import lockfile
 from lockfile.linklockfile import LinkLockFile
 
-__all__ = ["LockState", "acquire", "describe_failure", "held_for", "lock_state", "process_name"]
+__all__ = ["LockState", "acquire", "describe_failure", "held_for", "lock_state", "process_name", "release"]
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +135,23 @@ def held_for(lock: Any) -> float | None:
         return time.time() - os.lstat(lock.lock_file).st_mtime
     except OSError:
         return None
+
+
+def release(lock: Any) -> None:
+    """Release ``lock``: for lockfile's ``LinkLockFile``, the lock first and the holder's own file after it.
+
+    lockfile removes them the other way round: a process killed between the
+    two (the out-of-memory killer, a power cut) leaves a lock without its
+    holder's file, which no later pass can tell is dead, and the queue stops
+    until someone deletes it. In this order it leaves at worst a holder's
+    file without a lock, which holds nothing.
+    """
+    if not _can_break(lock) or not lock.i_am_locking():
+        lock.release()  # as lockfile does; it raises NotLocked or NotMyLock when this process does not hold it
+        return
+    os.unlink(lock.lock_file)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(lock.unique_name)
 
 
 def _can_break(lock: Any) -> bool:

@@ -1356,7 +1356,10 @@ class MessageLogManager(models.Manager["MessageLog"]):
         """Delete the entries attempted more than ``days`` ago (successes by default); return how many."""
         if result_codes is None:
             result_codes = [RESULT_SUCCESS]
-        limit = datetime_now() - datetime.timedelta(days=days)
+        try:
+            limit = datetime_now() - datetime.timedelta(days=days)
+        except OverflowError:  # further back than a date can go: no entry is that old
+            return 0
         deleted, _per_model = self.filter(when_attempted__lt=limit, result__in=list(result_codes)).delete()
         return deleted
 

@@ -91,6 +91,14 @@ def test_purge_old_entries_returns_the_count():
     assert MessageLog.objects.purge_old_entries(1, [RESULT_FAILURE, RESULT_DONT_SEND]) == 2
 
 
+@pytest.mark.parametrize("days", ["1000000", "99999999999"])
+def test_purge_mail_log_with_more_days_than_a_date_goes_back_deletes_nothing(days, capsys):
+    make_logs(days_ago=2)
+    call_command("purge_mail_log", days, "-r", "all")
+    assert MessageLog.objects.count() == 3
+    assert "0 log entries deleted" in capsys.readouterr().out
+
+
 def test_purge_keeps_entries_younger_than_the_days_given():
     make_logs(days_ago=0.9)
     call_command("purge_mail_log", "1", "-r", "all")

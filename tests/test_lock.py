@@ -101,6 +101,26 @@ class BrokenBackend(BaseEmailBackend):
         raise RuntimeError("the backend is broken")
 
 
+def test_a_process_killed_while_it_releases_the_lock_does_not_stop_the_queue(deliver_to_smtp, lock_path):
+    """Killed between the two removals of a release: what is left must not be a lock that no pass can break."""
+    lock = lockfile.FileLock(lock_path)
+    lock.acquire(timeout=0)
+    real_unlink = os.unlink
+    removed = []
+
+    def killed_after_the_first(path, *args, **kwargs):
+        if removed:
+            raise SystemExit("killed")
+        removed.append(path)
+        return real_unlink(path, *args, **kwargs)
+
+    with mock.patch("os.unlink", killed_after_the_first), pytest.raises(SystemExit):
+        engine.release_lock(lock)
+    mailer.send_mail("After", "Body", "from@example.com", ["to@example.com"])
+
+    assert engine.send_all() == {"sent": 1}, "the lock left behind stops every pass"
+
+
 def test_the_lock_is_released_when_the_pass_ends_with_an_error(settings, lock_path):
     """A pass that raises must not leave the lock behind: every later pass would quit."""
     BrokenBackend.saw_lock_free.clear()
