@@ -106,7 +106,7 @@ def test_a_process_killed_while_it_releases_the_lock_does_not_stop_the_queue(del
     lock = lockfile.FileLock(lock_path)
     lock.acquire(timeout=0)
     real_unlink = os.unlink
-    removed = []
+    removed: list[str] = []
 
     def killed_after_the_first(path, *args, **kwargs):
         if removed:
