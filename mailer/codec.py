@@ -381,6 +381,11 @@ def _encode_attachment(item: Any, where: str) -> dict[str, Any]:
         filename, content, mimetype = item
     except (TypeError, ValueError) as exc:
         raise UnstorableEmail(f"{where} is neither a (filename, content, mimetype) triple nor a MIME part") from exc
+    if isinstance(content, EmailMessage):  # an attached email: reading it back checks it as the message itself
+        headers = content.extra_headers if isinstance(content.extra_headers, dict) else {}
+        for problem in (addresses_problem(content), *(header_problem(*header) for header in headers.items())):
+            if problem is not None:
+                raise UnstorableEmail(f"{where}: {problem}: it could not be read back in bounded time")
     return {
         "filename": _encode_value(filename, where),
         "content": _encode_value(content, where),

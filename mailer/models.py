@@ -592,10 +592,11 @@ class Message(models.Model):
         DontSendEntry.objects.remove_suppressed_recipients(email, suppressed)
         plain = is_plain(email)  # before the Message-ID is set: only one the caller gives is looked at
         ensure_message_id(email)
+        data = email_to_db(email)  # first: it refuses what would take Django minutes to render
         if not plain:
             email.message()
         return {
-            "message_data": email_to_db(email),
+            "message_data": data,
             **search_columns(email),
             "priority": get_priority(priority),
             "mailer_alias": alias,

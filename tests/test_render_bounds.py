@@ -157,6 +157,13 @@ def test_queueing_takes_what_renders_in_linear_time_however_long():
     assert decode(Message.objects.get().message_data).bcc == many
 
 
+def test_queueing_refuses_an_attached_email_that_could_not_be_read_back():
+    forwarded = plain(reply_to=[QUOTES])
+    with time_limit(5), pytest.raises(UnstorableEmail, match="reply_to has an address longer than 998"):
+        Message.queue(plain(attachments=[("fwd.eml", forwarded, "message/rfc822")]))
+    assert not Message.objects.exists()
+
+
 def test_queueing_refuses_a_mime_attachment_that_could_not_be_read_back():
     email = with_mime_attachment(nested_multiparts(MAX_MULTIPARTS + 1))
     with pytest.raises(UnstorableEmail, match=f"more than {MAX_MULTIPARTS} multipart parts"):
