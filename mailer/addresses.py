@@ -15,6 +15,7 @@ import re
 import reprlib
 from collections.abc import Iterable
 from email.headerregistry import AddressHeader
+from email.message import Message as MIMEMessage
 from typing import Any
 
 from django.conf import settings
@@ -23,7 +24,7 @@ from django.utils.functional import Promise
 
 from mailer.exceptions import InvalidAddress, InvalidHeader
 from mailer.legacy import is_header_value
-from mailer.mime import MAX_ADDRESS_LENGTH, addresses_problem, header_problem
+from mailer.mime import MAX_ADDRESS_LENGTH, addresses_problem, headers_problem
 from mailer.redaction import address_of
 
 ENVELOPE_FIELDS = ("to", "cc", "bcc")
@@ -162,6 +163,9 @@ def check_headers(email: EmailMessage) -> None:
     with a TypeError or AttributeError, or be queued and then fail in the
     cron job.
     """
+    problem = headers_problem(email)  # first: the email package folds a header in time that grows with its square
+    if problem is not None:
+        raise InvalidHeader(problem)
     for name, value in _header_items(email):
         check_header_name(name)
         check_header_value(name, value)
@@ -169,7 +173,10 @@ def check_headers(email: EmailMessage) -> None:
     if isinstance(email.subject, str) and NUL in email.subject:
         raise InvalidHeader(f"the subject contains a NUL character: {reprlib.repr(email.subject)}")
     for attachment in email.attachments:
-        filename = attachment[0] if isinstance(attachment, tuple) and attachment else None
+        if isinstance(attachment, MIMEMessage):  # a MIME part: its name is a parameter of its headers
+            filename = attachment.get_filename()
+        else:
+            filename = attachment[0] if isinstance(attachment, tuple) and attachment else None
         if isinstance(filename, str) and NUL in filename:
             raise InvalidHeader(f"an attachment's file name contains a NUL character: {reprlib.repr(filename)}")
 
@@ -195,9 +202,6 @@ def check_header_value(name: str, value: Any) -> None:
     """
     if isinstance(value, Promise):
         value = str(value)  # the queue stores a lazy string resolved, so check what it stores
-    problem = header_problem(name, value)
-    if problem is not None:
-        raise InvalidHeader(problem)
     if not is_header_value(value):
         raise InvalidHeader(
             f"header {name!r} has the value {reprlib.repr(value)} ({type(value).__name__}), which cannot be queued: "

@@ -39,7 +39,7 @@ from mailer import conf, legacy
 from mailer.compat import detach_connection
 from mailer.exceptions import UndecodableData, UnstorableEmail
 from mailer.message_id import get_message_id
-from mailer.mime import StoredMIMEBase, addresses_problem, check_bounds, check_source_bounds, header_problem
+from mailer.mime import StoredMIMEBase, addresses_problem, check_bounds, check_source_bounds, headers_problem
 
 __all__ = [
     "FORMAT_VERSION",
@@ -172,7 +172,7 @@ def check_email(message: EmailMessage) -> None:
     _require(all(isinstance(name, str) for name in headers), "a header name is not text")
     _require(all(legacy.is_header_value(value) for value in headers.values()), "a header value is not text")
     # Within what the email package renders in bounded time: sending must not take a worker for hours.
-    for problem in (addresses_problem(message), *(header_problem(*item) for item in headers.items())):
+    for problem in (addresses_problem(message), headers_problem(message)):
         _require(problem is None, str(problem))
     _require(isinstance(message.attachments, list), "attachments is not a list")
     for attachment in message.attachments:
@@ -382,8 +382,7 @@ def _encode_attachment(item: Any, where: str) -> dict[str, Any]:
     except (TypeError, ValueError) as exc:
         raise UnstorableEmail(f"{where} is neither a (filename, content, mimetype) triple nor a MIME part") from exc
     if isinstance(content, EmailMessage):  # an attached email: reading it back checks it as the message itself
-        headers = content.extra_headers if isinstance(content.extra_headers, dict) else {}
-        for problem in (addresses_problem(content), *(header_problem(*header) for header in headers.items())):
+        for problem in (addresses_problem(content), headers_problem(content)):
             if problem is not None:
                 raise UnstorableEmail(f"{where}: {problem}: it could not be read back in bounded time")
     return {

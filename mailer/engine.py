@@ -1304,18 +1304,20 @@ def _session_ended(exc: Exception) -> bool:
         # Not a timeout (smtplib reports one so too), nor a session lost once the message's text was going
         # out: the server may have taken the message before it stopped answering, and sending it again at
         # once could deliver it twice.
-        return not isinstance(exc.__context__, TimeoutError) and not _raised_in(exc, smtplib.SMTP.data)
+        return not isinstance(exc.__context__, TimeoutError) and not _text_went_out(exc)
     if isinstance(exc, smtplib.SMTPRecipientsRefused):
         return any(code == 421 for code, _reply in exc.recipients.values())
     return isinstance(exc, smtplib.SMTPResponseException) and exc.smtp_code == 421
 
 
-def _raised_in(exc: BaseException, function: Callable[..., Any]) -> bool:
-    """Whether ``exc`` was raised inside ``function`` (a call of it is in its traceback)."""
+def _text_went_out(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised once smtplib was giving the server the message's text: inside its ``data()``,
+    after the server's ``354`` (where ``data()`` has made ``q``, the text to send).
+    """
     traceback = exc.__traceback__
     while traceback is not None:
-        if traceback.tb_frame.f_code is function.__code__:
-            return True
+        if traceback.tb_frame.f_code is smtplib.SMTP.data.__code__:
+            return "q" in traceback.tb_frame.f_locals
         traceback = traceback.tb_next
     return False
 

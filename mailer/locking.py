@@ -146,8 +146,17 @@ def release(lock: Any) -> None:
     until someone deletes it. In this order it leaves at worst a holder's
     file without a lock, which holds nothing.
     """
-    if not _can_break(lock) or not lock.i_am_locking():
-        lock.release()  # as lockfile does; it raises NotLocked or NotMyLock when this process does not hold it
+    if not _can_break(lock):
+        lock.release()
+        return
+    if not lock.i_am_locking():
+        # Broken while this process held it (by hand, say), and perhaps taken since by another process: that
+        # lock is not this process's to remove (lockfile would remove it), only its own file is.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock.unique_name)
+        logger.warning(
+            "the lock %s was removed while this process held it; another process may hold it now", lock.lock_file
+        )
         return
     os.unlink(lock.lock_file)
     with contextlib.suppress(FileNotFoundError):

@@ -48,6 +48,8 @@ class Recorder:
     hang_up_after: int | None = None
     # Take the message to this recipient, then hang up without answering its DATA (once).
     hang_up_taking: str | None = None
+    # Hang up at the DATA command of the message to this recipient, before any of its text (once).
+    hang_up_at_data: str | None = None
     on_message: Callable[[Received], None] | None = None
     delay: float = 0.0
     # How many messages the server has begun to take (their DATA), accepted or not yet.
@@ -135,6 +137,16 @@ class SessionLimitingSMTP(SMTP):
             await super()._handle_client()
         finally:
             recorder.open_sessions -= 1
+
+    async def smtp_DATA(self, arg: str) -> None:
+        recorder = cast(Recorder, self.event_handler)
+        if self.envelope is not None and recorder.hang_up_at_data in self.envelope.rcpt_tos:
+            recorder.hang_up_at_data = None
+            recorder.hang_ups += 1
+            if self.transport is not None:
+                cast(asyncio.Transport, self.transport).abort()
+            return
+        await super().smtp_DATA(arg)
 
 
 class LoopbackController(Controller):
@@ -244,6 +256,10 @@ class SMTPServer:
     def hang_up_taking(self, recipient: str) -> None:
         """Take the next message to ``recipient``, then close the session without answering its DATA."""
         self.recorder.hang_up_taking = recipient
+
+    def hang_up_at_data(self, recipient: str) -> None:
+        """Close the session at the DATA command of the next message to ``recipient``, before its text."""
+        self.recorder.hang_up_at_data = recipient
 
     def limit_sessions(self, limit: int | None) -> None:
         """Take at most ``limit`` sessions at once; refuse more with ``421`` at the greeting."""

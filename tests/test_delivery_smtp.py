@@ -178,6 +178,17 @@ def test_a_session_lost_once_the_message_went_out_defers_it_rather_than_sending_
     assert "SMTPServerDisconnected" in MessageLog.objects.get(result=RESULT_FAILURE).log_message
 
 
+def test_a_session_lost_at_the_data_command_sends_the_message_again_at_once(deliver_to_smtp):
+    """Before the server's 354 none of the message's text went out: as after an idle timeout, a new session."""
+    deliver_to_smtp.hang_up_at_data("to2@example.com")
+    queue_five()
+
+    assert engine.send_all() == {"sent": 5}
+
+    assert sorted(r.rcpt_tos[0] for r in deliver_to_smtp.received) == [f"to{n}@example.com" for n in range(5)]
+    assert deliver_to_smtp.hang_ups == 1
+
+
 def test_a_421_on_a_new_session_defers_the_message_rather_than_reconnecting_again(deliver_to_smtp):
     """Only a reused session may have simply expired: a server refusing a fresh one is a failure."""
     deliver_to_smtp.limit_messages_per_session(0)

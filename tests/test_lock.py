@@ -22,6 +22,7 @@ import pytest
 from django.conf import settings
 from django.core import mail
 from django.core.mail.backends.base import BaseEmailBackend
+from lockfile.linklockfile import LinkLockFile
 
 import mailer
 from mailer import engine, locking
@@ -121,6 +122,23 @@ def test_a_process_killed_while_it_releases_the_lock_does_not_stop_the_queue(del
     assert engine.send_all() == {"sent": 1}, "the lock left behind stops every pass"
 
 
+def test_releasing_a_lock_removed_meanwhile_leaves_the_lock_another_process_took_since(lock_path, caplog):
+    """An operator removed the lock while this process held it, and another process took it: it stays its."""
+    mine = lockfile.FileLock(lock_path)
+    mine.acquire(timeout=0)
+    os.unlink(mine.lock_file)
+    theirs = LinkLockFile(lock_path, threaded=False)  # a holder's file of another name, as another process
+    theirs.acquire(timeout=0)
+
+    with caplog.at_level(logging.WARNING, logger="mailer.locking"):
+        engine.release_lock(mine)
+
+    assert theirs.i_am_locking()
+    assert not os.path.exists(mine.unique_name)
+    assert "another process may hold it now" in caplog.text
+    theirs.release()
+
+
 def test_the_lock_is_released_when_the_pass_ends_with_an_error(settings, lock_path):
     """A pass that raises must not leave the lock behind: every later pass would quit."""
     BrokenBackend.saw_lock_free.clear()
@@ -211,6 +229,7 @@ def test_with_use_file_lock_off_a_held_lock_does_not_stop_the_pass(settings, hol
 HOLDER_SCRIPT = """
 import sys, time
 import lockfile
+from lockfile.linklockfile import LinkLockFile
 from mailer import locking
 
 path, how, cue = sys.argv[1:]

@@ -68,6 +68,17 @@ def json_reply_to(address: str) -> str:
     return email_to_db(plain()).replace('"reply_to":[]', '"reply_to":' + json.dumps([address]))
 
 
+def cases_of(name: str, count: int) -> list[str]:
+    """``name`` written in ``count`` ways of upper and lower case."""
+    variants = {""}
+    for char in name:
+        variants = {variant + case for variant in variants for case in {char.lower(), char.upper()}}
+    return sorted(variants)[:count]
+
+
+# Django writes each of them, as Resent-Bcc may be repeated.
+CASES_OF_RESENT_BCC = cases_of("Resent-Bcc", 128)
+
 ROWS = {
     "django-mailer pickle, long Reply-To": (lambda: legacy_row(plain(reply_to=[QUOTES])), "reply_to has an address"),
     "django-mailer pickle, long To": (
@@ -78,9 +89,17 @@ ROWS = {
         lambda: legacy_row(plain(cc=['"' * 990] * 120)),
         "longer than 100000 characters in all",
     ),
-    "django-mailer pickle, long parsed header": (
+    "django-mailer pickle, long address header": (
         lambda: legacy_row(plain(headers={"Reply-To": QUOTES})),
-        "header Reply-To is longer than 4096",
+        "header Reply-To has an address longer than 998",
+    ),
+    "django-mailer pickle, long subject": (
+        lambda: legacy_row(EmailMessage("é " * 200_000, "B", "from@example.com", ["to@example.com"])),
+        "the subject is longer than 16384",
+    ),
+    "django-mailer pickle, an address header in many cases": (
+        lambda: legacy_row(plain(headers={case: '"' * 990 for case in CASES_OF_RESENT_BCC})),
+        "in all",
     ),
     "django-mailer pickle, MIME content with a long header": (
         lambda: legacy_row(forwarded_with_a_long_header()),
@@ -134,27 +153,56 @@ def test_a_stored_mime_part_nested_too_deep_is_refused_before_it_is_parsed():
         ({"cc": ["a" * 990 + "@example.com"]}, InvalidAddress, "cc has an address longer than 998"),
         ({"bcc": [QUOTES]}, InvalidAddress, "bcc has an address longer than 998"),
         ({"to": [f"user{n:06}@example.com" for n in range(5_000)]}, InvalidAddress, "100000 characters in all"),
-        ({"headers": {"Reply-To": QUOTES}}, InvalidHeader, "header Reply-To is longer than 4096"),
-        ({"headers": {"To": "x" * 5_000}}, InvalidHeader, "header To is longer than 4096"),
+        ({"headers": {"Reply-To": QUOTES}}, InvalidAddress, "header Reply-To has an address longer than 998"),
+        ({"headers": dict.fromkeys(CASES_OF_RESENT_BCC, '"' * 990)}, InvalidAddress, "100000 characters in all"),
+        ({"headers": {"Message-ID": f"<{'x' * 5_000}@example.com>"}}, InvalidHeader, "Message-ID is longer than 4096"),
+        ({"subject": "é " * 10_000}, InvalidHeader, "the subject is longer than 16384"),
+        ({"headers": {"X-Note": "n " * 10_000}}, InvalidHeader, "header X-Note is longer than 16384"),
+        (
+            {"headers": {f"X-Note-{n}": "n " * 8_000 for n in range(5)}},
+            InvalidHeader,
+            "the subject and the headers are longer than 65536 characters in all",
+        ),
     ],
-    ids=["reply_to", "cc", "bcc", "to in all", "parsed header", "header To"],
+    ids=[
+        "reply_to",
+        "cc",
+        "bcc",
+        "to in all",
+        "address header",
+        "an address header in many cases",
+        "parsed header",
+        "subject",
+        "header",
+        "headers in all",
+    ],
 )
 def test_queueing_refuses_addresses_and_headers_too_costly_to_render(fields, error, reason):
-    email = EmailMessage("S", "B", "from@example.com", fields.pop("to", ["to@example.com"]), **fields)
+    subject = fields.pop("subject", "S")
+    email = EmailMessage(subject, "B", "from@example.com", fields.pop("to", ["to@example.com"]), **fields)
     with time_limit(5), pytest.raises(error, match=reason):
         Message.queue(email)
     assert not Message.objects.exists()
 
 
-def test_queueing_takes_what_renders_in_linear_time_however_long():
-    """Bcc is no header; text headers and the subject are read as text: none of them is bounded in all."""
+def test_queueing_takes_long_headers_and_many_addresses_within_the_bounds():
+    """Bcc is no header: its addresses are bounded one by one only. A To header listing a team (delivered by Bcc),
+    a long subject, a long display name, all within the bounds."""
     many = [f"user{n:06}@example.com" for n in range(5_000)]
-    email = EmailMessage("S" * 20_000, "B", "from@example.com", ["to@example.com"], bcc=many)
-    email.extra_headers["X-SMTPAPI"] = '{"to": [' + ", ".join(f'"{a}"' for a in many) + "]}"
-    email.extra_headers["Reply-To"] = "Longest Name Allowed <" + "r" * (MAX_ADDRESS_LENGTH - 40) + "@example.com>"
+    team = ", ".join(f"Team Member {n} <member{n}@example.com>" for n in range(150))
+    email = EmailMessage("S" * 16_000, "B", "from@example.com", ["to@example.com"], bcc=many)
+    email.extra_headers.update(
+        {
+            "To": team,
+            "X-SMTPAPI": '{"category": [' + ", ".join(f'"c{n}"' for n in range(1_500)) + "]}",
+            "Reply-To": "Longest Name Allowed <" + "r" * (MAX_ADDRESS_LENGTH - 40) + "@example.com>",
+        }
+    )
 
-    assert Message.queue(email) is not None
-    assert decode(Message.objects.get().message_data).bcc == many
+    with time_limit(10):
+        assert Message.queue(email) is not None
+        stored = decode(Message.objects.get().message_data)
+    assert stored.bcc == many and stored.extra_headers["To"] == team
 
 
 def test_queueing_refuses_an_attached_email_that_could_not_be_read_back():
