@@ -24,7 +24,7 @@ from django.utils.functional import Promise
 
 from mailer.exceptions import InvalidAddress, InvalidHeader
 from mailer.legacy import is_header_value
-from mailer.mime import MAX_ADDRESS_LENGTH, addresses_problem, headers_problem
+from mailer.mime import MAX_HEADER_LENGTH
 from mailer.redaction import address_of
 
 ENVELOPE_FIELDS = ("to", "cc", "bcc")
@@ -55,6 +55,116 @@ LINE_BREAKS = frozenset("\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
 
 # RFC 5322 allows no NUL in a message; software written in C ends a header at it.
 NUL = "\x00"
+
+# What begins an encoded word (RFC 2047): Python's email package may fail to fold a header holding a
+# broken one, so such a header is rendered when queued.
+ENCODED = "=?"
+
+
+# Rendering bounds ----------------------------------------------------------
+
+# Python's email package parses addresses, and folds every header value, in
+# time that grows with the square of their length when they are crafted so
+# (a Reply-To of 40,000 '"': ten seconds; a subject of 400,000 characters:
+# seconds, with accents minutes). A message within these bounds renders in
+# a few seconds at worst; queueing refuses one beyond them, and a row beyond
+# them is set aside when read, before anything renders it.
+#
+# An address may be one line of a message long (RFC 5322). The addresses
+# of To, Cc, Reply-To and From, with the address headers among the extra
+# headers, may hold some 10,000 ordinary ones, but only 16,384 characters of
+# what is not a plain address (``is_plain_address``: parsed in linear time).
+# Bcc is not written out as a header: its addresses are bounded one by one.
+MAX_ADDRESS_LENGTH = 998
+MAX_ADDRESSES_LENGTH = 262_144
+MAX_UNPLAIN_ADDRESSES_LENGTH = 16_384
+# A header value (the subject, an attachment's file name) may be 131,072
+# characters of ASCII, 16,384 with any other character (folded far slower);
+# all of them 262,144 together, those 16,384 counting four times. Those the
+# package parses for MIME parameters, a Message-ID, and file names: 4,096.
+MAX_ASCII_VALUE_LENGTH = 131_072
+MAX_VALUE_LENGTH = 16_384
+MAX_VALUES_LENGTH = 262_144
+
+# The headers the email package parses as addresses, and those it parses otherwise.
+ADDRESS_HEADERS = frozenset(
+    {
+        "bcc", "cc", "from", "reply-to", "resent-bcc", "resent-cc", "resent-from", "resent-sender", "resent-to",
+        "sender", "to",
+    }
+)  # fmt: skip
+PARSED_HEADERS = frozenset({"content-disposition", "content-type", "message-id"})
+
+
+def addresses_problem(message: Any) -> str | None:
+    """Why the addresses of the email ``message`` (its fields, and the address headers among its extra headers)
+    could not be rendered in bounded time, or None. Values that are not text are left to the checks of their types.
+    """
+    total = unplain = 0
+    for field in ("from_email", "to", "cc", "reply_to", "bcc"):
+        value = getattr(message, field, None)
+        for address in [value] if isinstance(value, str) else value if isinstance(value, list) else []:
+            if not isinstance(address, str):
+                continue
+            if len(address) > MAX_ADDRESS_LENGTH:
+                return f"{field} has an address longer than {MAX_ADDRESS_LENGTH} characters"
+            if field != "bcc":
+                total += len(address)
+                unplain += 0 if is_plain_address(address) else len(address)
+    for name, value in _extra_headers(message):
+        if name.lower() in ADDRESS_HEADERS and isinstance(value, str):
+            # Split where a list of addresses is: a quoted comma only makes the pieces shorter.
+            if any(len(piece) > MAX_ADDRESS_LENGTH for piece in value.split(",")):
+                return f"header {name:.40} has an address longer than {MAX_ADDRESS_LENGTH} characters"
+            total += len(value)
+            unplain += len(value)
+    if total > MAX_ADDRESSES_LENGTH:
+        return f"the addresses are longer than {MAX_ADDRESSES_LENGTH} characters in all"
+    if unplain > MAX_UNPLAIN_ADDRESSES_LENGTH:
+        return (
+            f"the addresses that are not plain (display names with quotes or other specials, groups, address "
+            f"headers) are longer than {MAX_UNPLAIN_ADDRESSES_LENGTH} characters in all"
+        )
+    return None
+
+
+def headers_problem(message: Any) -> str | None:
+    """Why the subject, the extra headers or the attachments' file names of the email ``message`` could not be
+    rendered in bounded time, or None. Values that are not text are left to the checks of their types.
+    """
+    values = [("the subject", getattr(message, "subject", None), MAX_VALUE_LENGTH)]
+    for name, value in _extra_headers(message):
+        if name.lower() == "message-id":
+            # Mailer gives every message one: not counted with the others, so adding it cannot pass a bound.
+            if isinstance(value, str) and len(value) > MAX_HEADER_LENGTH:
+                return f"header {name:.40} is longer than {MAX_HEADER_LENGTH} characters"
+            continue
+        limit = MAX_HEADER_LENGTH if name.lower() in PARSED_HEADERS else MAX_VALUE_LENGTH
+        values.append((f"header {name:.40}", value, limit))
+    attachments = getattr(message, "attachments", None)
+    for attachment in attachments if isinstance(attachments, list) else []:
+        if isinstance(attachment, tuple) and attachment:
+            values.append(("an attachment's file name", attachment[0], MAX_HEADER_LENGTH))
+    total = 0
+    for what, value, limit in values:
+        if not isinstance(value, str):
+            continue
+        ascii_only = value.isascii()
+        if ascii_only and limit == MAX_VALUE_LENGTH:
+            limit = MAX_ASCII_VALUE_LENGTH
+        if len(value) > limit:
+            return f"{what} is longer than {limit} characters"
+        total += len(value) if ascii_only else 4 * len(value)
+    if total > MAX_VALUES_LENGTH:
+        return f"the subject, the headers and the file names are longer than {MAX_VALUES_LENGTH} characters in all"
+    return None
+
+
+def _extra_headers(message: Any) -> list[tuple[str, Any]]:
+    headers = getattr(message, "extra_headers", None)
+    if not isinstance(headers, dict):
+        return []
+    return [(name, value) for name, value in headers.items() if isinstance(name, str)]
 
 
 def check_addresses(email: EmailMessage) -> None:
@@ -298,7 +408,7 @@ def is_plain(email: EmailMessage) -> bool:
         return False  # Django 6.1 refuses them, 5.2 writes them out
     if (email.encoding or settings.DEFAULT_CHARSET) != "utf-8" or email.content_subtype not in ("plain", "html"):
         return False
-    if not (_is_sendable_text(email.subject) and LINE_BREAKS.isdisjoint(email.subject)):
+    if not (_is_sendable_text(email.subject) and LINE_BREAKS.isdisjoint(email.subject)) or ENCODED in email.subject:
         return False
     if not _is_sendable_text(email.body) or not isinstance(email.from_email, str):
         return False
@@ -311,7 +421,7 @@ def is_plain(email: EmailMessage) -> bool:
     for name, value in email.extra_headers.items():
         if not (isinstance(name, str) and FIELD_NAME.fullmatch(name)):
             return False
-        if not (_is_sendable_text(value) and LINE_BREAKS.isdisjoint(value)):
+        if not (_is_sendable_text(value) and LINE_BREAKS.isdisjoint(value)) or ENCODED in value:
             return False
         if name.lower() == "message-id" and PLAIN_MESSAGE_ID.fullmatch(value):
             message_ids += 1  # a site's own, in its plainest form; Django 6.1 takes one only

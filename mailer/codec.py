@@ -36,10 +36,11 @@ from django.utils.functional import Promise
 from django.utils.module_loading import import_string
 
 from mailer import conf, legacy
+from mailer.addresses import addresses_problem, headers_problem
 from mailer.compat import detach_connection
 from mailer.exceptions import UndecodableData, UnstorableEmail
 from mailer.message_id import get_message_id
-from mailer.mime import StoredMIMEBase, addresses_problem, check_bounds, check_source_bounds, headers_problem
+from mailer.mime import StoredMIMEBase, check_bounds, check_source_bounds
 
 __all__ = [
     "FORMAT_VERSION",

@@ -149,18 +149,21 @@ def release(lock: Any) -> None:
     if not _can_break(lock):
         lock.release()
         return
-    if not lock.i_am_locking():
-        # Broken while this process held it (by hand, say), and perhaps taken since by another process: that
-        # lock is not this process's to remove (lockfile would remove it), only its own file is.
+    # Its own: linked to this process's file, or, that file gone (a cleaner of temporary files), still
+    # holding the pid this process wrote into it.
+    if lock.i_am_locking() or _noted_pid(lock.lock_file) == os.getpid():
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock.lock_file)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(lock.unique_name)
-        logger.warning(
-            "the lock %s was removed while this process held it; another process may hold it now", lock.lock_file
-        )
         return
-    os.unlink(lock.lock_file)
+    # Broken while this process held it (by hand, say), and perhaps taken since by another process: that
+    # lock is not this process's to remove (lockfile would remove it), only its own file is.
     with contextlib.suppress(FileNotFoundError):
         os.unlink(lock.unique_name)
+    logger.warning(
+        "the lock %s was removed while this process held it; another process may hold it now", lock.lock_file
+    )
 
 
 def _can_break(lock: Any) -> bool:

@@ -594,7 +594,7 @@ class Message(models.Model):
         ensure_message_id(email)
         data = email_to_db(email)  # first: it refuses what would take Django minutes to render
         if not plain:
-            email.message()
+            email.message().as_bytes()  # as the SMTP backend will: its headers are folded only then
         return {
             "message_data": data,
             **search_columns(email),

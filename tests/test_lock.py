@@ -139,6 +139,19 @@ def test_releasing_a_lock_removed_meanwhile_leaves_the_lock_another_process_took
     theirs.release()
 
 
+def test_a_lock_whose_holder_file_was_removed_is_still_released_by_its_holder(deliver_to_smtp, lock_path):
+    """A cleaner of temporary files removed this process's own file while it held the lock."""
+    lock = lockfile.FileLock(lock_path)
+    locking.acquire(lock, timeout=0)  # as a pass takes it: with this process's pid written into it
+    os.unlink(lock.unique_name)
+
+    engine.release_lock(lock)
+
+    assert not os.path.exists(lock.lock_file)
+    mailer.send_mail("After", "Body", "from@example.com", ["to@example.com"])
+    assert engine.send_all() == {"sent": 1}
+
+
 def test_the_lock_is_released_when_the_pass_ends_with_an_error(settings, lock_path):
     """A pass that raises must not leave the lock behind: every later pass would quit."""
     BrokenBackend.saw_lock_free.clear()

@@ -21,9 +21,10 @@ from django.core.mail import EmailMessage
 
 import mailer
 from mailer import engine
+from mailer.addresses import MAX_ADDRESS_LENGTH, MAX_ASCII_VALUE_LENGTH
 from mailer.codec import decode, email_to_db
 from mailer.exceptions import InvalidAddress, InvalidHeader, UndecodableData, UnstorableEmail
-from mailer.mime import MAX_ADDRESS_LENGTH, MAX_MULTIPARTS
+from mailer.mime import MAX_MULTIPARTS
 from mailer.models import PRIORITY_DEFERRED, PRIORITY_HIGH, RESULT_FAILURE, Message, MessageLog
 from tests.alarms import time_limit
 
@@ -87,7 +88,7 @@ ROWS = {
     ),
     "django-mailer pickle, many long Cc": (
         lambda: legacy_row(plain(cc=['"' * 990] * 120)),
-        "longer than 100000 characters in all",
+        "not plain .* longer than 16384 characters in all",
     ),
     "django-mailer pickle, long address header": (
         lambda: legacy_row(plain(headers={"Reply-To": QUOTES})),
@@ -152,16 +153,23 @@ def test_a_stored_mime_part_nested_too_deep_is_refused_before_it_is_parsed():
         ({"reply_to": [QUOTES]}, InvalidAddress, "reply_to has an address longer than 998"),
         ({"cc": ["a" * 990 + "@example.com"]}, InvalidAddress, "cc has an address longer than 998"),
         ({"bcc": [QUOTES]}, InvalidAddress, "bcc has an address longer than 998"),
-        ({"to": [f"user{n:06}@example.com" for n in range(5_000)]}, InvalidAddress, "100000 characters in all"),
+        ({"to": [f"user{n:06}@example.com" for n in range(12_000)]}, InvalidAddress, "262144 characters in all"),
+        ({"reply_to": [".," * 499] * 100}, InvalidAddress, "not plain .* longer than 16384 characters in all"),
         ({"headers": {"Reply-To": QUOTES}}, InvalidAddress, "header Reply-To has an address longer than 998"),
-        ({"headers": dict.fromkeys(CASES_OF_RESENT_BCC, '"' * 990)}, InvalidAddress, "100000 characters in all"),
+        ({"headers": dict.fromkeys(CASES_OF_RESENT_BCC, '"' * 990)}, InvalidAddress, "16384 characters in all"),
         ({"headers": {"Message-ID": f"<{'x' * 5_000}@example.com>"}}, InvalidHeader, "Message-ID is longer than 4096"),
         ({"subject": "é " * 10_000}, InvalidHeader, "the subject is longer than 16384"),
-        ({"headers": {"X-Note": "n " * 10_000}}, InvalidHeader, "header X-Note is longer than 16384"),
+        ({"headers": {"X-Note": "é " * 10_000}}, InvalidHeader, "header X-Note is longer than 16384"),
+        ({"headers": {"X-Note": "n " * 70_000}}, InvalidHeader, "header X-Note is longer than 131072"),
         (
-            {"headers": {f"X-Note-{n}": "n " * 8_000 for n in range(5)}},
+            {"headers": {f"X-Note-{n}": "é " * 8_000 for n in range(5)}},
             InvalidHeader,
-            "the subject and the headers are longer than 65536 characters in all",
+            "the subject, the headers and the file names are longer than 262144 characters in all",
+        ),
+        (
+            {"attachments": [("a " * 1_000_000, b"data", "application/octet-stream")]},
+            InvalidHeader,
+            "an attachment's file name is longer than 4096",
         ),
     ],
     ids=[
@@ -169,12 +177,15 @@ def test_a_stored_mime_part_nested_too_deep_is_refused_before_it_is_parsed():
         "cc",
         "bcc",
         "to in all",
+        "reply_to in short pieces",
         "address header",
         "an address header in many cases",
         "parsed header",
         "subject",
         "header",
+        "ASCII header",
         "headers in all",
+        "file name",
     ],
 )
 def test_queueing_refuses_addresses_and_headers_too_costly_to_render(fields, error, reason):
@@ -186,23 +197,32 @@ def test_queueing_refuses_addresses_and_headers_too_costly_to_render(fields, err
 
 
 def test_queueing_takes_long_headers_and_many_addresses_within_the_bounds():
-    """Bcc is no header: its addresses are bounded one by one only. A To header listing a team (delivered by Bcc),
-    a long subject, a long display name, all within the bounds."""
-    many = [f"user{n:06}@example.com" for n in range(5_000)]
+    """What sites send: a To list of thousands, a To header listing a team delivered by Bcc, SendGrid's
+    X-SMTPAPI, a long References chain, a long subject, a long display name."""
+    many = [f"Reader Number {n} <reader{n:05}@example.com>" for n in range(5_000)]
     team = ", ".join(f"Team Member {n} <member{n}@example.com>" for n in range(150))
-    email = EmailMessage("S" * 16_000, "B", "from@example.com", ["to@example.com"], bcc=many)
+    email = EmailMessage("Sujet é" * 2_000, "B", "from@example.com", many, bcc=many)
     email.extra_headers.update(
         {
             "To": team,
-            "X-SMTPAPI": '{"category": [' + ", ".join(f'"c{n}"' for n in range(1_500)) + "]}",
+            "X-SMTPAPI": '{"to": [' + ", ".join(f'"r{n}@example.com"' for n in range(2_000)) + "]}",
+            "References": " ".join(f"<CAK{n:040}@mail.gmail.com>" for n in range(400)),
             "Reply-To": "Longest Name Allowed <" + "r" * (MAX_ADDRESS_LENGTH - 40) + "@example.com>",
         }
     )
 
-    with time_limit(10):
+    with time_limit(20):
         assert Message.queue(email) is not None
         stored = decode(Message.objects.get().message_data)
-    assert stored.bcc == many and stored.extra_headers["To"] == team
+    assert stored.to == many and stored.extra_headers["To"] == team
+
+
+def test_the_message_id_mailer_adds_passes_no_bound():
+    """Queued at the very bound of the headers together: the Message-ID given when queued is not counted."""
+    at_the_bound = MAX_ASCII_VALUE_LENGTH - len("Subject")  # with the subject, 262,144 characters
+    email = plain(headers={"X-A": "a" * MAX_ASCII_VALUE_LENGTH, "X-B": "b" * at_the_bound})
+    assert Message.queue(email) is not None
+    assert decode(Message.objects.get().message_data).extra_headers["Message-ID"]
 
 
 def test_queueing_refuses_an_attached_email_that_could_not_be_read_back():
