@@ -78,9 +78,9 @@ ENCODED = "=?"
 MAX_ADDRESS_LENGTH = 998
 MAX_ADDRESSES_LENGTH = 262_144
 MAX_UNPLAIN_ADDRESSES_LENGTH = 16_384
-# A header value (the subject, an attachment's file name) may be 131,072
-# characters of ASCII, 16,384 with any other character (folded far slower);
-# all of them 262,144 together, those 16,384 counting four times. Those the
+# A header value (the subject too) may be 131,072 characters of ASCII, or
+# 16,384 with any other character (folded far slower); all of them 262,144
+# together, counting four times those with other characters. Those the
 # package parses for MIME parameters, a Message-ID, and file names: 4,096.
 MAX_ASCII_VALUE_LENGTH = 131_072
 MAX_VALUE_LENGTH = 16_384
