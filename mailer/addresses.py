@@ -168,6 +168,11 @@ def headers_problem(message: Any) -> str | None:
     return None
 
 
+def render_problem(message: Any) -> str | None:
+    """Why the email ``message`` could not be rendered in bounded time (its addresses, its headers), or None."""
+    return addresses_problem(message) or headers_problem(message)
+
+
 def _extra_headers(message: Any) -> list[tuple[str, Any]]:
     headers = getattr(message, "extra_headers", None)
     if not isinstance(headers, dict):

@@ -36,7 +36,7 @@ from django.utils.functional import Promise
 from django.utils.module_loading import import_string
 
 from mailer import conf, legacy
-from mailer.addresses import addresses_problem, headers_problem
+from mailer.addresses import render_problem
 from mailer.compat import detach_connection
 from mailer.exceptions import UndecodableData, UnstorableEmail
 from mailer.message_id import get_message_id
@@ -173,8 +173,8 @@ def check_email(message: EmailMessage) -> None:
     _require(all(isinstance(name, str) for name in headers), "a header name is not text")
     _require(all(legacy.is_header_value(value) for value in headers.values()), "a header value is not text")
     # Within what the email package renders in bounded time: sending must not take a worker for hours.
-    for problem in (addresses_problem(message), headers_problem(message)):
-        _require(problem is None, str(problem))
+    problem = render_problem(message)
+    _require(problem is None, str(problem))
     _require(isinstance(message.attachments, list), "attachments is not a list")
     for attachment in message.attachments:
         if isinstance(attachment, email.message.Message):
@@ -383,9 +383,9 @@ def _encode_attachment(item: Any, where: str) -> dict[str, Any]:
     except (TypeError, ValueError) as exc:
         raise UnstorableEmail(f"{where} is neither a (filename, content, mimetype) triple nor a MIME part") from exc
     if isinstance(content, EmailMessage):  # an attached email: reading it back checks it as the message itself
-        for problem in (addresses_problem(content), headers_problem(content)):
-            if problem is not None:
-                raise UnstorableEmail(f"{where}: {problem}: it could not be read back in bounded time")
+        problem = render_problem(content)
+        if problem is not None:
+            raise UnstorableEmail(f"{where}: {problem}: it could not be read back in bounded time")
     return {
         "filename": _encode_value(filename, where),
         "content": _encode_value(content, where),

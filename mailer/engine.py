@@ -805,12 +805,13 @@ class SendingPass:
             if not self._use_route(route, message):
                 return Outcome("deferred")
             try:
-                if not email.recipients():
+                recipients = email.recipients()
+                if not recipients:
                     # Queued so by django-mailer 2.x (its don't-send list dropped every recipient, or mail_admins
                     # ran without ADMINS): nothing goes out, and the message is done, as it was there.
                     message.record(RESULT_DONT_SEND, "the message has no recipients: nothing to send")
                     return Outcome("dont_send")
-                if claimed.suppressed and claimed.suppressed == email.recipients():
+                if claimed.suppressed and claimed.suppressed == recipients:
                     message.record(RESULT_DONT_SEND, _dont_send_reason(claimed.suppressed))
                     return Outcome("dont_send")
 
