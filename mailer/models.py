@@ -1149,9 +1149,22 @@ def insert_unless_listed(using: str, row: dict[str, Any], recipients: Sequence[s
     return inserted == 1
 
 
-# The function of migration 0019, on PostgreSQL; whether each database has it, by alias and name, as found.
+# The function of migration 0019, on PostgreSQL; as each database has it (schema-qualified, or None), by alias
+# and name, as found.
 DONT_SEND_FUNCTION = "mailer_dontsendentry_any"
-_has_dont_send_function: dict[tuple[str, str], bool] = {}
+_dont_send_functions: dict[tuple[str, str], str | None] = {}
+
+# The schema of the function of migration 0019, if this user may call it and it is the one the migration
+# made: in the schema of the don't-send table and owned by the table's owner, as a function of that name
+# that anyone else could create would be called with this user's rights.
+_FIND_DONT_SEND_FUNCTION = """
+SELECT pg_catalog.quote_ident(n.nspname) FROM pg_catalog.pg_class t
+JOIN pg_catalog.pg_namespace n ON n.oid = t.relnamespace
+JOIN pg_catalog.pg_proc p ON p.pronamespace = t.relnamespace AND p.proowner = t.relowner
+WHERE t.oid = pg_catalog.to_regclass(%s)
+AND p.oid = pg_catalog.to_regprocedure(pg_catalog.quote_ident(n.nspname) || %s)
+AND pg_catalog.has_function_privilege(p.oid, 'EXECUTE')
+"""
 
 
 def _none_listed(connection: Any, addresses: Sequence[str]) -> str:
@@ -1162,28 +1175,33 @@ def _none_listed(connection: Any, addresses: Sequence[str]) -> str:
     it. A database made without migrations (a site's tests may make the
     tables so) has no function, and is asked the subquery.
     """
-    if connection.vendor == "postgresql" and has_dont_send_function(connection):
-        return f"NOT {DONT_SEND_FUNCTION}(ARRAY[{', '.join(['%s'] * len(addresses))}]::text[])"
+    function = _dont_send_function(connection) if connection.vendor == "postgresql" else None
+    if function is not None:
+        return f"NOT {function}(ARRAY[{', '.join(['%s'] * len(addresses))}]::text[])"
     return f"NOT EXISTS ({_listed_among(connection, len(addresses))})"
 
 
-def has_dont_send_function(connection: Any) -> bool:
-    """Whether the PostgreSQL database of ``connection`` has the function of migration 0019; asked once per
-    process (``migrate`` makes it ask again: ``forget_dont_send_function``), as queueing runs on every request.
+def _dont_send_function(connection: Any) -> str | None:
+    """The function of migration 0019 in the PostgreSQL database of ``connection``, schema-qualified; None when
+    it has none this user may call (see ``_FIND_DONT_SEND_FUNCTION``).
+
+    Asked once per process, as queueing runs on every request; ``migrate``
+    has it asked again (``forget_dont_send_function``). Migrating back does
+    not drop the function, so a process that found it may go on calling it.
     """
     key = (connection.alias, str(connection.settings_dict["NAME"]))
-    if key not in _has_dont_send_function:
+    if key not in _dont_send_functions:
         with connection.cursor() as cursor:
-            cursor.execute("SELECT to_regprocedure(%s) IS NOT NULL", [f"{DONT_SEND_FUNCTION}(text[])"])
-            _has_dont_send_function[key] = cursor.fetchone()[0]
-    return _has_dont_send_function[key]
+            table = connection.ops.quote_name(DontSendEntry._meta.db_table)
+            cursor.execute(_FIND_DONT_SEND_FUNCTION, [table, f".{DONT_SEND_FUNCTION}(text[])"])
+            found = cursor.fetchone()
+        _dont_send_functions[key] = f"{found[0]}.{DONT_SEND_FUNCTION}" if found else None
+    return _dont_send_functions[key]
 
 
 def forget_dont_send_function(**kwargs: Any) -> None:
-    """Have ``has_dont_send_function`` ask again: migrations have run (``post_migrate``) and may have made or
-    dropped it.
-    """
-    _has_dont_send_function.clear()
+    """Have ``_dont_send_function`` ask again: migrations have run (``post_migrate``) and may have made it."""
+    _dont_send_functions.clear()
 
 
 def _checks_list_in_insert(using: str) -> bool:

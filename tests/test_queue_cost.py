@@ -113,22 +113,49 @@ def test_a_postgresql_database_made_without_migrations_is_asked_the_subquery():
     assert [m.email.to for m in Message.objects.order_by("pk")] == [["a@example.com"], ["a@example.com"]]
 
 
-@pytest.mark.django_db(transaction=True)
-def test_migrating_back_drops_the_function_and_queueing_goes_on_without_it():
+def test_a_function_of_that_name_in_another_schema_is_never_called():
+    """Anyone who may create a function in a schema of the search path could plant one that lists no one."""
     on_postgresql()
-    call_command("migrate", "mailer", "0018", verbosity=0)
+    DontSendEntry.objects.create(to_address="listed@example.com", when_added=timezone.now())
+    with connection.cursor() as cursor:  # all rolled back with the test
+        cursor.execute("CREATE SCHEMA planted")
+        cursor.execute(
+            f"CREATE FUNCTION planted.{DONT_SEND_FUNCTION}(addresses text[]) RETURNS boolean "
+            "LANGUAGE sql AS 'SELECT false'"
+        )
+        cursor.execute("SET LOCAL search_path = planted, public")
+    forget_dont_send_function()
     try:
-        mailer.send_mail("Without", "Body", "from@example.com", ["a@example.com"])
+        with CaptureQueriesContext(connection) as queries:
+            mailer.send_mail("Ours", "Body", "from@example.com", ["a@example.com", "listed@example.com"])
         with connection.cursor() as cursor:
-            cursor.execute("SELECT to_regprocedure(%s)", [f"{DONT_SEND_FUNCTION}(text[])"])
-            assert cursor.fetchone() == (None,)
+            cursor.execute(f"DROP FUNCTION public.{DONT_SEND_FUNCTION}(text[])")
+        forget_dont_send_function()
+        with CaptureQueriesContext(connection) as without_ours:
+            mailer.send_mail("Without", "Body", "from@example.com", ["a@example.com", "listed@example.com"])
+    finally:
+        forget_dont_send_function()
+
+    assert f"NOT public.{DONT_SEND_FUNCTION}(ARRAY[" in statements(queries)[1]
+    assert "NOT EXISTS" in statements(without_ours)[1]
+    assert [m.email.to for m in Message.objects.order_by("pk")] == [["a@example.com"], ["a@example.com"]]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_migrating_back_leaves_the_function_so_that_processes_that_found_it_go_on_queueing():
+    """A deploy rolled back runs ``migrate mailer 0018`` in one process while the site's others keep queueing."""
+    on_postgresql()
+    mailer.send_mail("Before", "Body", "from@example.com", ["a@example.com"])  # this process finds the function
+    try:
+        call_command("migrate", "mailer", "0018", verbosity=0)
+        with CaptureQueriesContext(connection) as queries:
+            mailer.send_mail("Back", "Body", "from@example.com", ["a@example.com"])
     finally:
         call_command("migrate", "mailer", verbosity=0)
-    with CaptureQueriesContext(connection) as queries:
-        mailer.send_mail("With", "Body", "from@example.com", ["a@example.com"])
+    mailer.send_mail("Again", "Body", "from@example.com", ["a@example.com"])
 
     assert DONT_SEND_FUNCTION in statements(queries)[-1]
-    assert list(Message.objects.order_by("pk").values_list("subject_copy", flat=True)) == ["Without", "With"]
+    assert list(Message.objects.order_by("pk").values_list("subject_copy", flat=True)) == ["Before", "Back", "Again"]
 
 
 class DontSendListOnAReplica:
