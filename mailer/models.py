@@ -1124,9 +1124,10 @@ def insert_unless_listed(using: str, row: dict[str, Any], recipients: Sequence[s
     """Insert the new message ``row`` (``Message.row_for``) on the database ``using``, unless one of ``recipients``
     is on the don't-send list; return whether it was.
 
-    One statement, ``INSERT ... SELECT ... WHERE NOT EXISTS``, in place of
-    a query of the list followed by an INSERT: queueing one message, as
-    a web page does, then costs little more than inserting its row. A
+    One statement, ``INSERT ... SELECT ... WHERE`` none is listed
+    (``_none_listed``), in place of a query of the list followed by an
+    INSERT: queueing one message, as a web page does, then costs little
+    more than inserting its row. A
     function rather than a manager method: making a queryset costs a
     tenth of this. When it returns False nothing was written, and the
     caller takes the long way (``Message.for_email`` reads the list and
