@@ -1,6 +1,5 @@
 from django.apps import AppConfig
 from django.core import checks
-from django.db.models.signals import post_migrate
 from django.utils.translation import gettext_lazy as _
 
 
@@ -10,12 +9,10 @@ class MailerConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from mailer import models, signals, tasks
+        from mailer import signals, tasks
         from mailer.checks import check_mail_delivery
 
         checks.register(check_mail_delivery)
         checks.register(tasks.check_task_settings)
         # Sites with MAILER_TASK_BACKEND set have queued mail sent by their Tasks worker.
         signals.mail_queued.connect(tasks.on_mail_queued, dispatch_uid="mailer.tasks.on_mail_queued")
-        # Migrations make or drop the database function that queueing uses on PostgreSQL.
-        post_migrate.connect(models.forget_dont_send_function, sender=self, dispatch_uid="mailer.dont_send_function")

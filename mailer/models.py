@@ -1124,10 +1124,9 @@ def insert_unless_listed(using: str, row: dict[str, Any], recipients: Sequence[s
     """Insert the new message ``row`` (``Message.row_for``) on the database ``using``, unless one of ``recipients``
     is on the don't-send list; return whether it was.
 
-    One statement, ``INSERT ... SELECT ... WHERE`` none is listed
-    (``_none_listed``), in place of a query of the list followed by an
-    INSERT: queueing one message, as a web page does, then costs little
-    more than inserting its row. A
+    One statement, ``INSERT ... SELECT ... WHERE NOT EXISTS``, in place of
+    a query of the list followed by an INSERT: queueing one message, as
+    a web page does, then costs little more than inserting its row. A
     function rather than a manager method: making a queryset costs a
     tenth of this. When it returns False nothing was written, and the
     caller takes the long way (``Message.for_email`` reads the list and
@@ -1141,68 +1140,13 @@ def insert_unless_listed(using: str, row: dict[str, Any], recipients: Sequence[s
     if limit is not None and len(values) + len(addresses) > limit:
         return False
     select = ", ".join(["%s"] * len(values))
-    none_listed = _none_listed(connection, addresses)
-    statement = f"{_insert_into(Message, columns, connection)} SELECT {select} WHERE {none_listed}"
+    listed = _listed_among(connection, len(addresses))
+    statement = f"{_insert_into(Message, columns, connection)} SELECT {select} WHERE NOT EXISTS ({listed})"
     # As the ORM's save: an error marks the caller's atomic block for rollback.
     with transaction.mark_for_rollback_on_error(using), connection.cursor() as cursor:
         cursor.execute(statement, [*values, *addresses])
         inserted: int = cursor.rowcount
     return inserted == 1
-
-
-# The function of migration 0019, on PostgreSQL; as each database has it (schema-qualified, or None), by alias
-# and name, as found.
-DONT_SEND_FUNCTION = "mailer_dontsendentry_any"
-_dont_send_functions: dict[tuple[str, str], str | None] = {}
-
-# The schema of the function of migration 0019, if this user may call it and it is the one the migration
-# made: in the schema of the don't-send table and owned by the table's owner, as a function of that name
-# that anyone else could create would be called with this user's rights.
-_FIND_DONT_SEND_FUNCTION = """
-SELECT pg_catalog.quote_ident(n.nspname) FROM pg_catalog.pg_class t
-JOIN pg_catalog.pg_namespace n ON n.oid = t.relnamespace
-JOIN pg_catalog.pg_proc p ON p.pronamespace = t.relnamespace AND p.proowner = t.relowner
-WHERE t.oid = pg_catalog.to_regclass(%s)
-AND p.oid = pg_catalog.to_regprocedure(pg_catalog.quote_ident(n.nspname) || %s)
-AND pg_catalog.has_function_privilege(p.oid, 'EXECUTE')
-"""
-
-
-def _none_listed(connection: Any, addresses: Sequence[str]) -> str:
-    """The condition, on as many parameters as ``addresses``, that none of them is on the don't-send list.
-
-    On PostgreSQL, the function of migration 0019, whose query keeps its
-    plan: planning the subquery with every INSERT costs more than running
-    it. A database made without migrations (a site's tests may make the
-    tables so) has no function, and is asked the subquery.
-    """
-    function = _dont_send_function(connection) if connection.vendor == "postgresql" else None
-    if function is not None:
-        return f"NOT {function}(ARRAY[{', '.join(['%s'] * len(addresses))}]::text[])"
-    return f"NOT EXISTS ({_listed_among(connection, len(addresses))})"
-
-
-def _dont_send_function(connection: Any) -> str | None:
-    """The function of migration 0019 in the PostgreSQL database of ``connection``, schema-qualified; None when
-    it has none this user may call (see ``_FIND_DONT_SEND_FUNCTION``).
-
-    Asked once per process, as queueing runs on every request; ``migrate``
-    has it asked again (``forget_dont_send_function``). Migrating back does
-    not drop the function, so a process that found it may go on calling it.
-    """
-    key = (connection.alias, str(connection.settings_dict["NAME"]))
-    if key not in _dont_send_functions:
-        with connection.cursor() as cursor:
-            table = connection.ops.quote_name(DontSendEntry._meta.db_table)
-            cursor.execute(_FIND_DONT_SEND_FUNCTION, [table, f".{DONT_SEND_FUNCTION}(text[])"])
-            found = cursor.fetchone()
-        _dont_send_functions[key] = f"{found[0]}.{DONT_SEND_FUNCTION}" if found else None
-    return _dont_send_functions[key]
-
-
-def forget_dont_send_function(**kwargs: Any) -> None:
-    """Have ``_dont_send_function`` ask again: migrations have run (``post_migrate``) and may have made it."""
-    _dont_send_functions.clear()
 
 
 def _checks_list_in_insert(using: str) -> bool:

@@ -10,7 +10,6 @@ import os
 
 import pytest
 from django.core.mail import EmailMessage
-from django.core.management import call_command
 from django.db import DatabaseError, connection, connections, transaction
 from django.db.transaction import TransactionManagementError
 from django.test.utils import CaptureQueriesContext
@@ -18,7 +17,7 @@ from django.utils import timezone
 
 import mailer
 from mailer.backend import BATCH_DATA_SIZE, DbBackend
-from mailer.models import DONT_SEND_FUNCTION, DontSendEntry, Message, forget_dont_send_function
+from mailer.models import DontSendEntry, Message
 
 pytestmark = pytest.mark.django_db
 
@@ -48,14 +47,13 @@ def newsletter(count: int) -> list[EmailMessage]:
 def test_send_mail_costs_one_statement_that_checks_the_dont_send_list_itself():
     """What a web page waits for: the INSERT, no more (its don't-send check rides inside it)."""
     DontSendEntry.objects.create(to_address="someone.else@example.com", when_added=timezone.now())
-    mailer.send_mail("First", "Body", "from@example.com", ["a@example.com"])  # on PostgreSQL, asks for 0019's function
 
     with CaptureQueriesContext(connection) as queries:
         assert mailer.send_mail("Subject", "Body", "from@example.com", ["a@example.com", "Bob <B@Example.com>"]) == 1
 
     sql = statements(queries)
     assert len(sql) == 1 and inserts(sql) and "mailer_dontsendentry" in sql[0], sql
-    assert Message.objects.order_by("pk").last().email.to == ["a@example.com", "Bob <B@Example.com>"]
+    assert Message.objects.get().email.to == ["a@example.com", "Bob <B@Example.com>"]
 
 
 def test_a_listed_recipient_costs_a_lookup_more_and_is_dropped():
@@ -67,95 +65,6 @@ def test_a_listed_recipient_costs_a_lookup_more_and_is_dropped():
     sql = statements(queries)
     assert len(sql) == 3 and len(dont_send_lookups(sql)) == 1, sql  # the refused INSERT, the lookup, the INSERT
     assert Message.objects.get().email.to == ["a@example.com"]
-
-
-def on_postgresql() -> None:
-    if connection.vendor != "postgresql":
-        pytest.skip("the don't-send function of migration 0019 is PostgreSQL's")
-
-
-def test_on_postgresql_the_insert_asks_the_function_of_migration_0019():
-    """Its query keeps its plan: planning the subquery anew with every INSERT cost a tenth of queueing there."""
-    on_postgresql()
-    DontSendEntry.objects.create(to_address="listed@example.com", when_added=timezone.now())
-
-    with CaptureQueriesContext(connection) as queries:
-        mailer.send_mail("Subject", "Body", "from@example.com", ["a@example.com", "Bob <B@Example.com>"])
-    with CaptureQueriesContext(connection) as listed:
-        mailer.send_mail("Listed", "Body", "from@example.com", ["a@example.com", "Listed <LISTED@example.com>"])
-
-    (sql,) = statements(queries)
-    assert f"{DONT_SEND_FUNCTION}(ARRAY[" in sql and "EXISTS" not in sql, sql
-    assert len(statements(listed)) == 3  # the function found one: the refused INSERT, the lookup, the INSERT
-    assert [m.email.to for m in Message.objects.order_by("pk")] == [
-        ["a@example.com", "Bob <B@Example.com>"],
-        ["a@example.com"],
-    ]
-
-
-def test_a_postgresql_database_made_without_migrations_is_asked_the_subquery():
-    """A site's tests may make the tables without migrations (``"TEST": {"MIGRATE": False}``): no function then."""
-    on_postgresql()
-    DontSendEntry.objects.create(to_address="listed@example.com", when_added=timezone.now())
-    with connection.cursor() as cursor:
-        cursor.execute(f"DROP FUNCTION {DONT_SEND_FUNCTION}(text[])")  # rolled back with the test
-    forget_dont_send_function()
-    try:
-        with CaptureQueriesContext(connection) as queries:
-            mailer.send_mail("Subject", "Body", "from@example.com", ["a@example.com"])
-            mailer.send_mail("Listed", "Body", "from@example.com", ["a@example.com", "listed@example.com"])
-    finally:
-        forget_dont_send_function()
-
-    sql = statements(queries)
-    assert "to_regprocedure" in sql[0] and "NOT EXISTS" in sql[1] and DONT_SEND_FUNCTION not in sql[1], sql
-    assert len(sql) == 5  # asked once whether it is there; then as above
-    assert [m.email.to for m in Message.objects.order_by("pk")] == [["a@example.com"], ["a@example.com"]]
-
-
-def test_a_function_of_that_name_in_another_schema_is_never_called():
-    """Anyone who may create a function in a schema of the search path could plant one that lists no one."""
-    on_postgresql()
-    DontSendEntry.objects.create(to_address="listed@example.com", when_added=timezone.now())
-    with connection.cursor() as cursor:  # all rolled back with the test
-        cursor.execute("CREATE SCHEMA planted")
-        cursor.execute(
-            f"CREATE FUNCTION planted.{DONT_SEND_FUNCTION}(addresses text[]) RETURNS boolean "
-            "LANGUAGE sql AS 'SELECT false'"
-        )
-        cursor.execute("SET LOCAL search_path = planted, public")
-    forget_dont_send_function()
-    try:
-        with CaptureQueriesContext(connection) as queries:
-            mailer.send_mail("Ours", "Body", "from@example.com", ["a@example.com", "listed@example.com"])
-        with connection.cursor() as cursor:
-            cursor.execute(f"DROP FUNCTION public.{DONT_SEND_FUNCTION}(text[])")
-        forget_dont_send_function()
-        with CaptureQueriesContext(connection) as without_ours:
-            mailer.send_mail("Without", "Body", "from@example.com", ["a@example.com", "listed@example.com"])
-    finally:
-        forget_dont_send_function()
-
-    assert f"NOT public.{DONT_SEND_FUNCTION}(ARRAY[" in statements(queries)[1]
-    assert "NOT EXISTS" in statements(without_ours)[1]
-    assert [m.email.to for m in Message.objects.order_by("pk")] == [["a@example.com"], ["a@example.com"]]
-
-
-@pytest.mark.django_db(transaction=True)
-def test_migrating_back_leaves_the_function_so_that_processes_that_found_it_go_on_queueing():
-    """A deploy rolled back runs ``migrate mailer 0018`` in one process while the site's others keep queueing."""
-    on_postgresql()
-    mailer.send_mail("Before", "Body", "from@example.com", ["a@example.com"])  # this process finds the function
-    try:
-        call_command("migrate", "mailer", "0018", verbosity=0)
-        with CaptureQueriesContext(connection) as queries:
-            mailer.send_mail("Back", "Body", "from@example.com", ["a@example.com"])
-    finally:
-        call_command("migrate", "mailer", verbosity=0)
-    mailer.send_mail("Again", "Body", "from@example.com", ["a@example.com"])
-
-    assert DONT_SEND_FUNCTION in statements(queries)[-1]
-    assert list(Message.objects.order_by("pk").values_list("subject_copy", flat=True)) == ["Before", "Back", "Again"]
 
 
 class DontSendListOnAReplica:

@@ -59,7 +59,6 @@ OUR_MIGRATIONS = [
     "0016_search_columns_database_default",
     "0017_message_id_indexes",
     "0018_claims_index_of_claimed_messages_only",
-    "0019_dont_send_check_function",
 ]
 
 
