@@ -24,7 +24,14 @@ from django.utils.functional import Promise
 
 from mailer.exceptions import InvalidAddress, InvalidHeader
 from mailer.legacy import is_header_value
-from mailer.mime import MAX_HEADER_LENGTH
+from mailer.mime import (
+    ADDRESS_HEADERS,
+    COMMENTED_HEADERS,
+    MAX_COMMENT_DEPTH,
+    MAX_HEADER_LENGTH,
+    PARSED_HEADERS,
+    comment_depth,
+)
 from mailer.redaction import address_of
 
 ENVELOPE_FIELDS = ("to", "cc", "bcc")
@@ -86,15 +93,6 @@ MAX_ASCII_VALUE_LENGTH = 131_072
 MAX_VALUE_LENGTH = 16_384
 MAX_VALUES_LENGTH = 262_144
 
-# The headers the email package parses as addresses, and those it parses otherwise.
-ADDRESS_HEADERS = frozenset(
-    {
-        "bcc", "cc", "from", "reply-to", "resent-bcc", "resent-cc", "resent-from", "resent-sender", "resent-to",
-        "sender", "to",
-    }
-)  # fmt: skip
-PARSED_HEADERS = frozenset({"content-disposition", "content-type", "message-id"})
-
 
 def addresses_problem(message: Any) -> str | None:
     """Why the addresses of the email ``message`` (its fields, and the address headers among its extra headers)
@@ -109,6 +107,8 @@ def addresses_problem(message: Any) -> str | None:
                 continue
             if len(address) > MAX_ADDRESS_LENGTH:
                 return f"{field} has an address longer than {MAX_ADDRESS_LENGTH} characters"
+            if comment_depth(address) > MAX_COMMENT_DEPTH:
+                return f"{field} has an address with comments nested deeper than {MAX_COMMENT_DEPTH}"
             if field != "bcc":
                 total += len(address)
                 shown.append(address)
@@ -121,6 +121,8 @@ def addresses_problem(message: Any) -> str | None:
         # Split where a list of addresses is: a quoted comma only makes the pieces shorter.
         if any(len(piece) > MAX_ADDRESS_LENGTH for piece in value.split(",")):
             return f"header {name:.40} has an address longer than {MAX_ADDRESS_LENGTH} characters"
+        if comment_depth(value) > MAX_COMMENT_DEPTH:
+            return f"header {name:.40} has comments nested deeper than {MAX_COMMENT_DEPTH}"
         total += len(value)
     if total > MAX_ADDRESSES_LENGTH:
         return f"the addresses are longer than {MAX_ADDRESSES_LENGTH} characters in all"
@@ -142,6 +144,10 @@ def headers_problem(message: Any) -> str | None:
     """
     values = [("the subject", getattr(message, "subject", None), MAX_VALUE_LENGTH)]
     for name, value in _extra_headers(message):
+        # Address headers are addresses_problem's.
+        commented = name.lower() in COMMENTED_HEADERS and name.lower() not in ADDRESS_HEADERS
+        if commented and isinstance(value, str) and comment_depth(value) > MAX_COMMENT_DEPTH:
+            return f"header {name:.40} has comments nested deeper than {MAX_COMMENT_DEPTH}"
         if name.lower() == "message-id":
             # Mailer gives every message one: not counted with the others, so adding it cannot pass a bound.
             if isinstance(value, str) and len(value) > MAX_HEADER_LENGTH:

@@ -25,6 +25,46 @@ MAX_PARTS = 200
 MAX_HEADER_LENGTH = 4096
 MAX_HEADERS_LENGTH = 32768
 
+# The headers the email package parses as addresses, and those it parses otherwise.
+ADDRESS_HEADERS = frozenset(
+    {
+        "bcc", "cc", "from", "reply-to", "resent-bcc", "resent-cc", "resent-from", "resent-sender", "resent-to",
+        "sender", "to",
+    }
+)  # fmt: skip
+PARSED_HEADERS = frozenset({"content-disposition", "content-type", "message-id"})
+
+# The package parses the comments of these (RFC 5322: "a@example.com (a (nested) comment)") by recursion, a
+# few frames of Python's stack for each level: nested some hundred deep, they exhaust it, when the message
+# is rendered or not, as deep as the stack already is. Mail nests them a level or two, if at all.
+MAX_COMMENT_DEPTH = 32
+COMMENTED_HEADERS = ADDRESS_HEADERS | PARSED_HEADERS | {"content-transfer-encoding", "mime-version"}
+
+
+def comment_depth(text: str) -> int:
+    """How deep the comments of the header value ``text`` nest (0: it has none), as the email package reads them:
+    a parenthesis within quotes, or after a backslash, is only a character.
+    """
+    if "(" not in text:
+        return 0
+    depth = deepest = 0
+    quoted = escaped = False
+    for char in text:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif quoted:
+            quoted = char != '"'
+        elif char == '"' and not depth:
+            quoted = True
+        elif char == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char == ")" and depth:
+            depth -= 1
+    return deepest
+
 
 def check_bounds(part: email.message.Message) -> None:
     """Raise ValueError if ``part`` has more parts, or longer headers, than a stored attachment may have."""
@@ -41,6 +81,8 @@ def check_bounds(part: email.message.Message) -> None:
             total += length
             if length > MAX_HEADER_LENGTH:
                 raise ValueError(f"a MIME header ({name!s:.40}) longer than {MAX_HEADER_LENGTH} characters")
+            if str(name).lower() in COMMENTED_HEADERS and comment_depth(str(value)) > MAX_COMMENT_DEPTH:
+                raise ValueError(f"a MIME header ({name!s:.40}) with comments nested deeper than {MAX_COMMENT_DEPTH}")
             if total > MAX_HEADERS_LENGTH:
                 raise ValueError(f"MIME headers longer than {MAX_HEADERS_LENGTH} characters in all")
 

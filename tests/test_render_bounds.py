@@ -31,6 +31,9 @@ from tests.alarms import time_limit
 pytestmark = pytest.mark.django_db
 
 QUOTES = '"' * 40_000  # rendered as an address: about ten seconds; refused: at once
+# Comments nested this deep exhaust Python's stack when the email package parses them, or not, as deep as the
+# stack already is: 420 passed when queued and failed when rendered 200 frames deeper (as in the engine).
+NESTED = "(" * 420 + ")" * 420 + "a@example.com"
 
 
 def legacy_row(email: EmailMessage) -> str:
@@ -58,10 +61,14 @@ def with_mime_attachment(part: MIMEMultipart) -> EmailMessage:
     return email
 
 
-def forwarded_with_a_long_header() -> EmailMessage:
+def forwarded_with_header(name: str, value: str) -> EmailMessage:
     forwarded = MIMEText("the forwarded text")
-    forwarded["To"] = QUOTES
+    forwarded[name] = value
     return plain(attachments=[("fwd.eml", forwarded, "message/rfc822")])
+
+
+def forwarded_with_a_long_header() -> EmailMessage:
+    return forwarded_with_header("To", QUOTES)
 
 
 def json_reply_to(address: str) -> str:
@@ -107,6 +114,14 @@ ROWS = {
         r"a MIME header \(To\) longer than 4096",
     ),
     "JSON row, long Reply-To": (lambda: json_reply_to(QUOTES), "reply_to has an address longer"),
+    "JSON row, Reply-To with deeply nested comments": (
+        lambda: json_reply_to(NESTED),
+        "reply_to has an address with comments nested deeper than 32",
+    ),
+    "django-mailer pickle, MIME content with deeply nested comments": (
+        lambda: legacy_row(forwarded_with_header("Cc", NESTED)),
+        r"a MIME header \(Cc\) with comments nested deeper than 32",
+    ),
 }
 
 
@@ -171,6 +186,11 @@ def test_a_stored_mime_part_nested_too_deep_is_refused_before_it_is_parsed():
             InvalidHeader,
             "an attachment's file name is longer than 4096",
         ),
+        ({"reply_to": [NESTED]}, InvalidAddress, "reply_to has an address with comments nested deeper than 32"),
+        ({"bcc": [NESTED]}, InvalidAddress, "bcc has an address with comments nested deeper than 32"),
+        ({"headers": {"Cc": NESTED}}, InvalidAddress, "header Cc has comments nested deeper than 32"),
+        ({"headers": {"Message-ID": "(" * 40 + ")" * 40 + "<a@example.com>"}}, InvalidHeader, "nested deeper"),
+        ({"headers": {"MIME-Version": "1.0 " + "(" * 40 + ")" * 40}}, InvalidHeader, "nested deeper than 32"),
     ],
     ids=[
         "reply_to",
@@ -186,6 +206,11 @@ def test_a_stored_mime_part_nested_too_deep_is_refused_before_it_is_parsed():
         "ASCII header",
         "headers in all",
         "file name",
+        "reply_to nested",
+        "bcc nested",
+        "address header nested",
+        "Message-ID nested",
+        "MIME-Version nested",
     ],
 )
 def test_queueing_refuses_addresses_and_headers_too_costly_to_render(fields, error, reason):
@@ -236,3 +261,21 @@ def test_queueing_refuses_a_mime_attachment_that_could_not_be_read_back():
     email = with_mime_attachment(nested_multiparts(MAX_MULTIPARTS + 1))
     with pytest.raises(UnstorableEmail, match=f"more than {MAX_MULTIPARTS} multipart parts"):
         Message.queue(email)
+
+
+def test_queueing_refuses_a_mime_attachment_whose_header_nests_comments_too_deep():
+    with pytest.raises(UnstorableEmail, match=r"a MIME header \(Cc\) with comments nested deeper than 32"):
+        Message.queue(forwarded_with_header("Cc", NESTED))
+
+
+def test_comments_nested_as_deep_as_the_bound_are_queued_and_render_deep_in_the_stack():
+    """The bound is far below what exhausts the stack: such a message renders however deep the caller is."""
+    nested = "(" * 32 + "note" + ")" * 32
+    email = plain(cc=[f"a@example.com {nested}"], reply_to=[f"Team {nested} <team@example.com>"])
+    email.extra_headers["Message-ID"] = f"{nested} <id@example.com>"
+    assert Message.queue(email) is not None
+
+    def rendered_at(depth: int) -> bytes:
+        return rendered_at(depth - 1) if depth else Message.objects.get().email.message().as_bytes()
+
+    assert b"team@example.com" in rendered_at(700)
