@@ -14,10 +14,12 @@ would add a header of the sender's choosing (a Reply-To to an attacker).
 import re
 import reprlib
 from collections.abc import Iterable
+from email._header_value_parser import get_mailbox
 from email.headerregistry import AddressHeader
 from email.message import Message as MIMEMessage
 from typing import Any
 
+import django
 from django.conf import settings
 from django.core.mail import EmailAlternative, EmailMessage, EmailMultiAlternatives
 from django.utils.functional import Promise
@@ -163,7 +165,9 @@ def headers_problem(message: Any) -> str | None:
     for what, value, limit in values:
         if not isinstance(value, str):
             continue
-        ascii_only = value.isascii()
+        # Encoded words ("=?utf-8?b?...?=") are decoded when parsed, at a cost in memory that grows with the square
+        # of how many there are: counted as what they stand for.
+        ascii_only = value.isascii() and ENCODED not in value
         if ascii_only and limit == MAX_VALUE_LENGTH:
             limit = MAX_ASCII_VALUE_LENGTH
         if len(value) > limit:
@@ -231,12 +235,7 @@ def check_address(address: Any, where: str) -> None:
     if len(address) > MAX_ADDRESS_LENGTH:
         raise InvalidAddress(f"{where} is longer than {MAX_ADDRESS_LENGTH} characters: {reprlib.repr(address)}")
     try:
-        parsed = AddressHeader.value_parser(address)
-        # The parser leaves them None (typeshed says str) for "<>", "a@b@c", "a@x..y".
-        mailboxes: list[tuple[str | None, str | None]] = [
-            (each.local_part, each.domain) for each in parsed.all_mailboxes
-        ]
-        defects = sorted({str(defect) for defect in parsed.all_defects} - ALLOWED_DEFECTS)
+        mailboxes, defects = _read_as_django_52(address) if django.VERSION < (6, 0) else _read_as_django_6(address)
     except Exception as exc:  # Python's parser stumbles on some input ('"', '0@[', ':;a@b') with IndexError...
         raise InvalidAddress(f"{where} is not a valid address: {address!r}") from exc
     for local_part, domain in mailboxes:
@@ -254,6 +253,33 @@ def check_address(address: Any, where: str) -> None:
             domain.encode("idna")
         except UnicodeError as exc:
             raise InvalidAddress(f"{where} has a domain that cannot be written in ASCII: {address!r}") from exc
+
+
+# An address as a (local part, domain) pair; the parser leaves them None (typeshed says str) for "<>", "a@b@c",
+# "a@x..y".
+Mailbox = tuple[str | None, str | None]
+
+
+def _read_as_django_6(address: str) -> tuple[list[Mailbox], list[str]]:
+    """The mailboxes in ``address`` and the defects that make Django 6 refuse it, as its SMTP backend reads it."""
+    parsed = AddressHeader.value_parser(address)
+    mailboxes: list[Mailbox] = [(each.local_part, each.domain) for each in parsed.all_mailboxes]
+    return mailboxes, sorted({str(defect) for defect in parsed.all_defects} - ALLOWED_DEFECTS)
+
+
+def _read_as_django_52(address: str) -> tuple[list[Mailbox], list[str]]:
+    """The mailbox in ``address`` as Django 5.2's SMTP backend reads it (``sanitize_address``): one mailbox, all
+    of the text, whatever defects the parser notes ("Acme Inc. <a@example.com>", with its period, is sent).
+    """
+    token, rest = get_mailbox(address)
+    if rest:
+        mailboxes, _defects = _read_as_django_6(address)
+        if len(mailboxes) > 1:
+            return mailboxes, []  # several: refused as such
+        raise ValueError(f"only {token} could be read")
+    if token.local_part is not None and any(char.isspace() for char in token.local_part):
+        raise ValueError("words, not an address")  # Django would send it quoted, to no one
+    return [(token.local_part, token.domain)], []
 
 
 def is_plain_address(address: str) -> bool:

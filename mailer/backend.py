@@ -1,11 +1,13 @@
 """``DbBackend``: an email backend that queues messages instead of sending them."""
 
+import logging
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from django.core.mail import EmailMessage
 from django.core.mail.backends.base import BaseEmailBackend
-from django.db import router, transaction
+from django.db import DatabaseError, router, transaction
 
 from mailer import conf
 from mailer.exceptions import InvalidMailerEntry
@@ -21,6 +23,8 @@ from mailer.signals import mail_queued
 # needs them (SQLite's limit on parameters).
 BATCH_SIZE = 500
 BATCH_DATA_SIZE = 2 * 1024 * 1024
+
+logger = logging.getLogger(__name__)
 
 
 class DbBackend(BaseEmailBackend):
@@ -66,9 +70,34 @@ class DbBackend(BaseEmailBackend):
         Like Django's backends, skip messages without recipients. Every
         message is checked before any is queued, so a bad address in one
         (``InvalidAddress``) queues none of them; ``fail_silently`` does not
-        hide that, as nothing is sent here that could fail later.
+        hide that, as nothing is sent here that could fail later. It hides
+        a database error, as Django's SMTP backend hides a mail server it
+        cannot reach: the error is logged and nothing is queued. Django's
+        ``AdminEmailHandler`` asks for it, and the error mail of a request
+        whose transaction has failed must not raise in its logging call.
         """
-        return queue_in_bulk(email_messages, self.priority, alias=getattr(self, "alias", None))
+        try:
+            return queue_in_bulk(email_messages, self.priority, alias=getattr(self, "alias", None))
+        except DatabaseError:
+            if not self.fail_silently:
+                raise
+            _log_not_queued(len(email_messages))
+            return 0
+
+
+# Whether this thread is logging mail it could not queue: a handler that mails the log (AdminEmailHandler)
+# fails the same way, and must not log again.
+_logging_not_queued = threading.local()
+
+
+def _log_not_queued(count: int) -> None:
+    if getattr(_logging_not_queued, "active", False):
+        return
+    _logging_not_queued.active = True
+    try:
+        logger.exception("%d message(s) could not be queued (fail_silently)", count)
+    finally:
+        _logging_not_queued.active = False
 
 
 def queue_in_bulk(

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from email.mime.base import MIMEBase
 from typing import Any
 
+import django
 from django.core.mail import EmailAlternative, EmailAttachment, EmailMessage, EmailMultiAlternatives
 from django.utils.functional import Promise
 from django.utils.module_loading import import_string
@@ -40,7 +41,7 @@ from mailer.addresses import render_problem
 from mailer.compat import detach_connection
 from mailer.exceptions import UndecodableData, UnstorableEmail
 from mailer.message_id import get_message_id
-from mailer.mime import StoredMIMEBase, check_bounds, check_source_bounds
+from mailer.mime import StoredMIMEBase, check_bounds, check_message_source, check_source_bounds, is_message_type
 
 __all__ = [
     "FORMAT_VERSION",
@@ -66,6 +67,10 @@ MAX_DATA_SIZE = 64 * 1024 * 1024
 # How deep a stored value may nest (lists in dicts in lists...).
 MAX_DEPTH = 100
 
+# How many attachments and alternatives a message may have, with those of the emails attached to it: Django
+# renders each in about half a millisecond, so that a row of tiny ones would take a worker for minutes.
+MAX_ATTACHMENTS = 1000
+
 # The attributes of Django's EmailMessage and EmailMultiAlternatives, stored
 # by name; any other instance attribute is an "extra" of a subclass.
 EMAIL_FIELDS = (
@@ -83,6 +88,9 @@ EMAIL_FIELDS = (
     "alternative_subtype",
 )
 NOT_STORED = {"connection", "_connection", "attachments"}
+# Django 5.2's, removed in 6.0 (which refuses an email that sets them): stored only when the email set its own,
+# and the defaults that rows stored on 5.2 hold are left out when read on 6.0 and later.
+REMOVED_SUBTYPES = {"mixed_subtype": "mixed", "alternative_subtype": "alternative"}
 _KNOWN_ATTRIBUTES = frozenset(EMAIL_FIELDS) | NOT_STORED
 _KNOWN_ATTRIBUTES_WITH_ALTERNATIVES = _KNOWN_ATTRIBUTES | {"alternatives"}
 
@@ -108,6 +116,11 @@ def email_to_db(value: Any) -> str:
         document = {"mailer": FORMAT_VERSION, "value": _encode_value(value, "value")}
     # ASCII only, as django-mailer's base64 was: MySQL tables in the old
     # three-byte "utf8" charset cannot hold every character.
+    if isinstance(value, EmailMessage) and attachments_in(value) > MAX_ATTACHMENTS:
+        raise UnstorableEmail(
+            f"the message has more than {MAX_ATTACHMENTS} attachments and alternatives (with those of the emails "
+            "attached to it): it could not be read back in bounded time"
+        )
     text = _JSON.encode(document)
     if len(text) > MAX_DATA_SIZE:
         raise UnstorableEmail(
@@ -144,6 +157,10 @@ def decode(data: str | bytes | None) -> Any:
             value = _decode_document(data) if not is_legacy(data) else legacy.loads(data)
         if isinstance(value, EmailMessage):
             check_email(value)
+            _require(
+                attachments_in(value) <= MAX_ATTACHMENTS,
+                f"more than {MAX_ATTACHMENTS} attachments and alternatives, with those of attached emails",
+            )
     except UndecodableData:
         raise
     except Exception as exc:  # a row must never crash its reader: whatever it holds, say why
@@ -159,7 +176,9 @@ def check_email(message: EmailMessage) -> None:
     """
     for name in ("subject", "body"):
         _require(isinstance(getattr(message, name), str) and _encodable(getattr(message, name)), f"{name} is not text")
-    _require("\n" not in message.subject and "\r" not in message.subject, "subject contains a line break")
+    # Django 6 writes out a subject that ends with a line break (one made with render_to_string); 5.2 refuses it.
+    one_line = message.subject.rstrip("\r\n") if django.VERSION >= (6, 0) else message.subject
+    _require("\n" not in one_line and "\r" not in one_line, "subject contains a line break")
     _require(isinstance(message.from_email, (str, type(None))), "from_email is not text")
     _require(message.encoding is None or _is_text_encoding(message.encoding), "encoding is not a text encoding")
     for name in ("content_subtype", "mixed_subtype", "alternative_subtype"):
@@ -206,6 +225,8 @@ def check_email(message: EmailMessage) -> None:
                 check_bounds(content)
             except ValueError as exc:
                 raise UndecodableData(f"message data is damaged: {exc}") from exc
+        elif is_message_type(mimetype) and isinstance(content, (str, bytes)):
+            _check_source_when_read(content)
     if isinstance(message, EmailMultiAlternatives):
         _require(isinstance(message.alternatives, list), "alternatives is not a list")
         for alternative in message.alternatives:
@@ -216,6 +237,26 @@ def check_email(message: EmailMessage) -> None:
                 and isinstance(alternative[1], str),
                 "an alternative is not (content, mimetype)",
             )
+            if is_message_type(alternative[1]) and isinstance(alternative[0], (str, bytes)):
+                _check_source_when_read(alternative[0])
+
+
+def _check_source_when_read(content: str | bytes) -> None:
+    try:
+        check_message_source(content)
+    except ValueError as exc:
+        raise UndecodableData(f"message data is damaged: {exc}") from exc
+
+
+def attachments_in(message: EmailMessage) -> int:
+    """How many attachments and alternatives ``message`` has, with those of the emails attached to it (which
+    stand no deeper than ``MAX_DEPTH``: the codec refuses deeper ones).
+    """
+    count = len(message.attachments) + len(getattr(message, "alternatives", None) or ())
+    for attachment in message.attachments:
+        if isinstance(attachment, tuple) and len(attachment) == 3 and isinstance(attachment[1], EmailMessage):
+            count += attachments_in(attachment[1])
+    return count
 
 
 def _encodable(text: str) -> bool:
@@ -298,7 +339,10 @@ def _decode_document(data: str) -> Any:
 # Encoding ---------------------------------------------------------------
 
 
-def _encode_email(message: EmailMessage, where: str) -> dict[str, Any]:
+def _encode_email(message: EmailMessage, where: str, depth: int = 0) -> dict[str, Any]:
+    """``message`` as JSON-ready data; ``depth``: how deep the decoder will find it (``_decode_email``), which
+    refuses what stands deeper than ``MAX_DEPTH``.
+    """
     cls = type(message)
     path = f"{cls.__module__}.{cls.__qualname__}"
     if path not in DEFAULT_EMAIL_CLASSES and path not in email_classes():  # the first test spares reading settings
@@ -306,22 +350,21 @@ def _encode_email(message: EmailMessage, where: str) -> dict[str, Any]:
     encoded: dict[str, Any] = {"class": path}
     for name in EMAIL_FIELDS:
         value = getattr(message, name, _MISSING)
-        if value is _MISSING:
+        if value is _MISSING or (name in REMOVED_SUBTYPES and name not in vars(message)):
             continue
         # Most fields are text or lists of addresses: spare them the call, and the name of where they are.
-        if type(value) is str or (type(value) is list and all(type(item) is str for item in value)):
+        plain = type(value) is str or (type(value) is list and all(type(item) is str for item in value))
+        if plain and depth + 2 <= MAX_DEPTH:
             encoded[name] = value
         else:
-            encoded[name] = _encode_value(value, f"{where}.{name}")
+            encoded[name] = _encode_value(value, f"{where}.{name}", depth + 1)
     encoded["attachments"] = [
-        _encode_attachment(item, f"{where}.attachments[{index}]") for index, item in enumerate(message.attachments)
+        _encode_attachment(item, f"{where}.attachments[{index}]", depth + 1)
+        for index, item in enumerate(message.attachments)
     ]
     if isinstance(message, EmailMultiAlternatives):
         encoded["alternatives"] = [
-            {
-                "content": _encode_value(content, f"{where}.alternatives[{index}]"),
-                "mimetype": _encode_value(mimetype, f"{where}.alternatives[{index}]"),
-            }
+            _encode_alternative(content, mimetype, f"{where}.alternatives[{index}]", depth + 1)
             for index, (content, mimetype) in enumerate(message.alternatives)
         ]
     extras = _extra_attributes(message)
@@ -329,8 +372,21 @@ def _encode_email(message: EmailMessage, where: str) -> dict[str, Any]:
         if legacy.is_behaviour(cls, name):
             raise UnstorableEmail(f"{where}.{name} replaces a method or property of {path}: it cannot be stored")
     if extras:
-        encoded["extra"] = {name: _encode_value(value, f"{where}.{name}") for name, value in extras.items()}
+        encoded["extra"] = {name: _encode_value(value, f"{where}.{name}", depth + 1) for name, value in extras.items()}
     return encoded
+
+
+def _encode_alternative(content: Any, mimetype: Any, where: str, depth: int) -> dict[str, Any]:
+    if is_message_type(mimetype) and isinstance(content, (str, bytes)):
+        _check_message_source(content, where)
+    return {"content": _encode_value(content, where, depth), "mimetype": _encode_value(mimetype, where, depth)}
+
+
+def _check_message_source(content: str | bytes, where: str) -> None:
+    try:
+        check_message_source(content)
+    except ValueError as exc:
+        raise UnstorableEmail(f"{where}: {exc}: it could not be read back in bounded time") from exc
 
 
 def _extra_attributes(message: EmailMessage) -> dict[str, Any]:
@@ -375,7 +431,7 @@ def _is_plain(value: Any) -> bool:
     return True
 
 
-def _encode_attachment(item: Any, where: str) -> dict[str, Any]:
+def _encode_attachment(item: Any, where: str, depth: int) -> dict[str, Any]:
     if isinstance(item, email.message.Message):
         return {"mime": _encode_mime(item)}
     try:
@@ -386,10 +442,12 @@ def _encode_attachment(item: Any, where: str) -> dict[str, Any]:
         problem = render_problem(content)
         if problem is not None:
             raise UnstorableEmail(f"{where}: {problem}: it could not be read back in bounded time")
+    elif is_message_type(mimetype) and isinstance(content, (str, bytes)):
+        _check_message_source(content, where)
     return {
-        "filename": _encode_value(filename, where),
-        "content": _encode_value(content, where),
-        "mimetype": _encode_value(mimetype, where),
+        "filename": _encode_value(filename, where, depth),
+        "content": _encode_value(content, where, depth),
+        "mimetype": _encode_value(mimetype, where, depth),
     }
 
 
@@ -409,8 +467,12 @@ def _encode_mime(part: email.message.Message) -> dict[str, Any]:
     return {"kind": kind, "bytes": _to_base64(data)}
 
 
-def _encode_value(value: Any, where: str) -> Any:
-    """Return ``value`` as JSON-ready data, tagging what JSON cannot hold."""
+def _encode_value(value: Any, where: str, depth: int = 0) -> Any:
+    """Return ``value`` as JSON-ready data, tagging what JSON cannot hold; ``depth``: how deep the decoder will
+    find it (``_decode_value``), which refuses what stands deeper than ``MAX_DEPTH``.
+    """
+    if depth > MAX_DEPTH:
+        raise UnstorableEmail(f"{where} is nested more than {MAX_DEPTH} deep: it could not be read back")
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float):
@@ -422,13 +484,13 @@ def _encode_value(value: Any, where: str) -> Any:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return {"$bytes": _to_base64(value)}
     if isinstance(value, list):
-        if all(type(item) is str for item in value):
+        if depth < MAX_DEPTH and all(type(item) is str for item in value):
             return value  # addresses: nothing to tag
-        return [_encode_value(item, f"{where}[{index}]") for index, item in enumerate(value)]
+        return [_encode_value(item, f"{where}[{index}]", depth + 1) for index, item in enumerate(value)]
     if isinstance(value, tuple):
-        return {"$tuple": [_encode_value(item, f"{where}[{index}]") for index, item in enumerate(value)]}
+        return {"$tuple": [_encode_value(item, f"{where}[{index}]", depth + 1) for index, item in enumerate(value)]}
     if isinstance(value, dict):
-        return _encode_dict(value, where)
+        return _encode_dict(value, where, depth)
     if isinstance(value, datetime.datetime):
         return {"$datetime": value.isoformat()}
     if isinstance(value, datetime.date):
@@ -440,7 +502,7 @@ def _encode_value(value: Any, where: str) -> Any:
     if isinstance(value, decimal.Decimal):
         return {"$decimal": str(value)}
     if isinstance(value, EmailMessage):
-        return {"$email": _encode_email(value, where)}
+        return {"$email": _encode_email(value, where, depth + 1)}
     if isinstance(value, email.message.Message):
         return {"$mime": _encode_mime(value)}
     raise UnstorableEmail(
@@ -454,13 +516,14 @@ def _to_base64(data: bytes | bytearray | memoryview) -> str:
     return binascii.b2a_base64(data, newline=False).decode("ascii")
 
 
-def _encode_dict(value: dict[Any, Any], where: str) -> dict[str, Any]:
+def _encode_dict(value: dict[Any, Any], where: str, depth: int) -> dict[str, Any]:
     for key in value:
         if not isinstance(key, str):
             raise UnstorableEmail(f"{where} cannot be stored: its key {key!r} is not a str")
-    if all(type(key) is str and type(item) is str and not key.startswith("$") for key, item in value.items()):
+    plain = all(type(key) is str and type(item) is str and not key.startswith("$") for key, item in value.items())
+    if plain and depth < MAX_DEPTH:
         return value  # headers: nothing to tag
-    encoded = {str(key): _encode_value(item, f"{where}[{key!r}]") for key, item in value.items()}
+    encoded = {str(key): _encode_value(item, f"{where}[{key!r}]", depth + 1) for key, item in value.items()}
     if any(key.startswith("$") for key in encoded):
         return {"$dict": encoded}  # keep a user's "$..." key apart from our tags
     return encoded
@@ -478,6 +541,8 @@ def _decode_email(encoded: dict[str, Any], depth: int = 0) -> EmailMessage:
         detach_connection(message)
     for name in EMAIL_FIELDS:
         if name in encoded:
+            if django.VERSION >= (6, 0) and REMOVED_SUBTYPES.get(name, _MISSING) == encoded[name]:
+                continue  # stored on Django 5.2, where every email had it
             setattr(message, name, _decode_value(encoded[name], depth + 1))
     message.attachments = [_decode_attachment(item, depth + 1) for item in encoded.get("attachments", [])]
     if "alternatives" in encoded:

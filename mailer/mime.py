@@ -42,27 +42,21 @@ COMMENTED_HEADERS = ADDRESS_HEADERS | PARSED_HEADERS | {"content-transfer-encodi
 
 
 def comment_depth(text: str) -> int:
-    """How deep the comments of the header value ``text`` nest (0: it has none), as the email package reads them:
-    a parenthesis within quotes, or after a backslash, is only a character.
+    """How deep the comments of the header value ``text`` could nest as the email package reads them (0: it has
+    none). Never less than it reads: every "(" counts as opening one, within quotes or after a backslash too, as
+    the package may not take them as such (a backslash outside a comment escapes nothing to it).
     """
     if "(" not in text:
         return 0
     depth = deepest = 0
-    quoted = escaped = False
+    escaped = False
     for char in text:
-        if escaped:
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif quoted:
-            quoted = char != '"'
-        elif char == '"' and not depth:
-            quoted = True
-        elif char == "(":
+        if char == "(":
             depth += 1
             deepest = max(deepest, depth)
-        elif char == ")" and depth:
+        elif char == ")" and depth and not escaped:
             depth -= 1
+        escaped = char == "\\" and not escaped
     return deepest
 
 
@@ -90,6 +84,18 @@ def check_bounds(part: email.message.Message) -> None:
 # A part nested in others is read once for each multipart above it: a stored
 # MIME object may have this many multipart containers.
 MAX_MULTIPARTS = 20
+
+
+def check_message_source(content: str | bytes) -> None:
+    """Raise ValueError if ``content``, the text of an attachment of a ``message/`` type, declares more multipart
+    containers than a stored MIME object may have: Django parses it as a message when it renders the email.
+    """
+    check_source_bounds(content if isinstance(content, bytes) else content.encode("utf-8", "replace"))
+
+
+def is_message_type(mimetype: object) -> bool:
+    """Whether an attachment or alternative of MIME type ``mimetype`` is one that Django parses as a message."""
+    return isinstance(mimetype, str) and mimetype.lower().startswith("message/")
 
 
 def check_source_bounds(source: bytes) -> None:

@@ -31,7 +31,8 @@ from django.utils.translation import gettext_lazy as _
 
 from mailer import conf
 from mailer.addresses import bare_address, check_addresses, is_plain, is_utf8
-from mailer.codec import SEARCH_COLUMNS, db_to_email, email_to_db, search_columns, storable_text
+from mailer.codec import SEARCH_COLUMNS, db_to_email, decode, email_to_db, search_columns, storable_text
+from mailer.exceptions import UndecodableData, UnstorableEmail
 from mailer.message_id import ensure_message_id, get_message_id
 from mailer.priority import (
     PRIORITIES,
@@ -589,12 +590,14 @@ class Message(models.Model):
         """
         check_addresses(email)
         email = _copy_of(email)
+        if not isinstance(email.subject, str):
+            email.subject = str(email.subject)  # as Django writes it out (None: "None")
         DontSendEntry.objects.remove_suppressed_recipients(email, suppressed)
         plain = is_plain(email)  # before the Message-ID is set: only one the caller gives is looked at
         ensure_message_id(email)
         data = email_to_db(email)  # first: it refuses what would take Django minutes to render
         if not plain:
-            email.message().as_bytes()  # as the SMTP backend will: its headers are folded only then
+            _check_sendable(email, data)
         return {
             "message_data": data,
             **search_columns(email),
@@ -809,6 +812,21 @@ class RecordingStatement(NamedTuple):
     params: list[Any]
     # The log row is copied from the message's queue row: none is written if the row is gone.
     from_queue_row: bool
+
+
+def _check_sendable(email: EmailMessage, data: str) -> None:
+    """Render ``email`` as the SMTP backend will, then read back ``data``, the row that stores it, as the sending
+    job will: what either would refuse is refused now, in the caller, rather than deferred for good later. What
+    Django raises reaches the caller; what the job would refuse raises ``UnstorableEmail``.
+    """
+    try:
+        email.message().as_bytes()  # its headers are folded only then
+    except RecursionError as exc:  # Python's stack, not Django's verdict
+        raise UnstorableEmail("the message nests too deep to be rendered") from exc
+    try:
+        decode(data)
+    except UndecodableData as exc:
+        raise UnstorableEmail(f"{exc}: the sending job could not read it back") from exc
 
 
 def _copy_of(email: EmailMessage) -> EmailMessage:

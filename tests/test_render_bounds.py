@@ -279,3 +279,92 @@ def test_comments_nested_as_deep_as_the_bound_are_queued_and_render_deep_in_the_
         return rendered_at(depth - 1) if depth else Message.objects.get().email.message().as_bytes()
 
     assert b"team@example.com" in rendered_at(700)
+
+
+# A backslash outside a comment escapes nothing to the parser: the "(" after it opens a comment, in which the
+# quote is only a character, and every "(" after that nests one level deeper.
+ESCAPED_THEN_QUOTED = 'a@example.com \\(" ' + "(" * 490 + ' "'
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"reply_to": [ESCAPED_THEN_QUOTED]}, {"headers": {"Reply-To": ESCAPED_THEN_QUOTED}}],
+    ids=["reply_to", "Reply-To header"],
+)
+def test_comments_are_counted_whatever_quotes_and_backslashes_surround_them(fields):
+    with pytest.raises(InvalidAddress, match="nested deeper than 32"):
+        Message.queue(plain(**fields))
+    assert not Message.objects.exists()
+
+
+def uploaded_eml(multiparts: int) -> bytes:
+    """An .eml file a user could upload, its parts nested ``multiparts`` deep: Django parses it when rendering."""
+    return nested_multiparts(multiparts).as_bytes()
+
+
+def test_a_message_attachment_given_as_bytes_is_bounded_as_a_mime_part_is():
+    deep = plain(attachments=[("upload.eml", uploaded_eml(MAX_MULTIPARTS + 5), "message/rfc822")])
+    with time_limit(5), pytest.raises(UnstorableEmail, match=f"more than {MAX_MULTIPARTS} multipart parts"):
+        Message.queue(deep)
+
+    shallow = plain(attachments=[("upload.eml", uploaded_eml(3), "message/rfc822")])
+    assert Message.queue(shallow) is not None
+    assert b"the text at the bottom" in Message.objects.get().email.message().as_bytes()
+
+
+def test_a_stored_message_attachment_beyond_the_bound_is_refused_when_read():
+    row = json.loads(email_to_db(plain(attachments=[("upload.eml", uploaded_eml(MAX_MULTIPARTS + 5), "text/x")])))
+    row["email"]["attachments"][0]["mimetype"] = "message/rfc822"  # as a forged row would have it
+
+    with time_limit(5), pytest.raises(UndecodableData, match=f"more than {MAX_MULTIPARTS} multipart parts"):
+        decode(json.dumps(row))
+
+
+def test_encoded_words_count_as_the_characters_they_stand_for():
+    """Decoded when parsed, at a cost in memory that grows with the square of how many there are."""
+    with pytest.raises(InvalidHeader, match="the subject is longer than 16384"):
+        Message.queue(EmailMessage("=?utf-8?b?w6k=?= " * 1_100, "B", "from@example.com", ["to@example.com"]))
+    assert Message.queue(EmailMessage("=?utf-8?b?w6k=?= " * 900, "B", "from@example.com", ["to@example.com"]))
+
+
+def nested_dict(levels: int) -> dict:
+    value: dict = {}
+    for _ in range(levels):
+        value = {"inner": value}
+    return value
+
+
+def test_data_nested_deeper_than_it_could_be_read_back_is_refused_when_queued():
+    email = plain()
+    email.metadata = nested_dict(120)  # type: ignore[attr-defined]  # as a subclass's own attribute
+    with pytest.raises(UnstorableEmail, match="nested more than 100 deep"):
+        Message.queue(email)
+
+    email.metadata = nested_dict(90)  # type: ignore[attr-defined]
+    assert Message.queue(email) is not None
+    assert decode(Message.objects.get().message_data).metadata == nested_dict(90)
+
+
+def test_emails_attached_in_emails_hundreds_deep_are_refused_when_queued():
+    email = plain()
+    for level in range(400):
+        email = plain(attachments=[(f"level{level}.eml", email, "message/rfc822")])
+    with pytest.raises(UnstorableEmail, match="nested more than 100 deep"):
+        Message.queue(email)
+    assert not Message.objects.exists()
+
+
+def test_a_message_may_have_a_thousand_attachments_and_alternatives_in_all():
+    """Django renders each in about half a millisecond: a row of tiny ones must not take a worker for minutes."""
+    many = [(f"f{n}.txt", "x", "text/plain") for n in range(1_000)]
+    with pytest.raises(UnstorableEmail, match="more than 1000 attachments and alternatives"):
+        Message.queue(plain(attachments=[*many, ("one.txt", "x", "text/plain")]))
+    attached = plain(attachments=many[:600])
+    with pytest.raises(UnstorableEmail, match="more than 1000 attachments and alternatives"):
+        Message.queue(plain(attachments=[*many[:500], ("fwd.eml", attached, "message/rfc822")]))
+
+    assert Message.queue(plain(attachments=many)) is not None
+    row = json.loads(Message.objects.get().message_data)
+    row["email"]["attachments"].append(row["email"]["attachments"][0])
+    with pytest.raises(UndecodableData, match="more than 1000 attachments and alternatives"):
+        decode(json.dumps(row))
