@@ -365,6 +365,7 @@ def _send_pass(queryset: Any, error_handler: ErrorHandler, senders: int) -> Coun
             [sending_pass.run for sending_pass in passes],
             progress,
             give_back=lambda: _give_back_unbegun(passes),
+            database=Message.objects.db,
         )
     return progress.counts
 
@@ -646,6 +647,12 @@ class SendingPass:
             for claimed in self._read(group):
                 if _asked_to_stop() or not self.progress.may_send():
                     return
+                if self.progress.throttle_seconds:
+                    self._record_unrecorded()  # not while holding messages sent but not recorded: see below
+                    self.progress.take_turn()
+                    if _asked_to_stop():
+                        self.progress.finished(None)
+                        return
                 self._keep_claims()
                 if not self._begin(claimed.pk):
                     self.progress.finished(None)

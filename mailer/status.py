@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from django.db.models import Count, Min, Q
+from django.db.models import Count, Q
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -225,15 +225,19 @@ def _oldest_due(now: datetime.datetime) -> datetime.datetime | None:
     gone. A message is due from when it was queued, or from when it was put
     back (``retry_after``: ``retry_deferred``, an automatic retry), so a
     message deferred for hours does not look as if it had waited all along.
-    One aggregate query.
+    One query per priority, for its first due message in sending order: a
+    walk of the sending-order index that stops there, however long the queue.
     """
-    oldest: datetime.datetime | None = (
-        Message.objects.filter(priority__in=[PRIORITY_HIGH, PRIORITY_MEDIUM, PRIORITY_LOW])
+    firsts = [
+        Message.objects.filter(priority=priority)
         .due(now)
         .exclude(claimed_by__startswith=SENT_MARK)
-        .aggregate(oldest=Min(Coalesce("retry_after", "when_added")))["oldest"]
-    )
-    return oldest
+        .order_by("when_added", "pk")
+        .values_list(Coalesce("retry_after", "when_added"), flat=True)
+        .first()
+        for priority in (PRIORITY_HIGH, PRIORITY_MEDIUM, PRIORITY_LOW)
+    ]
+    return min((first for first in firsts if first is not None), default=None)
 
 
 def _log_counts(now: datetime.datetime) -> tuple[LogCounts, LogCounts]:

@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 
-from django.db import connections
+from django.db import DatabaseError, connections
 
 from mailer import conf, stopping
 
@@ -100,7 +100,7 @@ class Progress:
             if status is None:
                 return
             self.counts[status] += 1
-            if ends_pass or self._limit_reached():
+            if ends_pass or (not self.ended and self._limit_reached()):  # said once, by the sender that reached it
                 self.ended = True
 
     def _limit_reached(self) -> bool:
@@ -162,37 +162,63 @@ class Progress:
             self._sessions[route] -= 1
             return self._sessions[route] > 0
 
+    def take_turn(self) -> None:
+        """Wait for a turn to begin a message under ``MAILER_EMAIL_THROTTLE``: one message per that many seconds,
+        whatever the number of senders, from the first message of the pass on.
+        """
+        if not self.throttle_seconds:
+            return
+        with self._lock:
+            now = time.monotonic()
+            turn = max(self._next_turn, now)
+            self._next_turn = turn + self.throttle_seconds
+        sleep(turn - now)
+
     def throttle(self) -> None:
-        """Wait for the next turn under ``MAILER_EMAIL_THROTTLE``: one message per that many seconds, whatever
-        the number of senders.
+        """Wait, after a message, until that many seconds after it ended (or the next turn, if later).
 
         With one sender this is django-mailer's sleep after each message.
         """
         if not self.throttle_seconds:
             return
         with self._lock:
-            self._next_turn = max(self._next_turn, time.monotonic()) + self.throttle_seconds
+            self._next_turn = max(self._next_turn, time.monotonic() + self.throttle_seconds)
             wait = self._next_turn - time.monotonic()
         sleep(wait)
 
 
 def run_side_by_side(
-    senders: list[Callable[[], None]], progress: Progress, give_back: Callable[[], None] | None = None
+    senders: list[Callable[[], None]],
+    progress: Progress,
+    give_back: Callable[[], None] | None = None,
+    database: str | None = None,
 ) -> None:
     """Run each of ``senders`` on a thread of its own, all at once, and wait for them all; raise the first error
     any raised.
 
     An error in one sender ends the pass for all (each finishes the message
-    it is sending). Each thread closes its database connections at the end.
+    it is sending), but for one: a sender that cannot connect to the
+    ``database`` (the server's or the role's limit of connections reached)
+    steps aside before it claims anything, and the others go on; the pass
+    fails only if none could. Each thread closes its database connections at
+    the end.
     If waiting is cut short (a second SIGTERM or SIGINT raises
     ``KeyboardInterrupt`` here, in the main thread), ``give_back`` is called
     before the exception goes on: the threads die with the process, and
     what they claimed but had not begun should not wait for its claims to lapse.
     """
     errors: list[BaseException] = []
+    unconnected: list[BaseException] = []
 
     def sender(send: Callable[[], None]) -> None:
         try:
+            if database is not None:
+                try:
+                    connections[database].ensure_connection()
+                except DatabaseError as exc:
+                    unconnected.append(exc)
+                    logger.warning("a sender could not connect to the database (%s); the others go on", exc)
+                    return
             send()
         except BaseException as exc:
             errors.append(exc)
@@ -218,6 +244,8 @@ def run_side_by_side(
         raise
     if errors:
         raise errors[0]
+    if len(unconnected) == len(threads):
+        raise unconnected[0]
 
 
 def sleep(seconds: float) -> None:

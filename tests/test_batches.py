@@ -770,6 +770,30 @@ def test_the_throttle_spaces_all_connections_together(deliver_to_smtp, settings)
 
     assert counts["sent"] == 6
     assert took >= 5 * 0.25  # six messages: at least five intervals between them
+    arrivals = sorted(received.received_at for received in deliver_to_smtp.received)
+    gaps = [later - earlier for earlier, later in zip(arrivals, arrivals[1:], strict=False)]
+    assert min(gaps) >= 0.2, gaps  # the first messages of the four connections too
+
+
+@pytest.mark.django_db(transaction=True)
+def test_connections_the_database_refuses_step_aside_and_the_others_send(deliver_to_smtp, caplog):
+    """A role's or server's limit of connections reached at a peak: fewer senders, not a stalled queue."""
+    if connection.vendor != "postgresql":
+        pytest.skip("a database's own limit of connections: PostgreSQL's ALTER DATABASE")
+    name = connection.ops.quote_name(connection.settings_dict["NAME"])
+    queue(12)
+    with connection.cursor() as cursor:
+        cursor.execute(f"ALTER DATABASE {name} CONNECTION LIMIT 3")  # this one and two senders
+    try:
+        with caplog.at_level(logging.WARNING, logger="mailer.engine"):
+            counts = one_pass(connections=4)
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute(f"ALTER DATABASE {name} CONNECTION LIMIT -1")
+
+    assert counts["sent"] == 12
+    assert caplog.text.count("a sender could not connect to the database") == 2
+    assert len({received.message["Message-ID"] for received in deliver_to_smtp.received}) == 12
 
 
 @pytest.mark.django_db

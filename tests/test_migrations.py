@@ -208,6 +208,25 @@ def test_migration_0010_converts_the_log_but_keeps_each_rows_own_message_id(befo
     assert (without_data.message_data, without_data.subject) == (None, None)
 
 
+def test_migration_0010_refuses_to_run_while_django_mailers_runmailer_pg_is_connected(before_conversion):
+    """django-mailer deletes each message it cannot read: after 0010, every one it comes to."""
+    if connection.vendor != "postgresql":
+        pytest.skip("runmailer_pg is PostgreSQL's")
+    old = models_before_conversion()
+    old.Message.objects.create(message_data=pickled_row(legacy_email("Queued")), priority="2")
+    listener = connection.get_new_connection(connection.get_connection_params())
+    listener.autocommit = True
+    try:
+        listener.cursor().execute("LISTEN django_mailer_new_message;")  # as django-mailer 2.3.2 listens
+        with pytest.raises(RuntimeError, match="1 session.* listen on django_mailer_new_message"):
+            migrate_mailer("0010_convert_pickled_message_data")
+    finally:
+        listener.close()
+    migrate_mailer("0010_convert_pickled_message_data")
+
+    assert decode(old.Message.objects.get().message_data).subject == "Queued"
+
+
 def test_migration_0010_leaves_a_row_json_cannot_hold_as_it_was(before_conversion):
     """A pickled email with a value JSON has no type for (a set) stays pickled, so migrate does not fail.
 

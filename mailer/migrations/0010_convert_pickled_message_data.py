@@ -48,7 +48,30 @@ def search_columns(email: EmailMessage) -> dict[str, Any]:
     return {name: text.replace("\x00", "") for name, text in columns.items()}
 
 
+def refuse_while_django_mailer_listens(schema_editor: BaseDatabaseSchemaEditor) -> None:
+    """Raise while a ``runmailer_pg`` is connected (a session whose last statement LISTENs on django-mailer's
+    channel): django-mailer 2.x deletes every message it cannot read, and after this it can read none.
+    """
+    connection = schema_editor.connection
+    if connection.vendor != "postgresql":
+        return
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE pid <> pg_catalog.pg_backend_pid() "
+            "AND datname = pg_catalog.current_database() AND query ~* %s",
+            [r"^\s*LISTEN\s+\"?django_mailer_new_message"],
+        )
+        (listening,) = cursor.fetchone()
+    if listening:
+        raise RuntimeError(
+            f"{listening} session(s) listen on django_mailer_new_message: a runmailer_pg is running. Stop it, "
+            "and every other sender of mail on every host, before migrating: django-mailer deletes the "
+            "messages this migration converts (see docs/upgrading.rst)."
+        )
+
+
 def convert_to_json(apps: Apps, schema_editor: BaseDatabaseSchemaEditor) -> None:
+    refuse_while_django_mailer_listens(schema_editor)
     converted = left = 0
     for model_name in ("Message", "MessageLog"):
         model = apps.get_model("mailer", model_name)
