@@ -144,8 +144,9 @@ def headers_problem(message: Any) -> str | None:
     """Why the subject, the extra headers or the attachments' file names of the email ``message`` could not be
     rendered in bounded time, or None. Values that are not text are left to the checks of their types.
     """
-    values = [("the subject", getattr(message, "subject", None), MAX_VALUE_LENGTH)]
+    values = [("the subject", _resolved(getattr(message, "subject", None)), MAX_VALUE_LENGTH)]
     for name, value in _extra_headers(message):
+        value = _resolved(value)
         # Address headers are addresses_problem's.
         commented = name.lower() in COMMENTED_HEADERS and name.lower() not in ADDRESS_HEADERS
         if commented and isinstance(value, str) and comment_depth(value) > MAX_COMMENT_DEPTH:
@@ -277,7 +278,7 @@ def _read_as_django_52(address: str) -> tuple[list[Mailbox], list[str]]:
         if len(mailboxes) > 1:
             return mailboxes, []  # several: refused as such
         raise ValueError(f"only {token} could be read")
-    if token.local_part is not None and any(char.isspace() for char in token.local_part):
+    if any("missing '.' between words" in str(defect) for defect in token.all_defects):
         raise ValueError("words, not an address")  # Django would send it quoted, to no one
     return [(token.local_part, token.domain)], []
 
@@ -325,8 +326,9 @@ def check_headers(email: EmailMessage) -> None:
         check_header_name(name)
         check_header_value(name, value)
     # NUL is no line break, and Django writes it out; mail software written in C reads a header only up to it.
-    if isinstance(email.subject, str) and NUL in email.subject:
-        raise InvalidHeader(f"the subject contains a NUL character: {reprlib.repr(email.subject)}")
+    subject = _resolved(email.subject)
+    if isinstance(subject, str) and NUL in subject:
+        raise InvalidHeader(f"the subject contains a NUL character: {reprlib.repr(subject)}")
     for attachment in email.attachments:
         if isinstance(attachment, MIMEMessage):  # a MIME part: its name is a parameter of its headers
             filename = attachment.get_filename()

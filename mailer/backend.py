@@ -7,7 +7,7 @@ from typing import Any
 
 from django.core.mail import EmailMessage
 from django.core.mail.backends.base import BaseEmailBackend
-from django.db import DatabaseError, router, transaction
+from django.db import Error, router, transaction
 
 from mailer import conf
 from mailer.exceptions import InvalidMailerEntry
@@ -78,7 +78,7 @@ class DbBackend(BaseEmailBackend):
         """
         try:
             return queue_in_bulk(email_messages, self.priority, alias=getattr(self, "alias", None))
-        except DatabaseError:
+        except Error:  # DatabaseError, and InterfaceError (a connection the server dropped)
             if not self.fail_silently:
                 raise
             _log_not_queued(len(email_messages))

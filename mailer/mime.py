@@ -1,6 +1,7 @@
 """MIME objects that mailer reads back from storage."""
 
 import email.message
+import email.parser
 import email.policy
 import re
 from email.mime.base import MIMEBase
@@ -88,9 +89,16 @@ MAX_MULTIPARTS = 20
 
 def check_message_source(content: str | bytes) -> None:
     """Raise ValueError if ``content``, the text of an attachment of a ``message/`` type, declares more multipart
-    containers than a stored MIME object may have: Django parses it as a message when it renders the email.
+    containers than a stored MIME object may have, or nests comments deeper in a header the email package parses:
+    Django parses it as a message when it renders the email.
     """
-    check_source_bounds(content if isinstance(content, bytes) else content.encode("utf-8", "replace"))
+    source = content if isinstance(content, bytes) else content.encode("utf-8", "replace")
+    check_source_bounds(source)
+    # Parsed as it is stored (compat32 reads header values without parsing them), within the bound above.
+    for part in email.parser.BytesParser(policy=email.policy.compat32).parsebytes(source).walk():
+        for name, value in part.raw_items():
+            if str(name).lower() in COMMENTED_HEADERS and comment_depth(str(value)) > MAX_COMMENT_DEPTH:
+                raise ValueError(f"a MIME header ({name!s:.40}) with comments nested deeper than {MAX_COMMENT_DEPTH}")
 
 
 def is_message_type(mimetype: object) -> bool:

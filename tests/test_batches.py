@@ -297,6 +297,9 @@ def handed_over(monkeypatch):
         send(self, query)
 
     monkeypatch.setattr(recording.OverlappingRecorder, "_send", spy)
+    # The pass records aside once it holds RECORD_ASIDE_FROM messages: from its first claim, however slowly a
+    # loaded machine sends (later claims are sized by the pace of the last).
+    monkeypatch.setattr(engine, "CLAIM_BATCH_MIN", 2 * recording.RECORD_ASIDE_FROM)
     return sizes
 
 

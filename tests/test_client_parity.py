@@ -10,13 +10,13 @@ import logging
 import django
 import pytest
 from django.core.mail import EmailMessage, EmailMultiAlternatives
-from django.db import DatabaseError, connection, transaction
+from django.db import DatabaseError, InterfaceError, connection, transaction
 
 from mailer import engine
 from mailer.backend import DbBackend
 from mailer.codec import decode, email_to_db
 from mailer.exceptions import InvalidAddress, UnstorableEmail
-from mailer.models import Message
+from mailer.models import DontSendEntry, Message
 
 pytestmark = pytest.mark.django_db
 
@@ -109,6 +109,11 @@ def test_a_display_name_with_a_period_is_queued_where_django_sends_it(sender, de
     assert deliver_to_smtp.received[0].mail_from == sender.split("<")[1].rstrip(">")
 
 
+@pytest.mark.parametrize("recipient", ['"john doe"@example.com', 'John Doe <"john doe"@example.com>'])
+def test_a_quoted_local_part_is_queued_on_every_django(recipient):
+    assert queued(to=[recipient]).email.to == [recipient]
+
+
 def test_an_address_with_text_after_it_is_refused_on_django_5_2_as_django_refuses_it():
     if DJANGO_6:
         pytest.skip("Django 6 reads the whole header, and sends it")
@@ -137,6 +142,19 @@ def test_fail_silently_hides_a_database_error_as_django_hides_a_mail_server_erro
 
     assert [r.getMessage() for r in caplog.records] == ["1 message(s) could not be queued (fail_silently)"]
     assert not Message.objects.exists()
+
+
+def test_fail_silently_hides_a_connection_the_server_dropped_too(monkeypatch):
+    """mysqlclient and psycopg2 say so with InterfaceError, which is not a DatabaseError (simulated: the drop)."""
+
+    def dropped(*args: object, **kwargs: object) -> None:
+        raise InterfaceError("connection already closed")
+
+    monkeypatch.setattr(DontSendEntry.objects, "suppressed_addresses", dropped)
+    email = EmailMessage("Error", "Traceback", "server@example.com", ["admin@example.com"])
+    assert DbBackend(fail_silently=True).send_messages([email]) == 0
+    with pytest.raises(InterfaceError):
+        DbBackend().send_messages([email])
 
 
 class MailsItsRecords(logging.Handler):

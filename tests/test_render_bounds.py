@@ -18,6 +18,7 @@ from email.mime.text import MIMEText
 
 import pytest
 from django.core.mail import EmailMessage
+from django.utils.functional import lazy
 
 import mailer
 from mailer import engine
@@ -368,3 +369,21 @@ def test_a_message_may_have_a_thousand_attachments_and_alternatives_in_all():
     row["email"]["attachments"].append(row["email"]["attachments"][0])
     with pytest.raises(UndecodableData, match="more than 1000 attachments and alternatives"):
         decode(json.dumps(row))
+
+
+def test_a_message_attachment_given_as_text_is_bounded_in_its_headers_comments_too():
+    forwarded = "To: " + "(" * 480 + "x" + ")" * 480 + " <a@example.com>\nSubject: hi\n\nbody\n"
+    with pytest.raises(UnstorableEmail, match=r"a MIME header \(To\) with comments nested deeper than 32"):
+        Message.queue(plain(attachments=[("fwd.eml", forwarded, "message/rfc822")]))
+    assert not Message.objects.exists()
+
+
+def test_a_lazy_subject_or_header_is_bounded_as_the_text_it_stands_for():
+    lazy_text = lazy(str, str)
+    with pytest.raises(InvalidHeader, match="the subject is longer than 16384"):
+        Message.queue(EmailMessage(lazy_text("é" * 20_000), "B", "from@example.com", ["to@example.com"]))
+    with pytest.raises(InvalidHeader, match="the subject contains a NUL"):
+        Message.queue(EmailMessage(lazy_text("a\x00b"), "B", "from@example.com", ["to@example.com"]))
+    with time_limit(5), pytest.raises(InvalidHeader, match="header X-Note is longer than 16384"):
+        Message.queue(plain(headers={"X-Note": lazy_text("=?utf-8?b?w6k=?= " * 20_000)}))
+    assert not Message.objects.exists()
