@@ -114,13 +114,13 @@ def email_to_db(value: Any) -> str:
         document = {"mailer": FORMAT_VERSION, "email": _encode_email(value, "email")}
     else:
         document = {"mailer": FORMAT_VERSION, "value": _encode_value(value, "value")}
-    # ASCII only, as django-mailer's base64 was: MySQL tables in the old
-    # three-byte "utf8" charset cannot hold every character.
     if isinstance(value, EmailMessage) and attachments_in(value) > MAX_ATTACHMENTS:
         raise UnstorableEmail(
             f"the message has more than {MAX_ATTACHMENTS} attachments and alternatives (with those of the emails "
             "attached to it): it could not be read back in bounded time"
         )
+    # ASCII only, as django-mailer's base64 was: MySQL tables in the old
+    # three-byte "utf8" charset cannot hold every character.
     text = _JSON.encode(document)
     if len(text) > MAX_DATA_SIZE:
         raise UnstorableEmail(
