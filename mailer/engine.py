@@ -648,8 +648,7 @@ class SendingPass:
                 if _asked_to_stop() or not self.progress.may_send():
                     return
                 if self.progress.throttle_seconds:
-                    self._record_unrecorded()  # not while holding messages sent but not recorded: see below
-                    self.progress.take_turn()
+                    self.progress.take_turn()  # what this sender sent is recorded: see below
                     if _asked_to_stop():
                         self.progress.finished(None)
                         return

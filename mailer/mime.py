@@ -61,6 +61,11 @@ def comment_depth(text: str) -> int:
     return deepest
 
 
+def _check_comments(name: Any, value: Any) -> None:
+    if str(name).lower() in COMMENTED_HEADERS and comment_depth(str(value)) > MAX_COMMENT_DEPTH:
+        raise ValueError(f"a MIME header ({name!s:.40}) with comments nested deeper than {MAX_COMMENT_DEPTH}")
+
+
 def check_bounds(part: email.message.Message) -> None:
     """Raise ValueError if ``part`` has more parts, or longer headers, than a stored attachment may have."""
     total = 0
@@ -76,8 +81,7 @@ def check_bounds(part: email.message.Message) -> None:
             total += length
             if length > MAX_HEADER_LENGTH:
                 raise ValueError(f"a MIME header ({name!s:.40}) longer than {MAX_HEADER_LENGTH} characters")
-            if str(name).lower() in COMMENTED_HEADERS and comment_depth(str(value)) > MAX_COMMENT_DEPTH:
-                raise ValueError(f"a MIME header ({name!s:.40}) with comments nested deeper than {MAX_COMMENT_DEPTH}")
+            _check_comments(name, value)
             if total > MAX_HEADERS_LENGTH:
                 raise ValueError(f"MIME headers longer than {MAX_HEADERS_LENGTH} characters in all")
 
@@ -97,8 +101,7 @@ def check_message_source(content: str | bytes) -> None:
     # Parsed as it is stored (compat32 reads header values without parsing them), within the bound above.
     for part in email.parser.BytesParser(policy=email.policy.compat32).parsebytes(source).walk():
         for name, value in part.raw_items():
-            if str(name).lower() in COMMENTED_HEADERS and comment_depth(str(value)) > MAX_COMMENT_DEPTH:
-                raise ValueError(f"a MIME header ({name!s:.40}) with comments nested deeper than {MAX_COMMENT_DEPTH}")
+            _check_comments(name, value)
 
 
 def is_message_type(mimetype: object) -> bool:
