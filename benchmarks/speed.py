@@ -58,7 +58,11 @@ How it measures, and why:
   named ``bench_<pid>_<n>_<side>``. SQLite runs in WAL mode with
   ``synchronous=NORMAL`` for everyone (``init_command``), ours also with
   ``transaction_mode = "IMMEDIATE"`` as its docs recommend; PostgreSQL and
-  MariaDB keep their defaults.
+  MariaDB keep their defaults, and so does Django's PostgreSQL backend:
+  client-side binding, no prepared statements. ``--pg-prepared`` gives every
+  side psycopg 3's server-side binding with prepared statements instead
+  (``OPTIONS``: ``server_side_binding``, ``prepare_threshold``), which a
+  site without a transaction-mode connection pooler may turn on.
 - The SMTP sink is aiosmtpd in a process of its own on 127.0.0.1; it counts
   messages by ``Message-ID`` (every message queued here has its own), so
   every figure also checks that each message arrived exactly once.
@@ -106,6 +110,8 @@ BODY = "".join(
 
 SMTP_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
 SQLITE_PRAGMAS = "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"
+# --pg-prepared: psycopg 3 binds parameters on the server and prepares a query run 5 times on a connection.
+PG_PREPARED_OPTIONS = {"server_side_binding": True, "prepare_threshold": 5}
 CHILD_SCRIPT = "bench_child.py"
 RESULT_MARK = "BENCH-RESULT "
 READY = "BENCH-READY"
@@ -220,7 +226,10 @@ def describe_database() -> str:
             mode = connection.settings_dict["OPTIONS"].get("transaction_mode") or "DEFERRED"
             return f"SQLite {sqlite3.sqlite_version}, journal_mode={journal}, synchronous={synchronous}, {mode}"
         cursor.execute("SELECT VERSION()")
-        return str(cursor.fetchone()[0]).split(" on ")[0]
+        version = str(cursor.fetchone()[0]).split(" on ")[0]
+        if connection.vendor == "postgresql" and connection.settings_dict["OPTIONS"].get("server_side_binding"):
+            return f"{version}, server-side binding, prepared statements"
+        return version
 
 
 def task_capabilities(kind: str) -> dict:
@@ -1005,6 +1014,7 @@ class Database:
     vendor: str
     name: str  # SQLite: the file's path; servers: the database's name
     label: str
+    pg_prepared: bool = False  # --pg-prepared
 
     def django_settings(self, immediate: bool) -> dict:
         """This database as a DATABASES entry: SQLite in WAL mode for everyone; servers with their defaults."""
@@ -1016,6 +1026,8 @@ class Database:
         settings = {"ENGINE": ENGINES[self.vendor], "NAME": self.name, **server_settings(self.vendor)}
         if self.vendor == "mysql":
             settings["OPTIONS"] = {"charset": "utf8mb4"}
+        if self.vendor == "postgresql" and self.pg_prepared:
+            settings["OPTIONS"] = PG_PREPARED_OPTIONS
         return settings
 
 
@@ -1111,9 +1123,10 @@ class Databases:
     another, and no run pays for migrations.
     """
 
-    def __init__(self, directory: Path, runner: Runner) -> None:
+    def __init__(self, directory: Path, runner: Runner, pg_prepared: bool = False) -> None:
         self.directory = directory
         self.runner = runner
+        self.pg_prepared = pg_prepared
         self.servers = {vendor: Server(vendor) for vendor in ("postgresql", "mysql")}
         self.templates: dict[tuple[str, str], Database] = {}
         self.descriptions: dict[tuple[str, str], str] = {}
@@ -1127,7 +1140,7 @@ class Databases:
         self.counter += 1
         label = f"bench_{os.getpid()}_{self.counter}_{side.key}_{role}"
         name = str(self.directory / f"{label}.sqlite3") if vendor == "sqlite" else label
-        database = Database(vendor, name, label)
+        database = Database(vendor, name, label, self.pg_prepared)
         self.made.append(database)
         return database
 
@@ -1270,7 +1283,7 @@ class Bench:
         self.sizes = sizes
         self.sink = sink
         self.runner = Runner(site, sink)
-        self.databases = Databases(site, self.runner)
+        self.databases = Databases(site, self.runner, args.pg_prepared)
         self.rows: list[Row] = []
         self.tags = 0
         self.ours = our_side()
@@ -1842,6 +1855,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--no-post-office", dest="post_office", action="store_false", help="leave django-post-office out"
+    )
+    parser.add_argument(
+        "--pg-prepared",
+        action="store_true",
+        help="PostgreSQL with server-side binding and prepared statements, for every side (default: Django's own)",
     )
     parser.add_argument(
         "--repeat", type=int, default=1, help="figures 1-3: N runs of each side, taking turns; the fastest counts"

@@ -1036,9 +1036,13 @@ def _listed_among(connection: Any, count: int) -> str:
     return f"SELECT {column} FROM {table} WHERE {column} IN ({', '.join(['%s'] * count)})"  # noqa: S608
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class _Column:
-    """A field an INSERT may write, with what writing it needs to know, worked out once per model."""
+    """A field an INSERT may write, with what writing it needs to know, worked out once per model.
+
+    Compared and hashed by identity (there is one of each per field), so
+    that tuples of them are cheap keys of the statements written for them.
+    """
 
     field: Any
     name: str  # the field's attribute name: its key in a row
@@ -1077,6 +1081,12 @@ def _written_columns(model: type[models.Model], rows: Sequence[dict[str, Any]]) 
     Leaving those to the database saves passing a NULL for each, which
     costs PostgreSQL's client-side binding more than a message's text does.
     """
+    if len(rows) == 1:  # queueing one message: the usual case, worth its own line
+        return tuple(
+            column
+            for column in _inserted_columns(model)
+            if not column.null_unless_given or rows[0].get(column.name) is not None
+        )
     return tuple(
         column
         for column in _inserted_columns(model)
@@ -1094,7 +1104,7 @@ def _insert_into(model: type[models.Model], columns: tuple[_Column, ...], connec
     Written once for each kind of database: quoting the names costs as much
     as the rest of an INSERT's preparing.
     """
-    key = (model, tuple(column.name for column in columns), type(connection.ops))
+    key = (model, columns, type(connection.ops))
     if key not in _INSERTS_INTO:
         quote = connection.ops.quote_name
         # Names from the model, quoted; every value is a parameter.
@@ -1138,6 +1148,11 @@ def _prepared(column: _Column, value: Any, connection: Any) -> Any:
     return column.field.get_db_prep_save(value, connection)
 
 
+# The statements of ``insert_unless_listed`` by the columns written, the number of addresses looked up and the
+# kind of database: writing one costs a web page queueing a message as much as its INSERT's other preparing.
+_INSERTS_UNLESS_LISTED: dict[tuple[Any, ...], str] = {}
+
+
 def insert_unless_listed(using: str, row: dict[str, Any], recipients: Sequence[str]) -> bool:
     """Insert the new message ``row`` (``Message.row_for``) on the database ``using``, unless one of ``recipients``
     is on the don't-send list; return whether it was.
@@ -1157,9 +1172,13 @@ def insert_unless_listed(using: str, row: dict[str, Any], recipients: Sequence[s
     limit = connection.features.max_query_params
     if limit is not None and len(values) + len(addresses) > limit:
         return False
-    select = ", ".join(["%s"] * len(values))
-    listed = _listed_among(connection, len(addresses))
-    statement = f"{_insert_into(Message, columns, connection)} SELECT {select} WHERE NOT EXISTS ({listed})"
+    key = (columns, len(addresses), type(connection.ops))
+    if key not in _INSERTS_UNLESS_LISTED:
+        select = ", ".join(["%s"] * len(values))
+        listed = _listed_among(connection, len(addresses))
+        insert = _insert_into(Message, columns, connection)
+        _INSERTS_UNLESS_LISTED[key] = f"{insert} SELECT {select} WHERE NOT EXISTS ({listed})"
+    statement = _INSERTS_UNLESS_LISTED[key]
     # As the ORM's save: an error marks the caller's atomic block for rollback.
     with transaction.mark_for_rollback_on_error(using), connection.cursor() as cursor:
         cursor.execute(statement, [*values, *addresses])

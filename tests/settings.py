@@ -6,7 +6,9 @@ The database comes from the environment, so one suite runs on every vendor:
 - ``MAILER_TEST_DB_HOST``, ``MAILER_TEST_DB_PORT``, ``MAILER_TEST_DB_USER``,
   ``MAILER_TEST_DB_PASSWORD``, ``MAILER_TEST_DB_NAME``: where that server is;
   ``MAILER_TEST_DB_TEST_NAME``: the test database to create there (Django's
-  ``test_`` + name by default), for two runs on one server at once.
+  ``test_`` + name by default), for two runs on one server at once;
+- ``MAILER_TEST_PG_PREPARED=1``: PostgreSQL with psycopg 3's
+  server-side binding and prepared statements (``OPTIONS``).
 
 ``MAILER_TEST_REQUIRE_DB=1`` (set by CI) turns "server not reachable" from
 a skip into a failure; see ``tests/conftest.py``.
@@ -88,6 +90,10 @@ else:
             "TEST": {"NAME": os.environ.get("MAILER_TEST_DB_TEST_NAME") or None},
         }
     }
+    if DB_VENDOR == "postgresql" and os.environ.get("MAILER_TEST_PG_PREPARED") == "1":
+        # psycopg 3's server-side binding, with the prepared statements psycopg then makes of a query run
+        # five times on a connection: what a site without a transaction-mode pooler may turn on.
+        DATABASES["default"]["OPTIONS"] = {"server_side_binding": True, "prepare_threshold": 5}
     if DB_VENDOR == "mysql":
         DATABASES["default"]["OPTIONS"] = {"charset": "utf8mb4"}
         DATABASES["default"]["TEST"].update(CHARSET="utf8mb4", COLLATION="utf8mb4_unicode_ci")

@@ -74,6 +74,26 @@ class DontSendListOnAReplica:
         return "replica" if model is DontSendEntry else None
 
 
+@pytest.mark.skipif(
+    connection.vendor != "postgresql" or not connection.settings_dict["OPTIONS"].get("server_side_binding"),
+    reason="PostgreSQL with psycopg's prepared statements (MAILER_TEST_PG_PREPARED=1)",
+)
+def test_with_prepared_statements_postgresql_plans_the_queueing_insert_once_per_connection():
+    """Where the site turns prepared statements on (docs/performance.rst), messages of one shape are queued by
+    one statement, planned once: the don't-send check inside it is then not planned again for every message.
+    """
+    for number in range(8):
+        mailer.send_mail(f"Subject {number}", f"Body {number}", "from@example.com", [f"r{number}@example.com"])
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT statement FROM pg_prepared_statements WHERE statement LIKE %s", ['INSERT INTO "mailer_message"%']
+        )
+        prepared = [row[0] for row in cursor.fetchall()]
+    assert len(prepared) == 1 and "mailer_dontsendentry" in prepared[0], prepared
+    assert Message.objects.count() == 8
+
+
 @pytest.mark.django_db(transaction=True, databases=["default", "replica"])
 def test_the_dont_send_list_is_read_where_the_router_reads_it(settings):
     """Not inside the INSERT, which runs where messages are written: the list may live elsewhere."""
