@@ -1150,7 +1150,10 @@ def _prepared(column: _Column, value: Any, connection: Any) -> Any:
 
 # The statements of ``insert_unless_listed`` by the columns written, the number of addresses looked up and the
 # kind of database: writing one costs a web page queueing a message as much as its INSERT's other preparing.
+# Kept for messages to a few addresses only (nearly every message), so that they stay few and short however
+# many recipients a site's messages have.
 _INSERTS_UNLESS_LISTED: dict[tuple[Any, ...], str] = {}
+_KEPT_FOR_ADDRESSES = 20
 
 
 def insert_unless_listed(using: str, row: dict[str, Any], recipients: Sequence[str]) -> bool:
@@ -1173,12 +1176,13 @@ def insert_unless_listed(using: str, row: dict[str, Any], recipients: Sequence[s
     if limit is not None and len(values) + len(addresses) > limit:
         return False
     key = (columns, len(addresses), type(connection.ops))
-    if key not in _INSERTS_UNLESS_LISTED:
+    statement = _INSERTS_UNLESS_LISTED.get(key)
+    if statement is None:
         select = ", ".join(["%s"] * len(values))
         listed = _listed_among(connection, len(addresses))
-        insert = _insert_into(Message, columns, connection)
-        _INSERTS_UNLESS_LISTED[key] = f"{insert} SELECT {select} WHERE NOT EXISTS ({listed})"
-    statement = _INSERTS_UNLESS_LISTED[key]
+        statement = f"{_insert_into(Message, columns, connection)} SELECT {select} WHERE NOT EXISTS ({listed})"
+        if len(addresses) <= _KEPT_FOR_ADDRESSES:
+            _INSERTS_UNLESS_LISTED[key] = statement
     # As the ORM's save: an error marks the caller's atomic block for rollback.
     with transaction.mark_for_rollback_on_error(using), connection.cursor() as cursor:
         cursor.execute(statement, [*values, *addresses])

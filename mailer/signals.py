@@ -6,5 +6,4 @@ from django.dispatch import Signal
 # once messages are stored, before the transaction that stored them commits.
 # Arguments: ``using``, the alias of the database they are stored in, and
 # ``count``, how many. mailer.tasks listens, to have them sent by a Tasks worker.
-# Cached by sender, as Django's model signals are: queueing a message sends it.
-mail_queued = Signal(use_caching=True)
+mail_queued = Signal()

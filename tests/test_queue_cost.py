@@ -94,6 +94,19 @@ def test_with_prepared_statements_postgresql_plans_the_queueing_insert_once_per_
     assert Message.objects.count() == 8
 
 
+def test_a_web_process_keeps_no_statement_for_each_number_of_recipients_it_ever_queued_to():
+    """The statements kept for queueing stay few however many recipients a long-running process's messages have."""
+    from mailer import models
+
+    mailer.send_mail("Subject", "Body", "from@example.com", ["one@example.com"])
+    kept = dict(models._INSERTS_UNLESS_LISTED)
+    for count in range(21, 81):
+        mailer.send_mail("Subject", "Body", "from@example.com", [f"r{n}@example.com" for n in range(count)])
+
+    assert models._INSERTS_UNLESS_LISTED == kept
+    assert Message.objects.count() == 61
+
+
 @pytest.mark.django_db(transaction=True, databases=["default", "replica"])
 def test_the_dont_send_list_is_read_where_the_router_reads_it(settings):
     """Not inside the INSERT, which runs where messages are written: the list may live elsewhere."""
