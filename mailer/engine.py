@@ -418,6 +418,7 @@ def send_loop(*, connections: int | None = None) -> None:
                 # the loop this way, as django-mailer, which caught nothing here, let it.
                 raise
             reporting.observer().pass_failed(exc)  # once: send_all's own report of it is the same error
+            _drop_broken_database_connections(after_failure=True)
             logger.error(
                 "the sending pass failed; trying again in %s seconds",
                 conf.get_setting("MAILER_EMPTY_QUEUE_SLEEP"),
@@ -426,14 +427,22 @@ def send_loop(*, connections: int | None = None) -> None:
         _sleep_before_checking_again()
 
 
-def _drop_broken_database_connections() -> None:
-    """Let Django replace database connections that broke (a database restart) or grew too old.
+def _drop_broken_database_connections(after_failure: bool = False) -> None:
+    """Let Django replace database connections that broke (a database restart) or grew too old; after a failed
+    pass (``after_failure``), every one.
 
     What Django does around each web request; a connection inside a
-    transaction (a test, a caller's atomic block) is left alone.
+    transaction (a test, a caller's atomic block) is left alone. After a
+    failure the next pass starts on new connections, so that what the error
+    left on one goes with it: with psycopg's prepared statements, a statement
+    prepared before a migration changed its table fails ("cached plan must
+    not change result type") on that connection until it is closed.
     """
     for connection in database_connections.all(initialized_only=True):
-        drop_if_broken(connection)
+        if after_failure and not connection.in_atomic_block:
+            connection.close()
+        else:
+            drop_if_broken(connection)
 
 
 def _sleep_before_checking_again() -> None:

@@ -285,6 +285,8 @@ class SendLoop:
                     return
         except Exception:
             self.sessions.close()
+            # The next pass on new connections: see engine._drop_broken_database_connections.
+            _drop_broken_database_connections(suspect=True)
             retry_in = _beat_interval() or RETRY_WITHOUT_SLEEP
             logger.error("the sending pass failed; trying again in %s seconds", retry_in, exc_info=True)
             # Mail queued meanwhile waits for that too, rather than failing again at once, and again.

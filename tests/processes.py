@@ -91,6 +91,8 @@ class ProcessDatabase:
         settings = {"ENGINE": f"django.db.backends.{self.vendor}", "NAME": self.name, "CONN_MAX_AGE": 0, **self.server}
         if self.vendor == "mysql":
             settings["OPTIONS"] = {"charset": "utf8mb4"}
+        else:  # the suite's own options (MAILER_TEST_PG_PREPARED): the processes connect as the tests do
+            settings["OPTIONS"] = dict(test_settings.DATABASES["default"].get("OPTIONS", {}))
         return settings
 
     def copy(self, tmp_path: Path, label: str) -> "ProcessDatabase":

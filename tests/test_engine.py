@@ -14,7 +14,7 @@ from django.core import mail
 from django.core.mail import EmailMessage
 from django.core.mail.backends.locmem import EmailBackend as LocmemBackend
 from django.core.management import call_command
-from django.db import OperationalError
+from django.db import DatabaseError, OperationalError, connection
 from django.db.models.signals import post_delete, post_save
 from django.utils import timezone
 
@@ -367,6 +367,30 @@ def test_the_names_2x_code_patches_are_looked_up_when_called(settings, target, l
         assert len(mail.outbox) == 1 and not lock_is_free(lock_path)
     else:
         assert {r.name for r in caplog.records if "1 sent;" in r.getMessage()} == {"tests.patched_logger"}
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.skipif(connection.vendor == "sqlite", reason="the test database is in memory: its connection stays open")
+def test_after_a_failed_pass_the_loop_goes_on_with_new_database_connections(settings, monkeypatch):
+    """What the error left on a connection goes with it (with psycopg's prepared statements, a statement prepared
+    before a migration changed its table, which would fail the same way at every pass of a long-running worker).
+    """
+    connection.close()  # the next one is kept between passes, as with the CONN_MAX_AGE the docs recommend
+    monkeypatch.setitem(connection.settings_dict, "CONN_MAX_AGE", 600)
+    queue(1)
+    settings.MAILER_EMPTY_QUEUE_SLEEP = 0.01
+    used = []
+
+    def fail_then_stop(queryset=None):
+        used.append(connection.connection)
+        if len(used) == 1:
+            raise DatabaseError("cached plan must not change result type")
+        raise Stop("stopped by the patch")
+
+    with mock.patch("mailer.engine.prioritize", fail_then_stop), time_limit(10), pytest.raises(Stop):
+        engine.send_loop()
+
+    assert len(used) == 2 and used[0] is not None and used[1] is not used[0]
 
 
 def test_the_2x_module_constants_follow_the_settings(settings):

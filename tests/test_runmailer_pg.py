@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import settings as test_settings
 from tests.processes import VENDOR, ProcessDatabase, fresh_database, manage
 from tests.test_runmailer_survives import Runmailer, started_runners
 
@@ -429,6 +430,33 @@ def test_a_pass_that_fails_is_logged_and_the_loop_goes_on(process_db, smtp_serve
 
     assert subjects(smtp_server) == ["After", "While away"]
     runner.wait_until(lambda: queued(process_db) == {}, "every message recorded")
+    assert_stops(runner)
+
+
+@needs_postgresql
+@pytest.mark.slow
+@pytest.mark.skipif(
+    test_settings.DATABASES["default"].get("OPTIONS", {}).get("prepare_threshold") != 0,
+    reason="psycopg's prepared statements, every query prepared (MAILER_TEST_PG_PREPARED=1)",
+)
+def test_with_prepared_statements_a_migration_changing_a_column_costs_one_failed_pass(
+    process_db, smtp_server, tmp_path, runmailer_pg
+):
+    """A deploy changes the type of a column of the queue while the worker runs: its prepared claim no longer
+    fits the table. That pass fails; the next starts on new connections, and every later pass goes through.
+    """
+    runner = runmailer_pg(process_db, smtp_server.port, tmp_path / "send_mail", SHORT_SLEEP)
+    runner.wait_until_idle()
+    queue(process_db, "Before")
+    wait_for_delivery(runner, smtp_server, 1)
+
+    process_db.execute("ALTER TABLE mailer_message ALTER COLUMN priority TYPE integer")
+    for number in range(1, 5):
+        queue(process_db, f"After {number}")
+        wait_for_delivery(runner, smtp_server, 1 + number)
+
+    assert subjects(smtp_server) == ["After 1", "After 2", "After 3", "After 4", "Before"]
+    assert runner.count(PASS_FAILED) <= 1, runner.log()
     assert_stops(runner)
 
 
