@@ -80,6 +80,7 @@ from mailer.recording import (
     RECORD_ASIDE_FROM,
     OverlappingRecorder,
     Recorder,
+    discard,
     drop_if_broken,
     mark_sent,
     record_sent,
@@ -439,8 +440,8 @@ def _drop_broken_database_connections(after_failure: bool = False) -> None:
     not change result type") on that connection until it is closed.
     """
     for connection in database_connections.all(initialized_only=True):
-        if after_failure and not connection.in_atomic_block:
-            connection.close()
+        if after_failure:
+            discard(connection)
         else:
             drop_if_broken(connection)
 

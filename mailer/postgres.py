@@ -30,7 +30,7 @@ from typing import Any
 from django.db import connections as db_connections
 from django.db import transaction
 
-from mailer import conf, engine, stopping, unfinished
+from mailer import conf, engine, recording, stopping, unfinished
 from mailer.exceptions import ConfigurationError
 from mailer.models import Message, datetime_now
 
@@ -373,9 +373,10 @@ def _drop_broken_database_connections(suspect: bool = False) -> None:
     """Replace Django's database connections that broke (errors seen on it), or all of them when ``suspect``.
 
     ``suspect`` means the server was lost (a restart, a failover, an
-    administrator ending connections). Each connection is then replaced
-    rather than tested: a test query can still succeed on a connection the
-    server is about to end, and the query after it fails.
+    administrator ending connections), or a pass failed (see
+    ``engine._drop_broken_database_connections``). Each connection is then
+    replaced rather than tested: a test query can still succeed on a
+    connection the server is about to end, and the query after it fails.
 
     Unlike ``runmailer``, a healthy connection is kept between looks even
     with ``CONN_MAX_AGE = 0`` (Django's default): opening one for each
@@ -387,7 +388,7 @@ def _drop_broken_database_connections(suspect: bool = False) -> None:
         if connection.in_atomic_block or connection.connection is None:
             continue
         if suspect:
-            connection.close()
+            recording.discard(connection)
             continue
         if connection.errors_occurred:
             connection.errors_occurred = False

@@ -112,6 +112,25 @@ def drop_if_broken(connection: Any) -> None:
         connection.close_if_unusable_or_obsolete()
 
 
+def discard(connection: Any) -> None:
+    """Close ``connection`` for good, so that Django opens a new one when it is next used; one inside a
+    transaction is left alone.
+
+    With Django's connection pool (PostgreSQL), closing hands the connection
+    back to the pool, with whatever an error left on it (a prepared
+    statement a migration made stale); the driver's connection is closed
+    first, so that the pool throws it away. A connection that fails to
+    close is dropped all the same.
+    """
+    if connection.in_atomic_block:
+        return
+    with contextlib.suppress(Exception):
+        if getattr(connection, "pool", None) is not None and connection.connection is not None:
+            connection.connection.close()
+    with contextlib.suppress(Exception):
+        connection.close()
+
+
 def mark_sent(message: Message) -> None:
     """Mark a message that went out but could not be recorded, so that no pass sends it again.
 

@@ -67,6 +67,7 @@ class ProcessDatabase:
     vendor: str
     name: str  # the SQLite file's path, or the database's name on the server
     server: dict[str, Any] = field(default_factory=dict)  # HOST, PORT, USER, PASSWORD (not SQLite)
+    options: dict[str, Any] = field(default_factory=dict)  # OPTIONS of the processes, over the suite's own
 
     @classmethod
     def sqlite(cls, path: Path) -> "ProcessDatabase":
@@ -93,6 +94,7 @@ class ProcessDatabase:
             settings["OPTIONS"] = {"charset": "utf8mb4"}
         else:  # the suite's own options (MAILER_TEST_PG_PREPARED): the processes connect as the tests do
             settings["OPTIONS"] = dict(test_settings.DATABASES["default"].get("OPTIONS", {}))
+        settings["OPTIONS"] = {**settings.get("OPTIONS", {}), **self.options}
         return settings
 
     def copy(self, tmp_path: Path, label: str) -> "ProcessDatabase":
@@ -165,9 +167,12 @@ class ProcessDatabase:
         host, user, password = self.server["HOST"], self.server["USER"], self.server["PASSWORD"]
         port = int(self.server["PORT"])
         if self.vendor == "postgresql":
-            import psycopg
+            try:
+                import psycopg as driver
+            except ImportError:  # a site on psycopg2: the tests speak to the server with it too
+                import psycopg2 as driver  # type: ignore[import-untyped,import-not-found,no-redef,unused-ignore]
 
-            return psycopg.connect(
+            return driver.connect(
                 host=host, port=port, user=user, password=password, dbname=name or "postgres", connect_timeout=10
             )
         import MySQLdb  # type: ignore[import-untyped,import-not-found,unused-ignore]  # no stubs

@@ -122,8 +122,8 @@ def test_outside_a_transaction_postgresql_records_each_message_in_one_statement_
     rides in the INSERT's WITH, in autocommit), sent while the next message goes out; the pass's own
     connection claims and reads per batch. Those statements go through libpq, not Django's cursor.
     """
-    if connection.vendor != "postgresql":
-        pytest.skip("PostgreSQL's")
+    if connection.vendor != "postgresql" or not recording._psycopg3():
+        pytest.skip("PostgreSQL's, through psycopg 3")
     queue(40)
     with connection.cursor() as cursor:
         for statement in NOTE_RECORDING_SESSIONS:
@@ -551,8 +551,8 @@ def test_when_the_recorders_session_ends_the_pass_records_on_its_own_and_each_me
     """The server ends every session but the pass's while the 20th message arrives (as a restart would, for
     a connection): the record in flight and the later ones are made on the pass's connection, each once.
     """
-    if connection.vendor != "postgresql":
-        pytest.skip("PostgreSQL's")
+    if connection.vendor != "postgresql" or not recording._psycopg3():
+        pytest.skip("PostgreSQL's, through psycopg 3")
     queue(40)
     connection.ensure_connection()
     own_session = connection.connection.info.backend_pid

@@ -12,6 +12,7 @@ Everything is real: ``manage.py runmailer`` in its own process, an aiosmtpd
 server on loopback, the database of the run's vendor (``process_db``).
 """
 
+import dataclasses
 import json
 import os
 import signal
@@ -407,6 +408,35 @@ def test_runmailer_goes_on_after_errors_from_the_database(process_db, smtp_serve
     wait_for_delivery(runner, smtp_server, 2)
     assert subjects(smtp_server) == ["After", "Before"]
     runner.wait_until(lambda: queued(process_db) == {}, "every message recorded")
+    assert_stops_with_sigterm(runner)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(VENDOR != "postgresql", reason="psycopg's prepared statements and Django's pool are PostgreSQL's")
+def test_a_migration_under_prepared_statements_and_a_pool_costs_runmailer_a_few_passes(
+    process_db, smtp_server, tmp_path, runmailers
+):
+    """Prepared statements in Django's connection pool, then a migration changes the type of a column of the
+    queue: each pooled connection that prepared the claim fails one pass, and is thrown away rather than handed
+    back to the pool; every message still goes out, from the same process.
+    """
+    pytest.importorskip("psycopg", reason="Django's connection pool needs psycopg 3")
+    pytest.importorskip("psycopg_pool", reason="Django's connection pool needs psycopg_pool (tox installs it)")
+    pool_size = 4
+    options = {"server_side_binding": True, "prepare_threshold": 1, "pool": {"min_size": 2, "max_size": pool_size}}
+    pooled = dataclasses.replace(process_db, options=options)
+    runner = runmailers(pooled, smtp_server.port, tmp_path / "send_mail")
+    for number in range(1, 11):  # passes enough for each pooled connection to prepare the claim
+        queue(pooled, f"Before {number}")
+        wait_for_delivery(runner, smtp_server, number)
+
+    process_db.execute("ALTER TABLE mailer_message ALTER COLUMN priority TYPE integer")
+    for number in range(1, 7):
+        queue(pooled, f"After {number}")
+        wait_for_delivery(runner, smtp_server, 10 + number)
+
+    assert len(subjects(smtp_server)) == 16
+    assert runner.count("the sending pass failed") <= pool_size, runner.log()
     assert_stops_with_sigterm(runner)
 
 
