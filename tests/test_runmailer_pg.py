@@ -25,7 +25,7 @@ import pytest
 
 from tests import settings as test_settings
 from tests.processes import VENDOR, ProcessDatabase, fresh_database, manage
-from tests.test_runmailer_survives import Runmailer, started_runners
+from tests.test_runmailer_survives import CHANGE_A_COLUMN_TYPE, Runmailer, queue_one_by_one, started_runners
 
 needs_postgresql = pytest.mark.skipif(
     VENDOR != "postgresql", reason=f"runmailer_pg runs on PostgreSQL only (MAILER_TEST_DB={VENDOR})"
@@ -447,14 +447,10 @@ def test_with_prepared_statements_a_migration_changing_a_column_costs_one_failed
     """
     runner = runmailer_pg(process_db, smtp_server.port, tmp_path / "send_mail", SHORT_SLEEP)
     runner.wait_until_idle()
-    for number in range(1, 4):  # passes enough for psycopg to prepare the claim
-        queue(process_db, f"Before {number}")
-        wait_for_delivery(runner, smtp_server, number)
+    queue_one_by_one(runner, process_db, smtp_server, "Before", 3)  # passes enough for psycopg to prepare the claim
 
-    process_db.execute("ALTER TABLE mailer_message ALTER COLUMN priority TYPE integer")
-    for number in range(1, 5):
-        queue(process_db, f"After {number}")
-        wait_for_delivery(runner, smtp_server, 3 + number)
+    process_db.execute(CHANGE_A_COLUMN_TYPE)
+    queue_one_by_one(runner, process_db, smtp_server, "After", 4)
 
     assert subjects(smtp_server) == [*(f"After {n}" for n in range(1, 5)), *(f"Before {n}" for n in range(1, 4))]
     assert runner.count(PASS_FAILED) <= 1, runner.log()
